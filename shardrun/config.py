@@ -1,0 +1,278 @@
+"""JobSpec: the typed, validated job spec. YAML in, resolved YAML out.
+
+The spec is validated once, on the driver, before Ray is started or contacted, and travels to
+the workers as a plain dict (`JobSpec.model_dump()`), where it is validated again for free.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shardrun.errors import UserError
+
+
+class _Section(BaseModel):
+    """A spec section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareSpec(_Section):
+    source: Literal["python-stdlib"] = Field(
+        "python-stdlib", description="Built-in text corpus to turn into token shards."
+    )
+    max_mb: float = Field(8.0, gt=0, description="Read at most this many MB of source text.")
+
+
+class ModelSpec(_Section):
+    type: Literal["gpt"] | None = Field(
+        None, description="Built-in model. Defaults to gpt when no entrypoint is given."
+    )
+    entrypoint: str | None = Field(
+        None,
+        description="User model factory 'package.module:function'; it gets model.args as "
+        "keyword arguments and returns an nn.Module whose forward(inputs, targets) is the loss.",
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the entrypoint."
+    )
+    n_layer: int = Field(4, ge=1, description="GPT: transformer blocks.")
+    n_head: int = Field(4, ge=1, description="GPT: attention heads per block.")
+    n_embd: int = Field(128, ge=1, description="GPT: width of the residual stream.")
+    block_size: int = Field(256, ge=1, description="GPT: longest context in tokens.")
+    vocab_size: int = Field(256, ge=2, description="GPT: vocabulary size (256: raw bytes).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="GPT: dropout probability.")
+    bias: bool = Field(False, description="GPT: biases in linear and norm layers.")
+
+    @property
+    def byte_level(self) -> bool:
+        """The built-in GPT on raw bytes: its loss in bits is bits per byte."""
+        return self.type == "gpt" and self.vocab_size == 256
+
+    @model_validator(mode="after")
+    def _one_kind_of_model(self) -> ModelSpec:
+        if self.entrypoint is None:
+            if self.args:
+                raise ValueError("model.args is only for an entrypoint model")
+            if self.type is None:
+                object.__setattr__(self, "type", "gpt")
+            if self.n_embd % self.n_head:
+                raise ValueError(
+                    f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})"
+                )
+            return self
+        if self.type is not None:
+            raise ValueError("give either model.type or model.entrypoint, not both")
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.entrypoint):
+            raise ValueError(
+                f"entrypoint {self.entrypoint!r} must look like 'package.module:function'"
+            )
+        gpt_fields = self.model_fields_set - {"entrypoint", "args", "type"}
+        if gpt_fields:
+            raise ValueError(
+                f"{', '.join(sorted(gpt_fields))} apply to type: gpt only; "
+                "pass an entrypoint's settings in model.args"
+            )
+        return self
+
+
+class DataSpec(_Section):
+    paths: list[str] = Field(
+        ..., min_length=1, description="Parquet files or directories (local path or URI)."
+    )
+    column: str = Field("tokens", description="Column holding token sequences (list of ints).")
+    seq_len: int = Field(..., ge=1, description="Tokens per training sequence.")
+    seed: int = Field(0, description="Seed of the sample order.")
+    prepare: PrepareSpec | None = Field(
+        None, description="Build the shards at data.paths[0] from a built-in corpus if missing."
+    )
+
+
+class OptimizerSpec(_Section):
+    type: Literal["adamw", "adam"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (adamw).")
+
+
+class ScheduleSpec(_Section):
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup from 0 to optimizer.lr.")
+    decay: Literal["cosine", "constant"] = Field(
+        "cosine", description="After warmup: cosine decay to min_lr_ratio * lr, or constant."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
+
+
+class DeepSpeedSpec(_Section):
+    zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro steps per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0: off).")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Raw DeepSpeed config merged last over what shardrun builds "
+        "(an existing ds_config.json keeps working).",
+    )
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(2, ge=1, description="Training processes (ranks).")
+    use_gpu: bool = Field(False, description="One or more GPUs per worker; NCCL between them.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker (use_gpu).")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement group strategy for the workers."
+    )
+
+
+class CheckpointSpec(_Section):
+    storage: str = Field(
+        "~/shardrun/runs", description="Where runs live (path or URI); run dir = storage/name."
+    )
+    every_steps: int = Field(100, ge=1, description="Save every this many steps (and at the end).")
+    keep: int = Field(2, ge=1, description="Newest checkpoints to keep.")
+
+
+class FailureSpec(_Section):
+    max_failures: int = Field(
+        0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
+    )
+
+
+class RunSpec(_Section):
+    max_steps: int = Field(..., ge=1, description="Optimizer steps to train to.")
+    seed: int = Field(0, description="Seed of weights and dropout.")
+    log_every: int = Field(10, ge=1, description="Progress line every this many steps.")
+
+
+class JobSpec(_Section):
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name; same name again resumes the run.",
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    failure: FailureSpec = Field(default_factory=FailureSpec)
+    run: RunSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.model.type == "gpt" and self.data.seq_len > self.model.block_size:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) is longer than "
+                f"model.block_size ({self.model.block_size})"
+            )
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        return self
+
+    @property
+    def run_dir(self) -> str:
+        """Where this run's checkpoints, spec and summary live."""
+        return self.checkpoint.storage.rstrip("/") + "/" + self.name
+
+    def to_yaml(self) -> str:
+        """The resolved spec, every default filled in."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read a job spec file, apply `key.path=value` overrides, validate, resolve local paths."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the job spec ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a job spec is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return parse(raw, source=str(path))
+
+
+def parse(raw: dict, source: str = "job spec") -> JobSpec:
+    """Validate a plain dict; errors name the field path and the value."""
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_errors(e, source)) from None
+    return _resolve_paths(spec)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is read as YAML (numbers, lists, bools)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {item!r}: expected key.path=value")
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value)
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: what is wrong (got value)`."""
+    lines = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            what = "unknown key" + _did_you_mean(err["loc"])
+        else:
+            what = err["msg"].removeprefix("Value error, ")
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        if isinstance(err["input"], dict) and err["type"] != "extra_forbidden":
+            got = ""
+        lines.append(f"{source}: {where}: {what}{got}")
+    return "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple) -> str:
+    model: type[BaseModel] = JobSpec
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if a]
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _resolve_paths(spec: JobSpec) -> JobSpec:
+    """Local paths become absolute here, so workers (other cwd, other node) see the same ones."""
+
+    def resolve(p: str) -> str:
+        return p if _is_uri(p) else os.path.abspath(os.path.expanduser(p))
+
+    spec.data.paths = [resolve(p) for p in spec.data.paths]
+    spec.checkpoint.storage = resolve(spec.checkpoint.storage)
+    return spec

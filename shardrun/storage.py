@@ -1,0 +1,48 @@
+"""Small file operations on a run's storage, local path or URI, through pyarrow's filesystems."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow.fs as pafs
+
+from shardrun.datasets.source import filesystem
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a whole file, creating its folder; on local disk through a rename (never half a file)."""
+    fs, p = filesystem(path)
+    parent = p.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{p}.tmp-{time.monotonic_ns()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode())
+    fs.move(tmp, p)
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None when it does not exist."""
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
+
+
+def write_json(path: str, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def exists(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def move_aside(path: str) -> str:
+    """Rename a run folder out of the way (for --fresh) and return its new name; nothing is deleted."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    new = f"{path.rstrip('/')}.replaced-{stamp}"
+    fs, p = filesystem(path)
+    fs.move(p, filesystem(new)[1])
+    return new

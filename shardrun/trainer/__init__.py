@@ -1,0 +1,1 @@
+"""Worker side: topology, model, DeepSpeed engine, the loop, checkpoints."""

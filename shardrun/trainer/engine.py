@@ -1,0 +1,59 @@
+"""The DeepSpeed engine for a model and a spec. The only module that imports deepspeed."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before deepspeed is imported: it picks its accelerator at import time.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed compiles its CPU shared-memory comm op on first use (~100 s); keep the build.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "shardrun" / "torch_extensions")
+)
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from shardrun.config import JobSpec  # noqa: E402
+from shardrun.trainer.ds_config import build_ds_config  # noqa: E402
+from shardrun.trainer.topology import Topology  # noqa: E402
+
+DeepSpeedEngine = deepspeed.DeepSpeedEngine
+
+
+def init_distributed(topology: Topology) -> None:
+    """Join the process group (Ray Train may have made it already); one process needs none."""
+    if not dist.is_initialized() and topology.world_size == 1:
+        # A lone process still needs a (trivial) process group for DeepSpeed.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if topology.device.startswith("cuda") else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def build(model: torch.nn.Module, spec: JobSpec, topology: Topology) -> DeepSpeedEngine:
+    """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule."""
+    if topology.device.startswith("cuda"):
+        torch.cuda.set_device(topology.device)
+    init_distributed(topology)
+    config = build_ds_config(
+        spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu"
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

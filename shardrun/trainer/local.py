@@ -1,0 +1,18 @@
+"""Run the worker loop without Ray: one process, or one rank of a torchrun job."""
+
+from __future__ import annotations
+
+from shardrun.config import JobSpec
+from shardrun.trainer.loop import worker_main
+from shardrun.trainer.session import LocalSession
+from shardrun.trainer.topology import Topology
+
+
+def run_local(spec: JobSpec) -> None:
+    """Train this rank with checkpoints under <run dir>/checkpoints (a disk every rank sees)."""
+    topology = Topology.from_env(spec.scaling.use_gpu)
+    session = LocalSession(
+        spec.run_dir, topology, keep=spec.checkpoint.keep, max_steps=spec.run.max_steps,
+        byte_level=spec.model.byte_level,
+    )
+    worker_main(spec, session, topology)

@@ -1,0 +1,53 @@
+"""Build the model a spec names: the built-in GPT or a user entrypoint. Nothing distributed here."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch.nn as nn
+
+from shardrun.config import ModelSpec
+from shardrun.errors import UserError
+from shardrun.trainer.models.gpt import GPT, GPTConfig
+
+
+def gpt_config(spec: ModelSpec) -> GPTConfig:
+    """The GPT's own config from the spec's size fields."""
+    return GPTConfig(
+        n_layer=spec.n_layer,
+        n_head=spec.n_head,
+        n_embd=spec.n_embd,
+        block_size=spec.block_size,
+        vocab_size=spec.vocab_size,
+        dropout=spec.dropout,
+        bias=spec.bias,
+    )
+
+
+def resolve_entrypoint(entrypoint: str) -> Callable[..., nn.Module]:
+    """Import 'package.module:function'; a failure names the entrypoint and the cause."""
+    module_name, _, attr = entrypoint.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(
+            f"model.entrypoint {entrypoint!r}: cannot import {module_name!r} ({e}); "
+            "run from the directory that holds it or install it"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"model.entrypoint {entrypoint!r}: {module_name} has no function {attr!r}")
+    return factory
+
+
+def build(spec: ModelSpec) -> nn.Module:
+    """A plain nn.Module whose forward(inputs, targets) returns the scalar loss."""
+    if spec.entrypoint is None:
+        return GPT(gpt_config(spec))
+    model = resolve_entrypoint(spec.entrypoint)(**spec.args)
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"model.entrypoint {spec.entrypoint!r} returned {type(model).__name__}, not an nn.Module"
+        )
+    return model

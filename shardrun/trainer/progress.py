@@ -1,0 +1,66 @@
+"""Progress lines and the run summary, from rank 0's step records (driver or lone process)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Turns step records into log lines; remembers what the summary needs."""
+
+    def __init__(self, *, max_steps: int, byte_level: bool):
+        self.max_steps = max_steps
+        self.byte_level = byte_level
+        self.starts: list[dict] = []
+        self.first: dict | None = None
+        self.last: dict | None = None
+        self.t0 = time.time()
+
+    def on_start(self, info: dict) -> str:
+        """A worker group began at info['step'] (more than once: restarts)."""
+        self.starts.append(info)
+        what = "starting" if info["step"] == 0 else f"resuming from step {info['step']}"
+        again = f" (restart {len(self.starts) - 1})" if len(self.starts) > 1 else ""
+        return f"{what} with {info['world_size']} workers{again}"
+
+    def on_record(self, rec: dict) -> str:
+        """One progress line: step, loss, tokens/s, ETA."""
+        if self.first is None:
+            self.first = rec
+        self.last = rec
+        parts = [f"step {rec['step']:>6}/{self.max_steps}", f"loss {rec['loss']:.4f}"]
+        if self.byte_level:
+            parts.append(f"bpb {rec['loss'] / math.log(2):.3f}")
+        parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+        if rec.get("step_time"):
+            parts.append(f"ETA {format_duration((self.max_steps - rec['step']) * rec['step_time'])}")
+        return " | ".join(parts)
+
+    def summary(self, *, checkpoint: str | None, wall_seconds: float | None = None) -> dict:
+        """What this invocation did; counts exclude work lost to restarts."""
+        start = self.starts[0] if self.starts else {"step": 0, "samples": 0, "tokens": 0}
+        end = self.last or start
+        out = {
+            "start_step": start["step"],
+            "final_step": end["step"],
+            "steps": end["step"] - start["step"],
+            "samples": end["samples"] - start["samples"],
+            "tokens": end["tokens"] - start["tokens"],
+            "first_loss": self.first["loss"] if self.first else None,
+            "last_loss": self.last["loss"] if self.last else None,
+            "wall_seconds": round(wall_seconds if wall_seconds is not None else time.time() - self.t0, 2),
+            "checkpoint": checkpoint,
+            "restarts": max(0, len(self.starts) - 1),
+        }
+        if self.byte_level and self.last:
+            out["first_bits_per_byte"] = self.first["loss"] / math.log(2)
+            out["last_bits_per_byte"] = self.last["loss"] / math.log(2)
+        return out

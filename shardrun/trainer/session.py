@@ -1,0 +1,98 @@
+"""The worker loop's one window on its launcher: where checkpoints come from and go, who hears progress.
+
+Ray's implementation lives in shardrun.cluster; LocalSession serves a lone process or torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+from typing import ContextManager, Iterator, Protocol
+
+import torch.distributed as dist
+
+from shardrun import storage
+from shardrun.trainer.progress import Progress
+from shardrun.trainer.topology import Topology
+
+
+class Session(Protocol):
+    def latest_checkpoint(self) -> ContextManager[str | None]:
+        """A local directory holding the latest complete checkpoint, or None."""
+
+    def checkpoint_dir(self, step: int, metrics: dict) -> ContextManager[str]:
+        """A directory to write step's checkpoint into; it is committed when the block ends."""
+
+    def started(self, info: dict) -> None:
+        """Rank 0: the worker group started at info['step']."""
+
+    def progress(self, record: dict) -> None:
+        """Rank 0: one step record (step, loss, lr, samples, tokens, tokens_per_s, step_time)."""
+
+    def finished(self) -> None:
+        """Rank 0: training reached max_steps."""
+
+
+class LocalSession:
+    """Checkpoints under <run dir>/checkpoints on a local (or shared) disk; progress on stdout."""
+
+    def __init__(self, run_dir: str, topology: Topology, *, keep: int, max_steps: int,
+                 byte_level: bool):
+        self.root = os.path.join(run_dir, "checkpoints")
+        self.run_dir = run_dir
+        self.topology = topology
+        self.keep = keep
+        self.progress_log = Progress(max_steps=max_steps, byte_level=byte_level)
+
+    def _latest_path(self) -> str | None:
+        name = storage.read_text(os.path.join(self.root, "latest"))
+        return os.path.join(self.root, name.strip()) if name else None
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield self._latest_path()
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, step: int, metrics: dict) -> Iterator[str]:
+        name = f"step_{step:08d}"
+        staging = os.path.join(self.root, f".staging-{name}")
+        if self.topology.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier()
+        yield staging
+        _barrier()  # every rank has written its part
+        if self.topology.is_main:
+            final = os.path.join(self.root, name)
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)
+            storage.write_text(os.path.join(self.root, "latest"), name)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        done = sorted(d for d in os.listdir(self.root) if d.startswith("step_"))
+        for old in done[: -self.keep]:
+            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+    def started(self, info: dict) -> None:
+        self._print(self.progress_log.on_start(info))
+
+    def progress(self, record: dict) -> None:
+        self._print(self.progress_log.on_record(record))
+
+    def finished(self) -> None:
+        summary = self.progress_log.summary(checkpoint=self._latest_path())
+        storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        self._print(f"done: {summary}")
+
+    @staticmethod
+    def _print(line: str) -> None:
+        print(f"[shardrun] {line}", file=sys.stdout, flush=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
