@@ -238,7 +238,7 @@ def format_errors(error: ValidationError, source: str) -> str:
     """One line per problem: `source: field.path: what is wrong (got value)`."""
     lines = []
     for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        where = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             what = "unknown key" + _did_you_mean(err["loc"])
         else:
@@ -246,7 +246,7 @@ def format_errors(error: ValidationError, source: str) -> str:
         got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
         if isinstance(err["input"], dict) and err["type"] != "extra_forbidden":
             got = ""
-        lines.append(f"{source}: {where}: {what}{got}")
+        lines.append(f"{source}: {where + ': ' if where else ''}{what}{got}")
     return "\n".join(lines)
 
 

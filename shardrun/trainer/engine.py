@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +26,18 @@ from shardrun.trainer.ds_config import build_ds_config  # noqa: E402
 from shardrun.trainer.topology import Topology  # noqa: E402
 
 DeepSpeedEngine = deepspeed.DeepSpeedEngine
+
+
+class _DropKnownNoise(logging.Filter):
+    """DeepSpeed warns at every start that the LR scheduler has not stepped yet; it is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
+deepspeed.utils.logger.addFilter(_DropKnownNoise())
+# DeepSpeed's ZeRO calls a torch collective under its deprecated name, once per step.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 def init_distributed(topology: Topology) -> None:

@@ -1,0 +1,150 @@
+"""`shardrun run | train | check | data prepare-text`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from shardrun import config
+from shardrun.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _emit(line: str) -> None:
+    print(f"[shardrun] {line}", flush=True)
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="job spec (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set run.max_steps=100 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardrun", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="train on Ray (RAY_ADDRESS, else a local instance)")
+    _add_spec_args(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="start the run over: an earlier run of this name is moved aside")
+
+    p = sub.add_parser("train", help="train in this process without Ray (alone or under torchrun)")
+    _add_spec_args(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="start the run over: an earlier run of this name is moved aside")
+
+    p = sub.add_parser("check", help="validate a job spec and print it resolved")
+    _add_spec_args(p)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command",
+                                                                   required=True)
+    p = data.add_parser("prepare-text", help="text files to byte-level token Parquet shards")
+    p.add_argument("sources", nargs="*", help="text files or directories")
+    p.add_argument("--python-stdlib", action="store_true",
+                   help="use this Python's standard-library sources as the text")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence")
+    p.add_argument("--max-mb", type=float, default=None, help="read at most this many MB")
+    return parser
+
+
+def load_spec(args: argparse.Namespace) -> config.JobSpec:
+    """Validate the spec and everything the driver can check before any cluster resource."""
+    spec = config.load(args.spec, args.overrides)
+    if spec.model.entrypoint:
+        from shardrun.trainer.models import resolve_entrypoint
+
+        # Like `python -m`: the user's own modules in the working directory are importable.
+        sys.path.insert(0, os.getcwd())
+        resolve_entrypoint(spec.model.entrypoint)
+    return spec
+
+
+def ensure_data(spec: config.JobSpec) -> None:
+    """Build data.prepare's corpus if it is missing; then check every data path exists."""
+    from shardrun.datasets.prepare import prepare_stdlib
+    from shardrun.datasets.source import list_parquet
+
+    target = spec.data.paths[0]
+    if spec.data.prepare and not Path(target).exists():
+        _emit(f"preparing the {spec.data.prepare.source} corpus in {target}")
+        files = prepare_stdlib(Path(target), spec.data.seq_len,
+                               int(spec.data.prepare.max_mb * 1e6))
+        _emit(f"wrote {len(files)} Parquet shards")
+    list_parquet(spec.data.paths)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    print(load_spec(args).to_yaml(), end="")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = load_spec(args)
+    _emit(f"job spec, resolved:\n{spec.to_yaml()}")
+    ensure_data(spec)
+    from shardrun.cluster.launch import launch
+
+    summary = launch(spec, fresh=args.fresh, emit=_emit)
+    _emit(f"summary ({spec.run_dir}/summary.json):\n{json.dumps(summary, indent=2)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = load_spec(args)
+    if os.environ.get("RANK", "0") == "0":
+        from shardrun import storage
+
+        _emit(f"job spec, resolved:\n{spec.to_yaml()}")
+        ensure_data(spec)
+        if args.fresh and storage.exists(spec.run_dir):
+            _emit(f"--fresh: moved the earlier run to {storage.move_aside(spec.run_dir)}")
+        storage.write_text(spec.run_dir + "/job.yaml", spec.to_yaml())
+    from shardrun.trainer.local import run_local
+
+    run_local(spec)
+    return 0
+
+
+def cmd_prepare_text(args: argparse.Namespace) -> int:
+    from shardrun.datasets import prepare
+
+    if args.seq_len < 1:
+        raise UserError(f"--seq-len must be at least 1 (got {args.seq_len})")
+    if bool(args.sources) == args.python_stdlib:
+        raise UserError("give text files or directories, or --python-stdlib (one of the two)")
+    max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
+    sources = prepare.stdlib_sources() if args.python_stdlib else args.sources
+    files = prepare.prepare_text(sources, Path(args.out), args.seq_len, max_bytes)
+    _emit(f"wrote {len(files)} Parquet shards to {args.out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = cmd_prepare_text if args.command == "data" else COMMANDS[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"shardrun: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("shardrun: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # training failed: the cause in one line, the rest with --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"shardrun: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,74 @@
+"""Launch a job on Ray Train V2: TorchTrainer over the spec's workers, progress, summary.json."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from shardrun import storage
+from shardrun.cluster.connect import connect
+from shardrun.cluster.progress import ProgressActor, ProgressPrinter
+from shardrun.cluster.worker import train_fn
+from shardrun.config import JobSpec
+
+
+def scaling_config(spec: JobSpec) -> ScalingConfig:
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ScalingConfig(
+        num_workers=s.num_workers,
+        use_gpu=s.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=s.placement_strategy,
+    )
+
+
+def run_config(spec: JobSpec) -> RunConfig:
+    return RunConfig(
+        name=spec.name,
+        storage_path=spec.checkpoint.storage,
+        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+    )
+
+
+def prepare_run_dir(spec: JobSpec, *, fresh: bool, emit: Callable[[str], None]) -> None:
+    """--fresh moves an earlier run of this name aside; the resolved spec is saved in the run dir."""
+    if fresh and storage.exists(spec.run_dir):
+        emit(f"--fresh: moved the earlier run to {storage.move_aside(spec.run_dir)}")
+    storage.write_text(spec.run_dir + "/job.yaml", spec.to_yaml())
+
+
+def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = print) -> dict:
+    """Train spec on Ray to run.max_steps (resuming the run of the same name); returns the summary."""
+    t0 = time.time()
+    emit(f"connecting to {connect()}")
+    prepare_run_dir(spec, fresh=fresh, emit=emit)
+    actor = ProgressActor.remote(spec.run.max_steps, spec.model.byte_level)
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "progress": actor},
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        scaling_config=scaling_config(spec),
+        run_config=run_config(spec),
+    )
+    latest, error = None, None
+    try:
+        with ProgressPrinter(actor, emit):
+            result = trainer.fit()
+        latest = result.checkpoint.path if result.checkpoint else None
+    except Exception as e:
+        error = e
+        raise
+    finally:
+        summary = ray.get(actor.summary.remote(latest, time.time() - t0))
+        if error is not None:
+            summary["error"] = f"{type(error).__name__}: {error}"
+        storage.write_json(spec.run_dir + "/summary.json", summary)
+    return summary

@@ -1,0 +1,55 @@
+"""What runs on each Ray Train worker: the worker loop, with Ray behind the Session interface."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from typing import Iterator
+
+import ray.train
+
+from shardrun.trainer.loop import worker_main
+
+
+class RaySession:
+    """Checkpoints through ray.train.report (merged per rank into storage); progress to an actor."""
+
+    def __init__(self, progress_actor):
+        self.progress_actor = progress_actor
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as directory:
+            yield directory
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, step: int, metrics: dict) -> Iterator[str]:
+        staging = tempfile.mkdtemp(prefix=f"shardrun-step{step}-")
+        try:
+            yield staging
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(staging),
+                checkpoint_dir_name=f"checkpoint_{step:08d}",
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def started(self, info: dict) -> None:
+        self.progress_actor.started.remote(info)
+
+    def progress(self, record: dict) -> None:
+        self.progress_actor.record.remote(record)
+
+    def finished(self) -> None:
+        ray.get(self.progress_actor.finished.remote())
+
+
+def train_fn(config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    worker_main(config["spec"], RaySession(config["progress"]))

@@ -1,0 +1,83 @@
+"""Test helpers: tiny job specs, free ports, subprocesses that always get cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_spec(corpus: Path, storage: Path, **sections) -> dict:
+    """A job spec small enough to train in seconds on CPU; sections override key by key."""
+    spec = {
+        "name": "tiny",
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "data": {"paths": [str(corpus)], "seq_len": 32},
+        "deepspeed": {"zero_stage": 2, "micro_batch_size": 4,
+                      "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2}},
+        "scaling": {"num_workers": 2},
+        "checkpoint": {"storage": str(storage), "every_steps": 5},
+        "run": {"max_steps": 10, "log_every": 5},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            spec.setdefault(section, {}).update(values)
+        else:
+            spec[section] = values
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child: our venv first on PATH, a Ray token so none is written to ~/.ray."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("RAY_AUTH_TOKEN", "shardrun-tests-" + "0" * 32)
+    env.pop("RAY_ADDRESS", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | None = None,
+        check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout the whole group is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env or child_env(), cwd=cwd, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{cmd} timed out after {timeout}s; output:\n{out[-4000:]}") from None
+    finally:
+        kill_group(proc)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}; output:\n{out[-6000:]}")
+    return result
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the process group (a leftover of a finished command too)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

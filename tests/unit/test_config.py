@@ -1,0 +1,118 @@
+import pytest
+from helpers import tiny_spec, write_spec
+
+from shardrun import config
+from shardrun.errors import UserError
+
+
+def _spec(tmp_path, **sections):
+    return tiny_spec(tmp_path / "data", tmp_path / "runs", **sections)
+
+
+def test_defaults_fill_in_and_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = _spec(tmp_path, data={"paths": ["rel/data"]}, checkpoint={"storage": "runs"})
+    spec = config.parse(raw)
+    assert spec.model.type == "gpt"
+    assert spec.deepspeed.precision == "fp32"
+    assert spec.data.paths == [str(tmp_path / "rel/data")]
+    assert spec.run_dir == str(tmp_path / "runs" / "tiny")
+
+
+def test_uri_storage_is_kept_as_given(tmp_path):
+    spec = config.parse(_spec(tmp_path, checkpoint={"storage": "abfs://runs@acct/x"}))
+    assert spec.run_dir == "abfs://runs@acct/x/tiny"
+
+
+def test_unknown_key_names_the_path_and_suggests(tmp_path):
+    raw = _spec(tmp_path, deepspeed={"zero_stge": 3})
+    with pytest.raises(UserError) as e:
+        config.parse(raw, source="job.yaml")
+    assert str(e.value) == "job.yaml: deepspeed.zero_stge: unknown key; did you mean 'zero_stage'? (got 3)"
+
+
+@pytest.mark.parametrize("section,key,value,expect", [
+    ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage: Input should be less than or equal to 3 (got 4)"),
+    ("deepspeed", "precision", "fp8", "deepspeed.precision: Input should be 'fp32', 'bf16' or 'fp16' (got 'fp8')"),
+    ("run", "max_steps", 0, "run.max_steps: Input should be greater than or equal to 1 (got 0)"),
+    ("scaling", "placement_strategy", "pack", "scaling.placement_strategy:"),
+])
+def test_bad_value_names_field_and_value(tmp_path, section, key, value, expect):
+    with pytest.raises(UserError) as e:
+        config.parse(_spec(tmp_path, **{section: {key: value}}))
+    assert expect in str(e.value)
+
+
+def test_cross_field_checks(tmp_path):
+    with pytest.raises(UserError, match=r"data.seq_len \(64\) is longer than model.block_size \(32\)"):
+        config.parse(_spec(tmp_path, data={"seq_len": 64}))
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        config.parse(_spec(tmp_path, deepspeed={"precision": "fp16"}))
+
+
+def test_entrypoint_model_rules(tmp_path):
+    def with_model(model):
+        raw = _spec(tmp_path)
+        raw["model"] = model
+        return config.parse(raw)
+
+    ok = with_model({"entrypoint": "pkg.mod:build", "args": {"h": 1}})
+    assert ok.model.type is None and ok.model.args == {"h": 1}
+    with pytest.raises(UserError, match="n_layer apply to type: gpt only"):
+        with_model({"entrypoint": "pkg.mod:build", "n_layer": 2})
+    with pytest.raises(UserError, match="must look like 'package.module:function'"):
+        with_model({"entrypoint": "pkg.mod.build"})
+    with pytest.raises(UserError, match="not both"):
+        with_model({"entrypoint": "a:b", "type": "gpt"})
+    with pytest.raises(UserError, match="model.args is only for an entrypoint"):
+        with_model({"args": {"h": 1}})
+
+
+def test_missing_section_is_named(tmp_path):
+    raw = _spec(tmp_path)
+    del raw["run"]
+    with pytest.raises(UserError, match=r"^job spec: run: Field required$"):
+        config.parse(raw)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = write_spec(tmp_path / "job.yaml", _spec(tmp_path))
+    spec = config.load(path, ["run.max_steps=40", "deepspeed.optimizer.betas=[0.8, 0.9]",
+                              "scaling.use_gpu=false", "name=other"])
+    assert spec.run.max_steps == 40
+    assert spec.deepspeed.optimizer.betas == (0.8, 0.9)
+    assert spec.name == "other"
+
+
+def test_override_errors(tmp_path):
+    path = write_spec(tmp_path / "job.yaml", _spec(tmp_path))
+    with pytest.raises(UserError, match="expected key.path=value"):
+        config.load(path, ["run.max_steps"])
+    with pytest.raises(UserError, match="run.max_steps is not a section"):
+        config.load(path, ["run.max_steps.x=1"])
+    with pytest.raises(UserError, match=r"run.max_step: unknown key; did you mean 'max_steps'"):
+        config.load(path, ["run.max_step=3"])
+
+
+def test_unreadable_or_non_mapping_files(tmp_path):
+    with pytest.raises(UserError, match="cannot read the job spec"):
+        config.load(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(UserError, match="a job spec is a mapping"):
+        config.load(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        config.load(tmp_path / "bad.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    spec = config.parse(_spec(tmp_path))
+    again = config.parse(__import__("yaml").safe_load(spec.to_yaml()))
+    assert again == spec
+
+
+def test_example_specs_validate():
+    from helpers import REPO
+
+    for path in (REPO / "examples").glob("*.yaml"):
+        config.load(path)

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+
+from shardrun.config import ModelSpec
+from shardrun.trainer.models import build, gpt_config
+from shardrun.trainer.models.gpt import GPT, GPTConfig
+
+
+def test_initial_loss_is_near_uniform_over_bytes():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16))
+    x = torch.randint(0, 256, (4, 16))
+    loss = model(x, torch.roll(x, -1, dims=1))
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+    x = torch.randint(0, 256, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 256
+    a, b = model.logits(x), model.logits(y)
+    assert torch.allclose(a[0, :10], b[0, :10])
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_too_long_a_sequence_is_refused():
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4))
+    with pytest.raises(ValueError, match="exceeds block_size 4"):
+        model.logits(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_config_checks_heads():
+    with pytest.raises(ValueError, match="multiple of n_head"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+def test_build_from_spec_ties_embeddings():
+    spec = ModelSpec(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    model = build(spec)
+    assert model.lm_head.weight is model.wte.weight
+    assert gpt_config(spec).n_embd == 16
+
+
+def test_user_entrypoint(tmp_path, monkeypatch):
+    from shardrun.errors import UserError
+    from shardrun.trainer.models import resolve_entrypoint
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\n"
+        "def build(width):\n    return torch.nn.Linear(width, width)\n"
+        "def not_a_module():\n    return 3\n"
+    )
+    assert build(ModelSpec(entrypoint="mymodels:build", args={"width": 3})).in_features == 3
+    with pytest.raises(UserError, match="returned int, not an nn.Module"):
+        build(ModelSpec(entrypoint="mymodels:not_a_module"))
+    with pytest.raises(UserError, match="has no function 'nope'"):
+        resolve_entrypoint("mymodels:nope")
+    with pytest.raises(UserError, match="cannot import 'nowhere_to_be_found'"):
+        resolve_entrypoint("nowhere_to_be_found:build")
+
+
+def test_example_user_model_trains_a_step():
+    from helpers import REPO
+
+    import sys
+    sys.path.insert(0, str(REPO))
+    try:
+        from examples.user_model import build as build_user
+    finally:
+        sys.path.pop(0)
+    model = build_user(hidden=32, layers=1)
+    x = torch.randint(0, 256, (2, 12))
+    loss = model(x, torch.roll(x, -1, 1))
+    loss.backward()
+    assert loss.item() > 0

@@ -1,0 +1,34 @@
+import math
+
+from shardrun.trainer.progress import Progress, format_duration
+
+
+def _rec(step, loss, tokens_per_step=100):
+    return {"step": step, "samples": step * 2, "tokens": step * tokens_per_step, "loss": loss,
+            "lr": 1e-3, "tokens_per_s": 1000.0, "step_time": 0.5}
+
+
+def test_lines_show_step_loss_throughput_eta():
+    p = Progress(max_steps=100, byte_level=True)
+    p.on_start({"step": 0, "samples": 0, "tokens": 0, "world_size": 2})
+    line = p.on_record(_rec(10, math.log(256)))
+    assert "step     10/100" in line and "loss 5.5452" in line and "bpb 8.000" in line
+    assert "1,000 tok/s" in line and "ETA 0m45s" in line
+
+
+def test_summary_counts_this_invocation_and_restarts():
+    p = Progress(max_steps=40, byte_level=False)
+    assert "resuming from step 20" in p.on_start({"step": 20, "samples": 40, "tokens": 2000,
+                                                  "world_size": 2})
+    p.on_record(_rec(25, 3.0))
+    assert "(restart 1)" in p.on_start({"step": 20, "samples": 40, "tokens": 2000, "world_size": 2})
+    p.on_record(_rec(40, 2.0))
+    s = p.summary(checkpoint="ckpt", wall_seconds=12.345)
+    assert s == {"start_step": 20, "final_step": 40, "steps": 20, "samples": 40, "tokens": 2000,
+                 "first_loss": 3.0, "last_loss": 2.0, "wall_seconds": 12.35, "checkpoint": "ckpt",
+                 "restarts": 1}
+
+
+def test_durations():
+    assert format_duration(59) == "0m59s"
+    assert format_duration(3725) == "1h02m"

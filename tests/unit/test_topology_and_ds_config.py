@@ -1,0 +1,73 @@
+import pytest
+
+from shardrun.config import DeepSpeedSpec
+from shardrun.trainer.ds_config import build_ds_config, deep_merge
+from shardrun.trainer.topology import Topology
+
+
+def test_topology_from_torchrun_env(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    topo = Topology.from_env(use_gpu=False)
+    assert (topo.rank, topo.world_size, topo.local_rank, topo.device) == (3, 4, 1, "cpu")
+    assert not topo.is_main
+
+
+def test_topology_alone(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert Topology.from_env(use_gpu=False).is_main
+
+
+def test_topology_checks_rank():
+    with pytest.raises(ValueError, match="outside a world of 2"):
+        Topology(rank=2, world_size=2, local_rank=0, device="cpu")
+
+
+def test_topology_without_cuda_refuses_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        Topology.from_env(use_gpu=True)
+
+
+def test_ds_config_from_spec():
+    spec = DeepSpeedSpec(zero_stage=3, precision="bf16", micro_batch_size=4, grad_accum_steps=2,
+                         grad_clip=0.5, schedule={"warmup_steps": 10})
+    cfg = build_ds_config(spec, max_steps=100, on_gpu=False)
+    assert cfg["zero_optimization"] == {"stage": 3}
+    assert cfg["bf16"] == {"enabled": True} and cfg["fp16"] == {"enabled": False}
+    assert cfg["train_micro_batch_size_per_gpu"] == 4
+    assert cfg["gradient_accumulation_steps"] == 2
+    assert cfg["optimizer"]["type"] == "AdamW"
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    assert cfg["scheduler"]["type"] == "WarmupCosineLR"
+    assert cfg["scheduler"]["params"]["total_num_steps"] == 100
+    assert build_ds_config(spec, max_steps=100, on_gpu=True)["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_ds_config_schedule_edges():
+    constant = DeepSpeedSpec(schedule={"decay": "constant", "warmup_steps": 0})
+    sched = build_ds_config(constant, max_steps=10, on_gpu=False)["scheduler"]
+    assert sched["type"] == "WarmupLR" and sched["params"]["warmup_num_steps"] == 1
+    short = build_ds_config(DeepSpeedSpec(schedule={"warmup_steps": 50}), max_steps=10, on_gpu=False)
+    assert short["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert short["scheduler"]["params"]["total_num_steps"] == 11
+
+
+def test_raw_config_is_merged_last():
+    spec = DeepSpeedSpec(config={"zero_optimization": {"overlap_comm": True},
+                                 "optimizer": {"params": {"lr": 0.5}}, "gradient_clipping": 2.0})
+    cfg = build_ds_config(spec, max_steps=10, on_gpu=False)
+    assert cfg["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert cfg["optimizer"]["params"]["lr"] == 0.5
+    assert cfg["optimizer"]["params"]["torch_adam"] is True
+    assert cfg["gradient_clipping"] == 2.0
+
+
+def test_deep_merge_leaves_inputs_alone():
+    base, over = {"a": {"b": 1}}, {"a": {"c": 2}}
+    assert deep_merge(base, over) == {"a": {"b": 1, "c": 2}}
+    assert base == {"a": {"b": 1}} and over == {"a": {"c": 2}}
