@@ -75,8 +75,14 @@ def run(cmd: list[str], *, timeout: float, env: dict | None = None, cwd: Path | 
     return result
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the process group (a leftover of a finished command too)."""
+def kill_group(proc: subprocess.Popen, grace: float = 0) -> None:
+    """End whatever is left of the process group: SIGTERM and `grace` seconds first, then SIGKILL."""
+    if grace:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

@@ -1,0 +1,86 @@
+"""A bad spec fails fast with exit 2 and one clear line, before Ray is started or contacted."""
+
+import socket
+import sys
+import threading
+
+import pytest
+from helpers import child_env, run, tiny_spec, write_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class Listener:
+    """A TCP listener standing in for a Ray cluster: it only counts who connects."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return "127.0.0.1:%d" % self.sock.getsockname()[1]
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def ray_stand_in():
+    listener = Listener()
+    yield listener
+    listener.close()
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("deepspeed.zero_stagee=2",
+     "deepspeed.zero_stagee: unknown key; did you mean 'zero_stage'? (got 2)"),
+    ("scaling.num_workers=0",
+     "scaling.num_workers: Input should be greater than or equal to 1 (got 0)"),
+])
+def test_bad_spec_exits_2_naming_the_field(tmp_path, corpus, ray_stand_in, override, expect):
+    path = write_spec(tmp_path / "job.yaml", tiny_spec(corpus, tmp_path / "runs"))
+    result = run([sys.executable, "-m", "shardrun", "run", str(path), "--set", override],
+                 timeout=60, check=False, env=child_env(RAY_ADDRESS=ray_stand_in.address))
+    assert result.returncode == 2
+    assert result.stdout.strip() == f"shardrun: error: {path}: {expect}"
+    assert ray_stand_in.connections == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_is_reported_before_ray(tmp_path, ray_stand_in):
+    spec = tiny_spec(tmp_path / "no-such-data", tmp_path / "runs")
+    path = write_spec(tmp_path / "job.yaml", spec)
+    result = run([sys.executable, "-m", "shardrun", "run", str(path)], timeout=60, check=False,
+                 env=child_env(RAY_ADDRESS=ray_stand_in.address))
+    assert result.returncode == 2
+    assert f"data.paths: {tmp_path / 'no-such-data'} does not exist" in result.stdout
+    assert ray_stand_in.connections == 0
+
+
+def test_prepare_text_cli(tmp_path):
+    (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
+    out = tmp_path / "shards"
+    result = run([sys.executable, "-m", "shardrun", "data", "prepare-text", str(tmp_path / "a.txt"),
+                  "--out", str(out), "--seq-len", "16"], timeout=60)
+    assert "wrote 1 Parquet shards" in result.stdout
+    again = run([sys.executable, "-m", "shardrun", "data", "prepare-text", str(tmp_path / "a.txt"),
+                 "--out", str(out), "--seq-len", "16"], timeout=60, check=False)
+    assert again.returncode == 2 and "already exists" in again.stdout

@@ -1,0 +1,33 @@
+"""`shardrun run` on a local Ray instance (Ray Train V2 + DeepSpeed): train, checkpoint, resume by name."""
+
+import json
+import sys
+
+import pytest
+from helpers import run, tiny_spec, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(400)]
+
+
+def test_same_name_twice_resumes_where_the_first_stopped(tmp_path, corpus):
+    path = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", run={"max_steps": 20, "log_every": 10},
+        checkpoint={"every_steps": 10, "keep": 1}))
+    run_dir = tmp_path / "runs" / "tiny"
+
+    out = run([sys.executable, "-m", "shardrun", "run", str(path)], timeout=180).stdout
+    assert "starting with 2 workers" in out and "step     20/20" in out
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert (first["start_step"], first["steps"], first["restarts"]) == (0, 20, 0)
+    assert first["last_loss"] < first["first_loss"]
+    assert first["tokens"] == 20 * 2 * 4 * 32
+    assert (run_dir / "job.yaml").exists()
+
+    out = run([sys.executable, "-m", "shardrun", "run", str(path), "--set", "run.max_steps=40"],
+              timeout=180).stdout
+    assert "resuming from step 20 with 2 workers" in out
+    second = json.loads((run_dir / "summary.json").read_text())
+    assert (second["start_step"], second["final_step"], second["steps"]) == (20, 40, 20)
+    assert second["checkpoint"].endswith("checkpoint_00000040")
+    kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_00000040"]
