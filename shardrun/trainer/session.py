@@ -9,7 +9,9 @@ import contextlib
 import os
 import shutil
 import sys
-from typing import ContextManager, Iterator, Protocol
+from collections.abc import Iterator
+from contextlib import AbstractContextManager as ContextManager
+from typing import Protocol
 
 import torch.distributed as dist
 

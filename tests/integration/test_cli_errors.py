@@ -25,7 +25,7 @@ class Listener:
 
     @property
     def address(self) -> str:
-        return "127.0.0.1:%d" % self.sock.getsockname()[1]
+        return f"127.0.0.1:{self.sock.getsockname()[1]}"
 
     def _accept(self):
         while not self._stop.is_set():

@@ -65,9 +65,9 @@ def test_user_entrypoint(tmp_path, monkeypatch):
 
 
 def test_example_user_model_trains_a_step():
-    from helpers import REPO
-
     import sys
+
+    from helpers import REPO
     sys.path.insert(0, str(REPO))
     try:
         from examples.user_model import build as build_user
