@@ -104,9 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")
         ensure_data(spec)
-        if args.fresh and storage.exists(spec.run_dir):
-            _emit(f"--fresh: moved the earlier run to {storage.move_aside(spec.run_dir)}")
-        storage.write_text(spec.run_dir + "/job.yaml", spec.to_yaml())
+        storage.prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
     from shardrun.trainer.local import run_local
 
     run_local(spec)

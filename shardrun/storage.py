@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
 from shardrun.datasets.source import filesystem
+
+if TYPE_CHECKING:
+    from shardrun.config import JobSpec
 
 
 def write_text(path: str, text: str) -> None:
@@ -46,3 +51,10 @@ def move_aside(path: str) -> str:
     fs, p = filesystem(path)
     fs.move(p, filesystem(new)[1])
     return new
+
+
+def prepare_run_dir(spec: JobSpec, *, fresh: bool, emit: Callable[[str], None]) -> None:
+    """--fresh moves an earlier run of this name aside; the resolved spec is saved in the run dir."""
+    if fresh and exists(spec.run_dir):
+        emit(f"--fresh: moved the earlier run to {move_aside(spec.run_dir)}")
+    write_text(spec.run_dir + "/job.yaml", spec.to_yaml())

@@ -38,18 +38,11 @@ def run_config(spec: JobSpec) -> RunConfig:
     )
 
 
-def prepare_run_dir(spec: JobSpec, *, fresh: bool, emit: Callable[[str], None]) -> None:
-    """--fresh moves an earlier run of this name aside; the resolved spec is saved in the run dir."""
-    if fresh and storage.exists(spec.run_dir):
-        emit(f"--fresh: moved the earlier run to {storage.move_aside(spec.run_dir)}")
-    storage.write_text(spec.run_dir + "/job.yaml", spec.to_yaml())
-
-
 def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = print) -> dict:
     """Train spec on Ray to run.max_steps (resuming the run of the same name); returns the summary."""
     t0 = time.time()
     emit(f"connecting to {connect()}")
-    prepare_run_dir(spec, fresh=fresh, emit=emit)
+    storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
     actor = ProgressActor.remote(spec.run.max_steps, spec.model.byte_level)
     trainer = TorchTrainer(
         train_fn,
