@@ -74,7 +74,11 @@ class ModelSpec(_Section):
             raise ValueError(
                 f"entrypoint {self.entrypoint!r} must look like 'package.module:function'"
             )
-        gpt_fields = self.model_fields_set - {"entrypoint", "args", "type"}
+        # Defaults may be present (a resolved spec carries them); other values would be ignored.
+        gpt_fields = {
+            name for name in self.model_fields_set - {"entrypoint", "args", "type"}
+            if getattr(self, name) != type(self).model_fields[name].default
+        }
         if gpt_fields:
             raise ValueError(
                 f"{', '.join(sorted(gpt_fields))} apply to type: gpt only; "

@@ -1,4 +1,5 @@
 import pytest
+import yaml
 from helpers import tiny_spec, write_spec
 
 from shardrun import config
@@ -105,10 +106,14 @@ def test_unreadable_or_non_mapping_files(tmp_path):
         config.load(tmp_path / "bad.yaml")
 
 
-def test_resolved_yaml_round_trips(tmp_path):
-    spec = config.parse(_spec(tmp_path))
-    again = config.parse(__import__("yaml").safe_load(spec.to_yaml()))
+@pytest.mark.parametrize("model", [{"n_layer": 3}, {"entrypoint": "pkg.mod:build", "args": {"h": 2}}])
+def test_resolved_yaml_round_trips(tmp_path, model):
+    raw = _spec(tmp_path)
+    raw["model"] = model
+    spec = config.parse(raw)
+    again = config.parse(yaml.safe_load(spec.to_yaml()))
     assert again == spec
+    assert config.parse(spec.model_dump()) == spec  # what workers receive
 
 
 def test_example_specs_validate():
