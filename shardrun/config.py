@@ -98,6 +98,15 @@ class DataSpec(_Section):
         None, description="Build the shards at data.paths[0] from a built-in corpus if missing."
     )
 
+    @model_validator(mode="after")
+    def _prepare_writes_local_disk(self) -> DataSpec:
+        if self.prepare and _is_uri(self.paths[0]):
+            raise ValueError(
+                f"data.prepare writes to a local path, and data.paths[0] is {self.paths[0]!r}; "
+                "prepare locally, copy the shards there, and drop data.prepare"
+            )
+        return self
+
 
 class OptimizerSpec(_Section):
     type: Literal["adamw", "adam"] = Field("adamw", description="Optimizer.")

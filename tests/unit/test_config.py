@@ -51,6 +51,11 @@ def test_cross_field_checks(tmp_path):
         config.parse(_spec(tmp_path, deepspeed={"precision": "fp16"}))
 
 
+def test_prepare_needs_a_local_path(tmp_path):
+    with pytest.raises(UserError, match="data.prepare writes to a local path"):
+        config.parse(_spec(tmp_path, data={"paths": ["abfs://c@a/x"], "prepare": {}}))
+
+
 def test_entrypoint_model_rules(tmp_path):
     def with_model(model):
         raw = _spec(tmp_path)
