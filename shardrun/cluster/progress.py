@@ -32,8 +32,8 @@ class ProgressActor:
         return lines
 
     def summary(self, checkpoint: str | None, wall_seconds: float) -> dict:
-        return {**self.progress.summary(checkpoint=checkpoint, wall_seconds=wall_seconds),
-                "finished": self.done}
+        return self.progress.summary(checkpoint=checkpoint, finished=self.done,
+                                     wall_seconds=wall_seconds)
 
 
 class ProgressPrinter:

@@ -44,7 +44,8 @@ class Progress:
             parts.append(f"ETA {format_duration((self.max_steps - rec['step']) * rec['step_time'])}")
         return " | ".join(parts)
 
-    def summary(self, *, checkpoint: str | None, wall_seconds: float | None = None) -> dict:
+    def summary(self, *, checkpoint: str | None, finished: bool,
+                wall_seconds: float | None = None) -> dict:
         """What this invocation did; counts exclude work lost to restarts."""
         start = self.starts[0] if self.starts else {"step": 0, "samples": 0, "tokens": 0}
         end = self.last or start
@@ -59,6 +60,7 @@ class Progress:
             "wall_seconds": round(wall_seconds if wall_seconds is not None else time.time() - self.t0, 2),
             "checkpoint": checkpoint,
             "restarts": max(0, len(self.starts) - 1),
+            "finished": finished,
         }
         if self.byte_level and self.last:
             out["first_bits_per_byte"] = self.first["loss"] / math.log(2)

@@ -86,7 +86,7 @@ class LocalSession:
         self._print(self.progress_log.on_record(record))
 
     def finished(self) -> None:
-        summary = self.progress_log.summary(checkpoint=self._latest_path())
+        summary = self.progress_log.summary(checkpoint=self._latest_path(), finished=True)
         storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         self._print(f"done: {summary}")
 

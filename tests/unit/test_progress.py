@@ -23,10 +23,10 @@ def test_summary_counts_this_invocation_and_restarts():
     p.on_record(_rec(25, 3.0))
     assert "(restart 1)" in p.on_start({"step": 20, "samples": 40, "tokens": 2000, "world_size": 2})
     p.on_record(_rec(40, 2.0))
-    s = p.summary(checkpoint="ckpt", wall_seconds=12.345)
+    s = p.summary(checkpoint="ckpt", finished=True, wall_seconds=12.345)
     assert s == {"start_step": 20, "final_step": 40, "steps": 20, "samples": 40, "tokens": 2000,
                  "first_loss": 3.0, "last_loss": 2.0, "wall_seconds": 12.35, "checkpoint": "ckpt",
-                 "restarts": 1}
+                 "restarts": 1, "finished": True}
 
 
 def test_durations():
