@@ -19,10 +19,13 @@ def _emit(line: str) -> None:
     print(f"[shardrun] {line}", flush=True)
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
+def _add_spec_args(p: argparse.ArgumentParser, *, fresh: bool = False) -> None:
     p.add_argument("spec", help="job spec (YAML)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set run.max_steps=100 (repeatable)")
+    if fresh:
+        p.add_argument("--fresh", action="store_true",
+                       help="start the run over: an earlier run of this name is moved aside")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,14 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train on Ray (RAY_ADDRESS, else a local instance)")
-    _add_spec_args(p)
-    p.add_argument("--fresh", action="store_true",
-                   help="start the run over: an earlier run of this name is moved aside")
+    _add_spec_args(p, fresh=True)
 
     p = sub.add_parser("train", help="train in this process without Ray (alone or under torchrun)")
-    _add_spec_args(p)
-    p.add_argument("--fresh", action="store_true",
-                   help="start the run over: an earlier run of this name is moved aside")
+    _add_spec_args(p, fresh=True)
 
     p = sub.add_parser("check", help="validate a job spec and print it resolved")
     _add_spec_args(p)
