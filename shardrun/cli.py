@@ -66,10 +66,14 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
     return spec
 
 
-def ensure_data(spec: config.JobSpec) -> None:
-    """Build data.prepare's corpus if it is missing; then check every data path exists."""
+def ensure_data(spec: config.JobSpec) -> dict:
+    """Build data.prepare's corpus if it is missing; then index the files (named if bad).
+
+    Returns the data index as a plain dict for the workers: file footers are read once per run.
+    """
+    from shardrun.datasets import build_index
+    from shardrun.datasets.inspect import summary
     from shardrun.datasets.prepare import prepare_stdlib
-    from shardrun.datasets.source import list_parquet
 
     target = spec.data.paths[0]
     if spec.data.prepare and not Path(target).exists():
@@ -77,7 +81,9 @@ def ensure_data(spec: config.JobSpec) -> None:
         files = prepare_stdlib(Path(target), spec.data.seq_len,
                                int(spec.data.prepare.max_mb * 1e6))
         _emit(f"wrote {len(files)} Parquet shards")
-    list_parquet(spec.data.paths)
+    index = build_index(spec.data, emit=_emit)
+    _emit(summary(index, spec.global_batch, spec.data.partitions or spec.scaling.num_workers))
+    return index.to_dict()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -88,25 +94,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args)
     _emit(f"job spec, resolved:\n{spec.to_yaml()}")
-    ensure_data(spec)
+    data_index = ensure_data(spec)
     from shardrun.cluster.launch import launch
 
-    summary = launch(spec, fresh=args.fresh, emit=_emit)
+    summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index)
     _emit(f"summary ({spec.run_dir}/summary.json):\n{json.dumps(summary, indent=2)}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args)
+    data_index = None  # other ranks read the footers themselves once rank 0 has made the data
     if os.environ.get("RANK", "0") == "0":
         from shardrun import storage
 
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")
-        ensure_data(spec)
+        data_index = ensure_data(spec)
         storage.prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
     from shardrun.trainer.local import run_local
 
-    run_local(spec)
+    run_local(spec, data_index)
     return 0
 
 

@@ -89,23 +89,72 @@ class ModelSpec(_Section):
 
 class DataSpec(_Section):
     paths: list[str] = Field(
-        ..., min_length=1, description="Parquet files or directories (local path or URI)."
+        ..., min_length=1,
+        description="Parquet files or directories: local paths, abfs:// (Azure) or s3:// URIs.",
     )
-    column: str = Field("tokens", description="Column holding token sequences (list of ints).")
-    seq_len: int = Field(..., ge=1, description="Tokens per training sequence.")
+    format: Literal["tokens", "table"] = Field(
+        "tokens",
+        description="tokens: a column of token sequences, batches {inputs, targets} shifted by one; "
+        "table: numeric columns, batches {column: tensor} passed to the model as keyword arguments.",
+    )
+    column: str = Field(
+        "tokens", description="tokens: the column of token sequences (list or fixed-size list of ints)."
+    )
+    seq_len: int | None = Field(
+        None, ge=1,
+        description="tokens: tokens per training sequence; rows are cut to seq_len + 1 "
+        "(shorter rows are padded and their padding is left out of the loss).",
+    )
+    columns: list[str] | None = Field(
+        None, description="table: feature columns (default: every column but the label)."
+    )
+    label: str | None = Field(None, description="table: the label column (passed as `label`).")
     seed: int = Field(0, description="Seed of the sample order.")
+    partitions: int | None = Field(
+        None, ge=1,
+        description="Logical partitions of the sample order, fixed for the whole run; a multiple of "
+        "every world size the run may use and a divisor of the global batch "
+        "(default: scaling.num_workers).",
+    )
+    shuffle_window: int = Field(
+        8192, ge=1,
+        description="Samples shuffled together inside a partition (memory per partition grows with it).",
+    )
+    prefetch_steps: int = Field(
+        4, ge=1, description="Steps of batches each rank decodes ahead in the background."
+    )
+    read_threads: int = Field(
+        2, ge=1, description="Threads per rank decoding row groups ahead of the loop."
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A missing, corrupt or mismatching file or row group: fail with its name, or "
+        "skip it, count it and say so.",
+    )
     prepare: PrepareSpec | None = Field(
         None, description="Build the shards at data.paths[0] from a built-in corpus if missing."
     )
 
     @model_validator(mode="after")
-    def _prepare_writes_local_disk(self) -> DataSpec:
+    def _consistent(self) -> DataSpec:
         if self.prepare and _is_uri(self.paths[0]):
             raise ValueError(
                 f"data.prepare writes to a local path, and data.paths[0] is {self.paths[0]!r}; "
                 "prepare locally, copy the shards there, and drop data.prepare"
             )
+        if self.format == "tokens":
+            if self.seq_len is None:
+                raise ValueError("data.seq_len is required for format: tokens")
+            if self.columns or self.label:
+                raise ValueError("data.columns and data.label are for format: table")
+        elif self.prepare:
+            raise ValueError("data.prepare makes token shards; it needs format: tokens")
         return self
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens one sample trains on (0 for tables)."""
+        return self.seq_len if self.format == "tokens" else 0
 
 
 class OptimizerSpec(_Section):
@@ -185,6 +234,8 @@ class JobSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.model.type == "gpt" and self.data.format != "tokens":
+            raise ValueError("the built-in gpt model trains on data.format: tokens")
         if self.model.type == "gpt" and self.data.seq_len > self.model.block_size:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than "
@@ -192,7 +243,16 @@ class JobSpec(_Section):
             )
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        check_partitions(self.data.partitions or self.scaling.num_workers, self.scaling.num_workers,
+                         self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps
+                         * self.scaling.num_workers, error=ValueError)
         return self
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all ranks."""
+        d = self.deepspeed
+        return d.micro_batch_size * d.grad_accum_steps * self.scaling.num_workers
 
     @property
     def run_dir(self) -> str:
@@ -202,6 +262,23 @@ class JobSpec(_Section):
     def to_yaml(self) -> str:
         """The resolved spec, every default filled in."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def check_partitions(partitions: int, world_size: int, global_batch: int,
+                     error: type[Exception] = UserError) -> None:
+    """Every rank owns as many partitions, and every partition gives as many samples to a step."""
+    if partitions % world_size:
+        raise error(
+            f"data.partitions ({partitions}) must be a multiple of the world size ({world_size}), "
+            f"so that every rank owns as many partitions; set data.partitions to a multiple of "
+            f"every world size the run may use"
+        )
+    if global_batch % partitions:
+        raise error(
+            f"the global batch ({global_batch} = micro_batch_size x grad_accum_steps x workers) must "
+            f"be a multiple of data.partitions ({partitions}), so that every partition gives a step "
+            "as many samples"
+        )
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from shardrun.datasets.source import filesystem
+from shardrun.datasets.index import filesystem
 
 if TYPE_CHECKING:
     from shardrun.config import JobSpec

@@ -38,15 +38,21 @@ def run_config(spec: JobSpec) -> RunConfig:
     )
 
 
-def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = print) -> dict:
-    """Train spec on Ray to run.max_steps (resuming the run of the same name); returns the summary."""
+def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = print,
+           data_index: dict | None = None) -> dict:
+    """Train spec on Ray to run.max_steps (resuming the run of the same name); returns the summary.
+
+    data_index: the run's data index (datasets.build_index(...).to_dict()), read once here for every
+    worker and every restart; None lets each worker read the file footers itself.
+    """
     t0 = time.time()
     emit(f"connecting to {connect()}")
     storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
     actor = ProgressActor.remote(spec.run.max_steps, spec.model.byte_level)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "progress": actor},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "progress": actor,
+                           "data_index": data_index},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
         run_config=run_config(spec),

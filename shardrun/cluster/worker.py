@@ -52,4 +52,4 @@ class RaySession:
 
 def train_fn(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
-    worker_main(config["spec"], RaySession(config["progress"]))
+    worker_main(config["spec"], RaySession(config["progress"]), data_index=config.get("data_index"))

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 from shardrun.config import DataSpec
-from shardrun.datasets.source import read_token_rows
-from shardrun.datasets.tokens import BatchShape, TokenStream
+from shardrun.datasets.index import DataIndex
+from shardrun.datasets.index import build as build_index
+from shardrun.datasets.stream import Stream
 
 
-def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: int,
-         grad_accum_steps: int) -> TokenStream:  # noqa: A001 - the package's one verb
-    """This rank's stream of token micro-batches, continuing from `position` (None: the start)."""
-    rows = read_token_rows(spec.paths, spec.column, spec.seq_len + 1)
-    shape = BatchShape(micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                       world_size=topology.world_size)
-    return TokenStream(rows, rank=topology.rank, shape=shape, seed=spec.seed, position=position,
-                       device=topology.device)
+def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: int,  # noqa: A001
+         grad_accum_steps: int, index: DataIndex | dict | None = None) -> Stream:
+    """This rank's stream of micro-batches, continuing from `position` (None: the start).
+
+    `index` is the run's data index (built once by the driver); without it this rank reads the
+    file footers itself.
+    """
+    if index is None:
+        index = build_index(spec)
+    elif isinstance(index, dict):
+        index = DataIndex.from_dict(index)
+    return Stream(spec, index, rank=topology.rank, world_size=topology.world_size,
+                  micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
+                  position=position, device=topology.device)
 
 
-__all__ = ["open", "BatchShape", "TokenStream"]
+__all__ = ["open", "build_index", "DataIndex", "Stream"]

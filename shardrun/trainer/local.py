@@ -8,11 +8,11 @@ from shardrun.trainer.session import LocalSession
 from shardrun.trainer.topology import Topology
 
 
-def run_local(spec: JobSpec) -> None:
+def run_local(spec: JobSpec, data_index: dict | None = None) -> None:
     """Train this rank with checkpoints under <run dir>/checkpoints (a disk every rank sees)."""
     topology = Topology.from_env(spec.scaling.use_gpu)
     session = LocalSession(
         spec.run_dir, topology, keep=spec.checkpoint.keep, max_steps=spec.run.max_steps,
         byte_level=spec.model.byte_level,
     )
-    worker_main(spec, session, topology)
+    worker_main(spec, session, topology, data_index=data_index)

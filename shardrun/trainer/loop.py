@@ -15,18 +15,21 @@ from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 
 
-def worker_main(spec: JobSpec | dict, session: Session,
-                topology: Topology | None = None) -> TrainState:
+def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | None = None, *,
+                data_index: dict | None = None) -> TrainState:
     """Train one rank to spec.run.max_steps, resuming from the session's latest checkpoint."""
     if isinstance(spec, dict):
         spec = JobSpec.model_validate(spec)
-    trainer = Trainer(spec, session, topology or Topology.from_env(spec.scaling.use_gpu))
-    trainer.train()
+    trainer = Trainer(spec, session, topology or Topology.from_env(spec.scaling.use_gpu), data_index)
+    try:
+        trainer.train()
+    finally:
+        trainer.stream.close()
     return trainer.state
 
 
 class Trainer:
-    def __init__(self, spec: JobSpec, session: Session, topology: Topology):
+    def __init__(self, spec: JobSpec, session: Session, topology: Topology, data_index: dict | None = None):
         self.spec = spec
         self.session = session
         self.topology = topology
@@ -35,9 +38,10 @@ class Trainer:
         self.stream = datasets.open(
             spec.data, self.topology, position,
             micro_batch_size=spec.deepspeed.micro_batch_size,
-            grad_accum_steps=spec.deepspeed.grad_accum_steps,
+            grad_accum_steps=spec.deepspeed.grad_accum_steps, index=data_index,
         )
-        self.global_batch = self.stream.shape.global_batch
+        self.global_batch = self.stream.global_batch
+        self.tokens_per_step = self.global_batch * spec.data.tokens_per_sample
         self._window_loss = torch.zeros((), device=self.topology.device)
         self._window_steps = 0
         self._window_start = time.perf_counter()
@@ -78,13 +82,16 @@ class Trainer:
         total = torch.zeros((), device=self.topology.device)
         for _ in range(self.spec.deepspeed.grad_accum_steps):
             batch = self.stream.next_batch()
-            loss = self.engine(batch["inputs"], batch["targets"])
+            if "inputs" in batch:
+                loss = self.engine(batch["inputs"], batch["targets"])
+            else:  # table data: the model takes the columns (and `label`) as keyword arguments
+                loss = self.engine(**batch)
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
         self.state.step += 1
         self.state.samples += self.global_batch
-        self.state.tokens += self.global_batch * self.spec.data.seq_len
+        self.state.tokens += self.tokens_per_step
         return total / self.spec.deepspeed.grad_accum_steps
 
     def log_progress(self) -> None:
@@ -99,7 +106,8 @@ class Trainer:
             **vars(self.state),
             "loss": loss_value,
             "lr": self.engine.get_lr()[0],
-            "tokens_per_s": self._window_steps * self.global_batch * self.spec.data.seq_len / elapsed,
+            "tokens_per_s": self._window_steps * self.tokens_per_step / elapsed,
+            "samples_per_s": self._window_steps * self.global_batch / elapsed,
             "step_time": elapsed / self._window_steps,
         }
         if self.topology.is_main:

@@ -1,155 +1,302 @@
+"""The Parquet stream: index, batches, exact and elastic resume, bad data (real Parquet files)."""
+
+import math
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from shardrun.config import DataSpec
+from shardrun.datasets import Stream, build_index
 from shardrun.datasets import open as open_stream
-from shardrun.datasets.prepare import prepare_text, read_corpus, token_rows
-from shardrun.datasets.source import list_parquet, read_token_rows
-from shardrun.datasets.tokens import BatchShape, TokenStream
+from shardrun.datasets.plan import Plan
 from shardrun.errors import UserError
 from shardrun.trainer.topology import Topology
 
-
-def _rows(n=50, length=5):
-    return np.arange(n * length, dtype=np.int32).reshape(n, length)
+ROW_LEN = 5
 
 
-def _stream(rows, rank=0, world=1, micro=2, accum=1, seed=0, position=None):
-    shape = BatchShape(micro_batch_size=micro, grad_accum_steps=accum, world_size=world)
-    return TokenStream(rows, rank=rank, shape=shape, seed=seed, position=position)
+def write_layout(root: Path, layout: list[list[int]], fixed: bool = True) -> int:
+    """Files of row groups of the given sizes; row i holds [i, i+1, ..]: the first token is its id."""
+    root.mkdir(parents=True, exist_ok=True)
+    next_id = 0
+    for f, groups in enumerate(layout):
+        with pq.ParquetWriter(root / f"part-{f:03d}.parquet", _schema(fixed)) as w:
+            for n in groups:
+                ids = np.arange(next_id, next_id + n, dtype=np.int32)
+                w.write_table(_table(ids, fixed))
+                next_id += n
+    return next_id
 
 
-def _step_rows(streams, accum):
-    """The set of row ids (first token // row length) the streams take in one global step."""
-    got = []
-    for _ in range(accum):
+def _schema(fixed):
+    t = pa.list_(pa.int32(), ROW_LEN) if fixed else pa.list_(pa.int32())
+    return pa.schema([("tokens", t)])
+
+
+def _table(ids, fixed):
+    values = (ids[:, None] + np.arange(ROW_LEN, dtype=np.int32)).reshape(-1)
+    if fixed:
+        col = pa.FixedSizeListArray.from_arrays(pa.array(values), ROW_LEN)
+    else:
+        col = pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, ROW_LEN, dtype=np.int32)),
+                                       pa.array(values))
+    return pa.table({"tokens": col})
+
+
+def spec_for(root, **kw) -> DataSpec:
+    return DataSpec(paths=[str(root)], seq_len=ROW_LEN - 1, **kw)
+
+
+def make_world(spec, index, world, global_batch, position=None, accum=1):
+    micro = global_batch // world // accum
+    return [Stream(spec, index, rank=r, world_size=world, micro_batch_size=micro, grad_accum_steps=accum,
+                   position=position) for r in range(world)]
+
+
+def take_steps(streams, n):
+    """The ids of each global step, sorted (the set a step trains on), for n steps."""
+    steps = []
+    for _ in range(n):
+        ids = []
         for s in streams:
-            got.extend((s.next_batch()["inputs"][:, 0] // 5).tolist())
-    return sorted(got)
+            for _ in range(s.grad_accum_steps):
+                ids.extend(s.next_batch()["inputs"][:, 0].tolist())
+        steps.append(sorted(ids))
+    return steps
 
 
-def test_token_rows_overlap_by_one():
-    rows = token_rows(bytes(range(10)), seq_len=3)
-    assert rows.tolist() == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+def close(streams):
+    for s in streams:
+        s.close()
 
 
-def test_read_corpus_stops_at_max_bytes(tmp_path):
-    (tmp_path / "a.txt").write_bytes(b"x" * 100)
-    (tmp_path / "b.txt").write_bytes(b"y" * 100)
-    assert len(read_corpus([tmp_path / "a.txt", tmp_path / "b.txt"], max_bytes=150)) == 150
+# -- properties over random layouts, world sizes and stop points --------------------------------------
+
+layouts = st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size=1, max_size=3)
 
 
-def test_prepare_then_read_back(tmp_path):
-    (tmp_path / "t.txt").write_text("hello world, " * 100)
-    files = prepare_text([tmp_path / "t.txt"], tmp_path / "out", seq_len=8)
-    assert files and all(f.suffix == ".parquet" for f in files)
-    rows = read_token_rows([str(tmp_path / "out")], "tokens", 9)
-    assert bytes(rows[0].astype(np.uint8)) == b"hello wor"
-    with pytest.raises(UserError, match="already exists"):
-        prepare_text([tmp_path / "t.txt"], tmp_path / "out", seq_len=8)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout=layouts, worlds=st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4])),
+       k=st.integers(1, 2), window=st.integers(1, 12), seed=st.integers(0, 2), data=st.data())
+def test_stop_and_resume_on_any_world_size_equals_an_uninterrupted_run(layout, worlds, k, window, seed, data):
+    partitions = 4
+    global_batch = partitions * k
+    rg_rows = [n for groups in layout for n in groups]
+    plan = Plan(np.array(rg_rows), partitions=partitions, seed=seed, window=window)
+    per_epoch = [plan.steps_in_epoch(e, k) for e in range(3)]
+    assume(min(per_epoch) >= 1)
+    total = min(per_epoch[0] + per_epoch[1] + 1, 12)
+    stop = data.draw(st.integers(0, total))
+    with tempfile.TemporaryDirectory() as tmp:
+        n_rows = write_layout(Path(tmp), layout)
+        spec = spec_for(tmp, partitions=partitions, shuffle_window=window, seed=seed, prefetch_steps=2)
+        index = build_index(spec)
+        whole = make_world(spec, index, worlds[0], global_batch)
+        expected = take_steps(whole, total)
+        close(whole)
+
+        first = make_world(spec, index, worlds[0], global_batch)
+        got = take_steps(first, stop)
+        positions = [s.position() for s in first]
+        close(first)
+        assert all(p == positions[0] for p in positions)
+        second = make_world(spec, index, worlds[1], global_batch, positions[0])
+        got += take_steps(second, total - stop)
+        decoded = [s.decoded for s in second]
+        close(second)
+
+    assert got == expected
+    # within an epoch every sample appears once
+    epoch0 = [i for step in expected[: per_epoch[0]] for i in step]
+    assert len(epoch0) == len(set(epoch0)) and set(epoch0) <= set(range(n_rows))
+    # no row group is decoded by two ranks in one epoch
+    owners = {}
+    for rank, log in enumerate(decoded):
+        for epoch, g in log:
+            assert owners.setdefault((epoch, g), rank) == rank
 
 
-def test_targets_are_inputs_shifted():
-    batch = _stream(_rows()).next_batch()
-    assert batch["inputs"].shape == (2, 4)
-    assert (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
+def test_micro_batches_and_accumulation_split_the_same_step(tmp_path):
+    write_layout(tmp_path, [[8] * 6])
+    spec = spec_for(tmp_path, partitions=4)
+    index = build_index(spec)
+    plain = make_world(spec, index, 2, 8)
+    accum = make_world(spec, index, 2, 8, accum=2)
+    assert take_steps(plain, 5) == take_steps(accum, 5)
+    close(plain + accum)
 
 
-def test_same_seed_same_order_other_seed_other_order():
-    a = [_stream(_rows(), seed=1).next_batch()["inputs"] for _ in range(1)]
-    b = [_stream(_rows(), seed=1).next_batch()["inputs"] for _ in range(1)]
-    c = [_stream(_rows(), seed=2).next_batch()["inputs"] for _ in range(1)]
-    assert (a[0] == b[0]).all() and not (a[0] == c[0]).all()
+def test_batches_are_inputs_and_shifted_targets(corpus):
+    spec = DataSpec(paths=[str(corpus)], seq_len=16)
+    topo = Topology(rank=1, world_size=2, local_rank=1, device="cpu")
+    with open_stream(spec, topo, None, micro_batch_size=3, grad_accum_steps=1) as stream:
+        batch = stream.next_batch()
+        assert batch["inputs"].shape == batch["targets"].shape == (3, 16)
+        assert batch["inputs"].dtype == batch["targets"].dtype == torch.int64
+        assert (batch["targets"][:, :-1] == batch["inputs"][:, 1:]).all()
+        assert batch["inputs"].max() < 256
+        stats = stream.stats()
+        assert stats["buffered_bytes"] > 0 and stats["skipped_row_groups"] == 0
 
 
-def test_an_epoch_sees_every_row_once_and_carries_on():
-    s = _stream(_rows(n=10), micro=5)
-    assert sorted(_step_rows([s], 1) + _step_rows([s], 1)) == list(range(10))
-    assert sorted(_step_rows([s], 1) + _step_rows([s], 1)) == list(range(10))
+def test_variable_length_rows_are_cut_or_padded_and_padding_is_not_a_target(tmp_path):
+    col = pa.array([[1, 2, 3, 4, 5, 6, 7], [8, 9], [10, 11, 12]], type=pa.list_(pa.int64()))
+    pq.write_table(pa.table({"tokens": col}), tmp_path / "v.parquet")
+    spec = DataSpec(paths=[str(tmp_path)], seq_len=4, partitions=1, shuffle_window=1)
+    with Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=3, grad_accum_steps=1) as s:
+        b = s.next_batch()
+    rows = {int(r[0]): (r.tolist(), t.tolist()) for r, t in zip(b["inputs"], b["targets"], strict=True)}
+    assert rows[1] == ([1, 2, 3, 4], [2, 3, 4, 5])
+    assert rows[8] == ([8, 9, 0, 0], [9, -100, -100, -100])
+    assert rows[10] == ([10, 11, 12, 0], [11, 12, -100, -100])
 
 
-def test_ranks_split_each_step_without_overlap():
-    streams = [_stream(_rows(), rank=r, world=2, micro=3, accum=2) for r in range(2)]
-    got = _step_rows(streams, accum=2)
-    assert len(got) == len(set(got)) == 12
+def test_table_columns_become_a_dict_of_tensors_with_a_label(tmp_path):
+    x = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(24, dtype=np.float64)), 3)
+    table = pa.table({"x": x, "w": pa.array(np.arange(8), pa.int16()), "y": pa.array(np.arange(8) % 2)})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=4)
+    spec = DataSpec(paths=[str(tmp_path)], format="table", label="y", partitions=1)
+    with Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=2) as s:
+        batches = [s.next_batch() for _ in range(2)]
+    assert set(batches[0]) == {"x", "w", "label"}
+    assert batches[0]["x"].shape == (4, 3) and batches[0]["x"].dtype == torch.float32
+    seen = sorted(int(w) for b in batches for w in b["w"])
+    assert seen == list(range(8))
+    for b in batches:
+        assert ((b["x"][:, 0] / 3).long() == b["w"]).all() and ((b["w"] % 2) == b["label"]).all()
 
 
-def test_every_world_size_sees_the_same_samples_per_step():
-    rows = _rows(n=48)
-    one = [_stream(rows, world=1, micro=4, accum=3)]
-    two = [_stream(rows, rank=r, world=2, micro=2, accum=3) for r in range(2)]
-    four = [_stream(rows, rank=r, world=4, micro=1, accum=3) for r in range(4)]
-    for _ in range(5):
-        a = _step_rows(one, 3)
-        assert a == _step_rows(two, 3) == _step_rows(four, 3)
+# -- position ------------------------------------------------------------------------------------------
 
 
-def test_resume_from_position_continues_exactly():
-    rows = _rows()
-    full = _stream(rows, accum=2)
-    part = _stream(rows, accum=2)
-    for _ in range(3 * 2):
-        full.next_batch()
-        part.next_batch()
-    position = part.position()
-    assert position == {"seed": 0, "rows": 50, "sample": 12}
-    resumed = _stream(rows, accum=2, position=position)
-    for _ in range(10):
-        assert (full.next_batch()["inputs"] == resumed.next_batch()["inputs"]).all()
-
-
-def test_position_only_between_steps_and_checked_on_resume():
-    s = _stream(_rows(), accum=2)
+def test_position_only_between_steps_and_checked_on_resume(tmp_path):
+    write_layout(tmp_path, [[10] * 4])
+    spec = spec_for(tmp_path)
+    index = build_index(spec)
+    (s,) = make_world(spec, index, 1, 4, accum=2)
     s.next_batch()
     with pytest.raises(RuntimeError, match="between steps"):
         s.position()
+    s.next_batch()
+    position = s.position()
+    s.close()
+    assert position["epoch"] == 0 and position["offset"] == 4 and position["partitions"] == 1
     with pytest.raises(UserError, match="keep the seed"):
-        _stream(_rows(), seed=5, position={"seed": 0, "rows": 50, "sample": 4})
-    with pytest.raises(UserError, match="now holds 40 rows"):
-        _stream(_rows(n=40), position={"seed": 0, "rows": 50, "sample": 4})
+        make_world(spec_for(tmp_path, seed=5), index, 1, 4, position)
+    with pytest.raises(UserError, match="partition count is fixed"):
+        make_world(spec_for(tmp_path, partitions=2), index, 2, 4, position)
+    write_layout(tmp_path / "more", [[3]])
+    bigger = spec_for(tmp_path)
+    with pytest.raises(UserError, match=r"the data changed: it now holds 43 rows in 5 row groups, the checkpoint's 40"):
+        make_world(bigger, build_index(bigger), 1, 4, position)
 
 
-def _write(path, table):
-    pq.write_table(table, path)
-    return path
+def test_partition_count_is_checked_against_world_and_batch(tmp_path):
+    write_layout(tmp_path, [[10] * 4])
+    index = build_index(spec_for(tmp_path))
+    with pytest.raises(UserError, match=r"data.partitions \(3\) must be a multiple of the world size \(2\)"):
+        make_world(spec_for(tmp_path, partitions=3), index, 2, 6)
+    with pytest.raises(UserError, match=r"global batch \(6 = .*must be a multiple of data.partitions \(4\)"):
+        make_world(spec_for(tmp_path, partitions=4), index, 2, 6)
+    with pytest.raises(UserError, match="too few for one step"):
+        make_world(spec_for(tmp_path, partitions=4), index, 2, 48)
 
 
-def test_bad_files_are_named(tmp_path):
-    good = pa.table({"tokens": pa.array([[1, 2, 3, 4]] * 3, type=pa.list_(pa.int32()))})
-    _write(tmp_path / "a.parquet", good)
-    (tmp_path / "b.parquet").write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(UserError, match=r"b\.parquet: cannot read column 'tokens' as Parquet"):
-        read_token_rows([str(tmp_path)], "tokens", 4)
-
-
-def test_schema_problems_are_named(tmp_path):
-    strings = _write(tmp_path / "s.parquet", pa.table({"tokens": ["a", "b"]}))
-    with pytest.raises(UserError, match=r"s\.parquet: column 'tokens' is string, expected a list"):
-        read_token_rows([str(strings)], "tokens", 2)
-    with pytest.raises(UserError, match=r"s\.parquet: cannot read column 'text'"):
-        read_token_rows([str(strings)], "text", 2)
-    ragged = _write(tmp_path / "r.parquet", pa.table({"tokens": [[1, 2, 3], [1, 2]]}))
-    with pytest.raises(UserError, match=r"r\.parquet: rows of column 'tokens' have 2 to 3 tokens"):
-        read_token_rows([str(ragged)], "tokens", 2)
-    short = _write(tmp_path / "short.parquet", pa.table({"tokens": [[1, 2], [3, 4]]}))
-    with pytest.raises(UserError, match=r"short\.parquet: rows hold 2 tokens, fewer than"):
-        read_token_rows([str(short)], "tokens", 3)
+# -- bad data ------------------------------------------------------------------------------------------
 
 
 def test_missing_and_empty_paths(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        list_parquet([str(tmp_path / "nope")])
+    with pytest.raises(UserError, match="nope does not exist"):
+        build_index(spec_for(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no .parquet files"):
-        list_parquet([str(tmp_path / "empty")])
+        build_index(spec_for(tmp_path / "empty"))
 
 
-def test_open_reads_the_corpus(corpus):
-    spec = DataSpec(paths=[str(corpus)], seq_len=16)
-    topo = Topology(rank=1, world_size=2, local_rank=1, device="cpu")
-    stream = open_stream(spec, topo, None, micro_batch_size=3, grad_accum_steps=1)
-    batch = stream.next_batch()
-    assert batch["inputs"].shape == (3, 16)
-    assert batch["inputs"].max() < 256
+def test_corrupt_file_is_named_or_skipped_and_counted(tmp_path):
+    write_layout(tmp_path, [[10] * 4, [10] * 4])
+    (tmp_path / "part-999.parquet").write_bytes(b"PAR1 this is not parquet")
+    good = (tmp_path / "part-000.parquet").read_bytes()
+    (tmp_path / "part-500.parquet").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(UserError, match=r"part-500\.parquet: not a readable Parquet file"):
+        build_index(spec_for(tmp_path))
+    lines = []
+    index = build_index(spec_for(tmp_path, on_bad_file="skip"), emit=lines.append)
+    assert index.rows == 80 and [Path(n).name for n, _ in index.skipped] == ["part-500.parquet",
+                                                                            "part-999.parquet"]
+    assert lines[-1] == "data.on_bad_file: skip left out 2 of 4 files"
+
+
+def test_wrong_schema_is_named(tmp_path):
+    write_layout(tmp_path, [[10]])
+    pq.write_table(pa.table({"tokens": ["a", "b"]}), tmp_path / "strings.parquet")
+    with pytest.raises(UserError, match=r"strings\.parquet: column 'tokens' is string, expected a list"):
+        build_index(spec_for(tmp_path))
+    with pytest.raises(UserError, match=r"part-000\.parquet: has no column 'text'"):
+        build_index(DataSpec(paths=[str(tmp_path / "part-000.parquet")], column="text", seq_len=4))
+    (tmp_path / "strings.parquet").unlink()
+    pq.write_table(pa.table({"tokens": pa.array([[1] * 5], pa.list_(pa.int64()))}), tmp_path / "x.parquet")
+    with pytest.raises(UserError, match=r"x\.parquet: column 'tokens' is list<element: int64>, but the files "
+                                        r"before it have fixed_size_list"):
+        build_index(spec_for(tmp_path))
+    index = build_index(spec_for(tmp_path, on_bad_file="skip"))
+    assert index.rows == 10 and len(index.skipped) == 1
+    with pytest.raises(UserError, match=r"rows of column 'tokens' hold 5 tokens, fewer than data.seq_len \+ 1 = 9"):
+        build_index(DataSpec(paths=[str(tmp_path / "part-000.parquet")], seq_len=8))
+
+
+def _corrupt_second_row_group(path: Path) -> None:
+    """Overwrite the data pages of row group 1, keeping the footer: the file opens, that group fails."""
+    meta = pq.read_metadata(path)
+    col = meta.row_group(1).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_row_group_is_named_when_met_or_skipped_as_padding(tmp_path):
+    write_layout(tmp_path, [[10, 10, 10, 10]])
+    _corrupt_second_row_group(tmp_path / "part-000.parquet")
+    spec = spec_for(tmp_path, partitions=1, shuffle_window=40)
+    (s,) = make_world(spec, build_index(spec), 1, 40)
+    with pytest.raises(UserError, match=r"part-000\.parquet row group 1: cannot be read"):
+        s.next_batch()
+    s.close()
+    lines = []
+    skip = spec_for(tmp_path, partitions=1, shuffle_window=40, on_bad_file="skip")
+    s = Stream(skip, build_index(skip), rank=0, world_size=1, micro_batch_size=40, grad_accum_steps=1,
+               log=lines.append)
+    batch = s.next_batch()
+    s.close()
+    padded = (batch["targets"] == -100).all(dim=1)
+    assert int(padded.sum()) == 10 and s.stats()["skipped_row_groups"] == 1
+    assert "part-000.parquet row group 1: cannot be read" in lines[0]
+    assert sorted(batch["inputs"][~padded][:, 0].tolist()) == [i for i in range(40) if not 10 <= i < 20]
+
+
+def test_a_worker_error_reaches_the_loop_and_stops_the_threads(tmp_path):
+    write_layout(tmp_path, [[10, 10]])
+    spec = spec_for(tmp_path, partitions=1)
+    index = build_index(spec)
+    (tmp_path / "part-000.parquet").unlink()
+    (s,) = make_world(spec, index, 1, 4)
+    with pytest.raises(UserError, match=r"part-000\.parquet row group \d: cannot be read"):
+        s.next_batch()
+    assert not s._producer.is_alive()
+
+
+def test_steps_per_epoch_and_epoch_remainder(tmp_path):
+    write_layout(tmp_path, [[7] * 6])
+    spec = spec_for(tmp_path, partitions=2)
+    (s,) = make_world(spec, build_index(spec), 1, 4)
+    # 42 rows in groups of 7 -> partitions of 21 rows; 2 samples from each per step -> 10 steps
+    assert s.steps_per_epoch() == 10 == math.floor(21 / 2)
+    s.close()

@@ -1,0 +1,219 @@
+"""The data index: every Parquet file, its row groups and row counts, read once (in parallel) per run.
+
+The driver builds the index before any cluster resource is taken (so a missing, corrupt or
+mismatching file is named up front) and hands it to the workers as a plain dict; a restarted worker
+group gets the same dict, so file footers are read once per run, not once per rank and restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from shardrun.config import DataSpec
+from shardrun.errors import UserError
+
+METADATA_THREADS = 16
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's native filesystem for a local path or a URI (abfs://, s3://, ...)."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise UserError(f"{path}: cannot open this storage location ({e})") from None
+    return pafs.LocalFileSystem(), path
+
+
+def display_path(source: str, fs_path: str) -> str:
+    """A file's name as the user would write it: the URI's scheme and host kept for remote files."""
+    if "://" not in source:
+        return fs_path
+    scheme = source.split("://", 1)[0]
+    return f"{scheme}://{fs_path}"
+
+
+def list_parquet(paths: list[str]) -> list[tuple[int, str]]:
+    """(index of the source in paths, filesystem path) of every Parquet file, in a stable order."""
+    files = []
+    for i, path in enumerate(paths):
+        fs, root = filesystem(path)
+        try:
+            info = fs.get_file_info(root)
+            if info.type == pafs.FileType.NotFound:
+                raise UserError(f"data.paths: {path} does not exist")
+            if info.type == pafs.FileType.File:
+                files.append((i, root))
+                continue
+            found = sorted(
+                f.path
+                for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+                if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+            )
+        except OSError as e:
+            raise UserError(f"data.paths: cannot list {path}: {e}") from None
+        if not found:
+            raise UserError(f"data.paths: {path} holds no .parquet files")
+        files.extend((i, f) for f in found)
+    return files
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    source: int
+    """Index into DataSpec.paths (its filesystem opens this file)."""
+    path: str
+    """Path inside that filesystem."""
+    name: str
+    """The file as the user knows it (for messages)."""
+    size: int
+    """Bytes on storage."""
+    row_groups: list[int]
+    """Rows of each row group."""
+
+
+@dataclass
+class DataIndex:
+    paths: list[str]
+    files: list[FileEntry]
+    schema: dict[str, str]
+    """Column name -> Arrow type, for the columns the run reads."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(file, why) of files left out under on_bad_file: skip."""
+
+    def __post_init__(self):
+        self.files = [f if isinstance(f, FileEntry) else FileEntry(**f) for f in self.files]
+        self.skipped = [tuple(s) for s in self.skipped]
+        # row group g of the run: file rg_file[g], its row group rg_index[g], rg_rows[g] rows
+        pairs = [(fi, j, n) for fi, f in enumerate(self.files) for j, n in enumerate(f.row_groups) if n]
+        arr = np.array(pairs, dtype=np.int64).reshape(-1, 3)
+        self.rg_file, self.rg_index, self.rg_rows = arr[:, 0], arr[:, 1], arr[:, 2]
+
+    @property
+    def rows(self) -> int:
+        return int(self.rg_rows.sum())
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self.rg_rows)
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes when the files' row groups change (the sample order depends on them)."""
+        h = hashlib.sha256(self.rg_rows.astype("<i8").tobytes())
+        h.update(str(len(self.files)).encode())
+        return h.hexdigest()[:16]
+
+    def describe(self, g: int) -> str:
+        """Row group g as the user can find it: file and row group number."""
+        return f"{self.files[self.rg_file[g]].name} row group {self.rg_index[g]}"
+
+    def to_dict(self) -> dict:
+        return {"paths": self.paths, "files": [asdict(f) for f in self.files],
+                "schema": self.schema, "skipped": [list(s) for s in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataIndex:
+        return cls(**d)
+
+
+def build(spec: DataSpec, emit=None) -> DataIndex:
+    """Read every file's footer (in parallel), check the schema, and index the row groups."""
+    listed = list_parquet(spec.paths)
+    filesystems = [filesystem(p)[0] for p in spec.paths]
+    wanted = _wanted_columns(spec)
+
+    def read(item):
+        source, path = item
+        name = display_path(spec.paths[source], path)
+        try:
+            fs = filesystems[source]
+            size = fs.get_file_info(path).size
+            meta = pq.read_metadata(path, filesystem=fs)
+            schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError) as e:
+            return name, f"not a readable Parquet file ({_first_line(e)})"
+        row_groups = [meta.row_group(j).num_rows for j in range(meta.num_row_groups)]
+        return FileEntry(source, path, name, size, row_groups), schema
+
+    with ThreadPoolExecutor(min(METADATA_THREADS, max(1, len(listed)))) as pool:
+        results = list(pool.map(read, listed))
+
+    files, skipped, types = [], [], {}
+    for entry, schema_or_error in results:
+        if isinstance(entry, str):
+            problem = (entry, schema_or_error)
+        else:
+            problem = _check_schema(spec, entry.name, schema_or_error, wanted, types)
+        if problem is None:
+            files.append(entry)
+        elif spec.on_bad_file == "skip":
+            skipped.append(problem)
+        else:
+            raise UserError(f"{problem[0]}: {problem[1]} (data.on_bad_file: skip leaves it out)")
+    if skipped and emit:
+        for name, why in skipped:
+            emit(f"skipping {name}: {why}")
+        emit(f"data.on_bad_file: skip left out {len(skipped)} of {len(listed)} files")
+    index = DataIndex(list(spec.paths), files, {c: str(t) for c, t in types.items()}, skipped)
+    if index.rows == 0:
+        raise UserError(f"data.paths: the Parquet files in {', '.join(spec.paths)} hold no rows")
+    return index
+
+
+def _wanted_columns(spec: DataSpec) -> list[str] | None:
+    if spec.format == "tokens":
+        return [spec.column]
+    if spec.columns is None:
+        return None  # every column
+    return list(spec.columns) + ([spec.label] if spec.label else [])
+
+
+def _check_schema(spec: DataSpec, name: str, schema: pa.Schema, wanted: list[str] | None,
+                  types: dict[str, pa.DataType]) -> tuple[str, str] | None:
+    """(file, problem) if this file's schema does not fit the spec or the files before it."""
+    columns = wanted if wanted is not None else list(schema.names)
+    if spec.label and spec.label not in columns:
+        columns.append(spec.label)
+    for col in columns:
+        if col not in schema.names:
+            return name, f"has no column {col!r} (columns: {', '.join(schema.names)})"
+        t = schema.field(col).type
+        problem = _type_problem(spec, col, t)
+        if problem:
+            return name, problem
+        if col in types and types[col] != t:
+            return name, f"column {col!r} is {t}, but the files before it have {types[col]}"
+    for col in columns:
+        types.setdefault(col, schema.field(col).type)
+    return None
+
+
+def _type_problem(spec: DataSpec, col: str, t: pa.DataType) -> str | None:
+    if spec.format == "tokens":
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
+                or not pa.types.is_integer(t.value_type):
+            return f"column {col!r} is {t}, expected a list of integer token ids"
+        if pa.types.is_fixed_size_list(t) and t.list_size < spec.seq_len + 1:
+            return (f"rows of column {col!r} hold {t.list_size} tokens, fewer than "
+                    f"data.seq_len + 1 = {spec.seq_len + 1}")
+        return None
+    base = t.value_type if pa.types.is_fixed_size_list(t) else t
+    if not (pa.types.is_integer(base) or pa.types.is_floating(base) or pa.types.is_boolean(base)):
+        return f"column {col!r} is {t}; table columns must be numbers, booleans or fixed-size lists of them"
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

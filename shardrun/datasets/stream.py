@@ -1,0 +1,291 @@
+"""Stream: one rank's batches of the global sample order, decoded ahead in the background.
+
+A producer thread walks the plan step by step for the partitions this rank owns, decodes the row
+groups of the current and the next shuffle window on a small thread pool, gathers each step's rows
+and queues them as torch tensors (at most `prefetch_steps` steps ahead). The loop takes micro-batches
+from the queue; the position (epoch, samples taken from every partition) advances only when a whole
+step has been taken, so a checkpoint saved between steps resumes with exactly the next sample.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from shardrun.config import DataSpec, check_partitions
+from shardrun.datasets.index import DataIndex
+from shardrun.datasets.plan import Plan
+from shardrun.datasets.reader import PAD, BadRowGroup, RowGroupReader
+from shardrun.errors import UserError
+
+POSITION_VERSION = 1
+IGNORE_INDEX = -100
+"""Targets with this value are left out of the loss (torch's cross_entropy default)."""
+
+
+class Stream:
+    def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
+                 micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
+                 device: str = "cpu", log=None):
+        self.spec = spec
+        self.index = index
+        self.rank = rank
+        self.world_size = world_size
+        self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.device = torch.device(device)
+        self._log = log or (lambda line: print(f"[shardrun] {line}", file=sys.stderr, flush=True))
+
+        partitions = spec.partitions or (position or {}).get("partitions") or world_size
+        self.epoch, self.offset = 0, 0
+        if position:
+            partitions = self._check_position(position, partitions)
+        check_partitions(partitions, world_size, self.global_batch)
+        self.partitions = partitions
+        self.per_partition = self.global_batch // partitions
+        self.owned = list(range(rank, partitions, world_size))
+        self.plan = Plan(index.rg_rows, partitions=partitions, seed=spec.seed, window=spec.shuffle_window)
+        if self.plan.steps_in_epoch(self.epoch, self.per_partition, self.offset) < 1 and self.offset == 0:
+            raise UserError(self._too_small(self.epoch))
+
+        self.reader = RowGroupReader(spec, index)
+        self.skipped_row_groups: list[str] = []
+        self.decoded: list[tuple[int, int]] = []
+        """(epoch, row group) of every decode this rank started (tests check no two ranks share one)."""
+        self.wait_seconds = 0.0
+        """Time the loop spent waiting for data."""
+        self._queue: queue.Queue = queue.Queue(maxsize=spec.prefetch_steps)
+        self._pool = ThreadPoolExecutor(spec.read_threads, thread_name_prefix=f"shardrun-read{rank}")
+        self._cache: dict[int, Future] = {}
+        self._cache_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._producer: threading.Thread | None = None
+        self._current: list[dict[str, torch.Tensor]] = []
+        self._current_position: tuple[int, int] | None = None
+        self._step_bytes = 0
+
+    # -- position --------------------------------------------------------------------------------
+
+    def position(self) -> dict:
+        """Where the next step starts: a small dict for the checkpoint."""
+        if self._current:
+            raise RuntimeError("the stream position is only defined between steps")
+        return {"version": POSITION_VERSION, "seed": self.spec.seed, "partitions": self.partitions,
+                "rows": self.index.rows, "row_groups": self.index.num_row_groups,
+                "fingerprint": self.index.fingerprint, "epoch": self.epoch, "offset": self.offset}
+
+    def _check_position(self, position: dict, partitions: int) -> int:
+        if position.get("version") != POSITION_VERSION:
+            raise UserError(f"the checkpoint's data position {position} is from another version of "
+                            "shardrun's stream; start over with --fresh")
+        if position["seed"] != self.spec.seed:
+            raise UserError(f"data.seed is {self.spec.seed} but the checkpoint's stream used seed "
+                            f"{position['seed']}; keep the seed to resume, or start over with --fresh")
+        if position["fingerprint"] != self.index.fingerprint:
+            raise UserError(
+                f"the data changed: it now holds {self.index.rows} rows in {self.index.num_row_groups} "
+                f"row groups, the checkpoint's {position['rows']} rows in {position['row_groups']}; "
+                "resume on the same files, or start over with --fresh")
+        if self.spec.partitions and self.spec.partitions != position["partitions"]:
+            raise UserError(f"data.partitions is {self.spec.partitions} but the run started with "
+                            f"{position['partitions']}; the partition count is fixed for a run")
+        self.epoch, self.offset = int(position["epoch"]), int(position["offset"])
+        return int(position["partitions"])
+
+    def _too_small(self, epoch: int) -> str:
+        rows = self.plan.partition_rows(epoch)
+        return (f"data.paths: {self.index.rows} rows in {self.index.num_row_groups} row groups make "
+                f"partitions of {min(rows)} to {max(rows)} rows, too few for one step, which takes "
+                f"{self.per_partition} from each of {self.partitions} partitions; use more data, smaller "
+                "row groups, or fewer data.partitions")
+
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_in_epoch(self.epoch, self.per_partition)
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's next micro-batch."""
+        if not self._current:
+            self._start()
+            t0 = time.perf_counter()
+            item = self._queue.get()
+            self.wait_seconds += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            self._current, self._current_position = item
+        batch = self._current.pop(0)
+        if not self._current:
+            self.epoch, self.offset = self._current_position
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch
+
+    def stats(self) -> dict:
+        """Numbers for metrics: queued steps, bytes held, wait time, what was skipped."""
+        with self._cache_lock:
+            futures = list(self._cache.values())
+        held = sum(_nbytes(f.result()) for f in futures if f.done() and not f.exception())
+        queued = self._queue.qsize()
+        return {"queue_depth": queued, "buffered_bytes": held + queued * self._step_bytes,
+                "wait_seconds": self.wait_seconds,
+                "skipped_files": len(self.index.skipped),
+                "skipped_row_groups": len(self.skipped_row_groups)}
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._producer is not None:
+            while self._producer.is_alive():
+                try:  # unblock a producer waiting on a full queue
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+                self._producer.join(timeout=0.05)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._cache.clear()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- producing -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._producer is None:
+            self._producer = threading.Thread(target=self._produce, name=f"shardrun-data{self.rank}",
+                                              daemon=True)
+            self._producer.start()
+
+    def _produce(self) -> None:
+        epoch, offset = self.epoch, self.offset
+        try:
+            while not self._stop.is_set():
+                if self.plan.steps_in_epoch(epoch, self.per_partition, offset) < 1:
+                    epoch, offset = epoch + 1, 0
+                    if self.plan.steps_in_epoch(epoch, self.per_partition) < 1:
+                        raise UserError(self._too_small(epoch))
+                micro = self._make_step(epoch, offset)
+                self._put((micro, (epoch, offset + self.per_partition)))
+                offset += self.per_partition
+        except BaseException as e:  # handed to the loop, raised there
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _make_step(self, epoch: int, offset: int) -> list[dict[str, torch.Tensor]]:
+        self._read_ahead(epoch, offset)
+        parts = []
+        for p in self.owned:
+            groups, rows = self.plan.samples(epoch, p, offset, self.per_partition)
+            parts.append(self._gather(groups, rows))
+        if self.spec.format == "tokens":
+            rows = np.concatenate(parts)
+            self._step_bytes = rows.size * 8  # as int64 tensors
+            return self._token_micro_batches(rows)
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        self._step_bytes = sum(v.nbytes for v in cols.values())
+        return self._table_micro_batches(cols)
+
+    def _read_ahead(self, epoch: int, offset: int) -> None:
+        """Decode the row groups of this step's windows and of the windows after them; drop the rest."""
+        window = self.plan.window
+        wanted: list[tuple[int, int]] = []
+        for p in self.owned:
+            first, last = offset // window, (offset + self.per_partition - 1) // window
+            for w in range(first, last + 2):
+                e, ww = epoch, w
+                if ww * window >= self.plan.steps_in_epoch(epoch, self.per_partition) * self.per_partition:
+                    e, ww = epoch + 1, w - last - 1  # the next epoch's first window
+                wanted.extend((e, int(g)) for g in self.plan.window_groups(e, p, ww))
+        keep = set()
+        with self._cache_lock:
+            for e, g in wanted:
+                keep.add(g)
+                if g not in self._cache:
+                    self.decoded.append((e, g))
+                    self._cache[g] = self._pool.submit(self.reader.read, g)
+            for g in [g for g in self._cache if g not in keep]:
+                del self._cache[g]
+
+    def _gather(self, groups: np.ndarray, rows: np.ndarray):
+        """The rows (groups[i], rows[i]) from decoded row groups, in order."""
+        n, out = len(groups), None
+        if self.spec.format == "tokens":
+            out = np.empty((n, self.spec.seq_len + 1), dtype=np.int32)
+        for g in np.unique(groups).tolist():
+            data = self._decoded(g)
+            sel = np.flatnonzero(groups == g)
+            if data is None:  # skipped: token rows of padding only (left out of the loss)
+                if out is None or isinstance(out, dict):
+                    raise UserError(f"{self.index.describe(g)} is unreadable, and table rows cannot "
+                                    "be padded; fix or remove the file")
+                out[sel] = PAD
+            elif isinstance(data, dict):
+                if out is None:
+                    out = {k: np.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in data.items()}
+                for k, v in data.items():
+                    out[k][sel] = v[rows[sel]]
+            else:
+                out[sel] = data[rows[sel]]
+        return out
+
+    def _decoded(self, g: int):
+        with self._cache_lock:
+            future = self._cache.get(g)
+            if future is None:  # not read ahead: read now
+                future = self._cache[g] = self._pool.submit(self.reader.read, g)
+        try:
+            return future.result()
+        except BadRowGroup as e:
+            if self.spec.on_bad_file != "skip":
+                raise UserError(f"{e} (data.on_bad_file: skip leaves it out)") from None
+            if str(e) not in self.skipped_row_groups:
+                self.skipped_row_groups.append(str(e))
+                self._log(f"skipping {e}; its rows are padding, left out of the loss "
+                          f"({len(self.skipped_row_groups)} row groups skipped so far)")
+            return None
+
+    def _token_micro_batches(self, rows: np.ndarray) -> list[dict[str, torch.Tensor]]:
+        t = torch.from_numpy(rows).long()
+        inputs, targets = t[:, :-1], t[:, 1:]
+        if (rows == PAD).any():
+            inputs = inputs.clamp(min=0)
+            targets = targets.masked_fill(targets == PAD, IGNORE_INDEX)
+        pin = self.device.type == "cuda"
+        out = []
+        for m in range(self.grad_accum_steps):
+            sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
+            batch = {"inputs": inputs[sl], "targets": targets[sl]}
+            out.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+        return out
+
+    def _table_micro_batches(self, cols: dict[str, np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        label = self.spec.label
+        out = []
+        for m in range(self.grad_accum_steps):
+            sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
+            out.append({("label" if k == label else k): torch.from_numpy(v[sl]) for k, v in cols.items()})
+        return out
+
+
+def _nbytes(data) -> int:
+    if data is None:
+        return 0
+    arrays = data.values() if isinstance(data, dict) else [data]
+    return sum((a.base if isinstance(a.base, np.ndarray) else a).nbytes for a in arrays)
