@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -44,13 +45,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command",
                                                                    required=True)
-    p = data.add_parser("prepare-text", help="text files to byte-level token Parquet shards")
+    p = data.add_parser("prepare-text", help="text files to token Parquet shards (bytes or a tokenizer.json)")
     p.add_argument("sources", nargs="*", help="text files or directories")
     p.add_argument("--python-stdlib", action="store_true",
                    help="use this Python's standard-library sources as the text")
     p.add_argument("--out", required=True, help="output directory (must not exist)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence")
     p.add_argument("--max-mb", type=float, default=None, help="read at most this many MB")
+    p.add_argument("--tokenizer", metavar="PATH", default=None,
+                   help="a Hugging Face tokenizers tokenizer.json (default: one token per byte)")
+    # Defaults are prepare_text's (a unit test holds them equal); importing it here would load the
+    # data stack for every command.
+    p.add_argument("--rows-per-file", type=int, default=4096, metavar="N",
+                   help="rows in each Parquet file (default %(default)s)")
+    p.add_argument("--row-group-rows", type=int, default=512, metavar="N",
+                   help="rows in each row group, the unit ranks read (default %(default)s)")
+    p.add_argument("--compression", choices=("none", "snappy", "zstd", "lz4", "gzip"), default="zstd",
+                   help="Parquet compression (default %(default)s)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="at most N processes tokenize and write (default: the CPUs); small inputs stay in this one")
     return parser
 
 
@@ -120,14 +133,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare_text(args: argparse.Namespace) -> int:
     from shardrun.datasets import prepare
 
-    if args.seq_len < 1:
-        raise UserError(f"--seq-len must be at least 1 (got {args.seq_len})")
     if bool(args.sources) == args.python_stdlib:
         raise UserError("give text files or directories, or --python-stdlib (one of the two)")
     max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
     sources = prepare.stdlib_sources() if args.python_stdlib else args.sources
-    files = prepare.prepare_text(sources, Path(args.out), args.seq_len, max_bytes)
-    _emit(f"wrote {len(files)} Parquet shards to {args.out}")
+    started = time.perf_counter()
+    files = prepare.prepare_text(sources, Path(args.out), args.seq_len, max_bytes, tokenizer=args.tokenizer,
+                                 rows_per_file=args.rows_per_file, row_group_rows=args.row_group_rows,
+                                 compression=args.compression, workers=args.workers)
+    seconds = time.perf_counter() - started
+    done = prepare.summarize(files)
+    _emit(f"wrote {done.files} Parquet shards to {args.out}: {done.rows:,} rows, {done.tokens:,} tokens, "
+          f"{done.bytes_on_disk / 1e6:,.1f} MB on disk, {seconds:.1f} s")
     return 0
 
 

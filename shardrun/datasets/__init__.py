@@ -1,11 +1,28 @@
-"""Arrow/Parquet data for the workers: `open(spec, topology, position)` gives a rank its stream."""
+"""Arrow/Parquet data for the workers: `open(spec, topology, position)` gives a rank its stream.
+
+Submodules are imported on first use, so that `shardrun.datasets.prepare` (and its process-pool
+workers) does not pay for importing torch.
+"""
 
 from __future__ import annotations
 
-from shardrun.config import DataSpec
-from shardrun.datasets.index import DataIndex
-from shardrun.datasets.index import build as build_index
-from shardrun.datasets.stream import Stream
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shardrun.config import DataSpec
+    from shardrun.datasets.index import DataIndex
+    from shardrun.datasets.stream import Stream
+
+_LAZY = {"DataIndex": "shardrun.datasets.index", "build_index": "shardrun.datasets.index",
+         "Stream": "shardrun.datasets.stream"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, "build" if name == "build_index" else name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: int,  # noqa: A001
@@ -15,8 +32,11 @@ def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: i
     `index` is the run's data index (built once by the driver); without it this rank reads the
     file footers itself.
     """
+    from shardrun.datasets.index import DataIndex, build
+    from shardrun.datasets.stream import Stream
+
     if index is None:
-        index = build_index(spec)
+        index = build(spec)
     elif isinstance(index, dict):
         index = DataIndex.from_dict(index)
     return Stream(spec, index, rank=topology.rank, world_size=topology.world_size,
