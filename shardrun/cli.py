@@ -64,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Parquet compression (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="at most N processes tokenize and write (default: the CPUs); small inputs stay in this one")
+
+    p = data.add_parser("inspect", help="files, rows, row groups, schema, bytes and steps per epoch")
+    p.add_argument("paths", nargs="+", metavar="URI", help="Parquet files or directories (path, abfs://, s3://)")
+    p.add_argument("--column", default="tokens", help="token column to check (default %(default)s)")
+    p.add_argument("--table", action="store_true", help="tabular data: check every column is numeric")
+    p.add_argument("--global-batch", type=int, default=None, metavar="N",
+                   help="samples per optimizer step, all ranks: print the steps per epoch")
+    p.add_argument("--partitions", type=int, default=None, metavar="P",
+                   help="data.partitions for the steps per epoch (default 1)")
     return parser
 
 
@@ -95,6 +104,10 @@ def ensure_data(spec: config.JobSpec) -> dict:
                                int(spec.data.prepare.max_mb * 1e6))
         _emit(f"wrote {len(files)} Parquet shards")
     index = build_index(spec.data, emit=_emit)
+    vocab = index.vocab_size
+    if spec.model.type == "gpt" and vocab and vocab > spec.model.vocab_size:
+        raise UserError(f"data.paths: the shards' token ids go up to {vocab - 1} (their tokenizer's vocabulary), "
+                        f"but model.vocab_size is {spec.model.vocab_size}; set model.vocab_size: {vocab}")
     _emit(summary(index, spec.global_batch, spec.data.partitions or spec.scaling.num_workers))
     return index.to_dict()
 
@@ -148,12 +161,31 @@ def cmd_prepare_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from shardrun.datasets import build_index
+    from shardrun.datasets.inspect import report
+
+    if args.global_batch is not None and args.global_batch < 1:
+        raise UserError(f"--global-batch must be at least 1 (got {args.global_batch})")
+    partitions = args.partitions or 1
+    if args.global_batch and args.global_batch % partitions:
+        config.check_partitions(partitions, 1, args.global_batch)
+    try:
+        spec = (config.DataSpec(paths=args.paths, format="table") if args.table
+                else config.DataSpec(paths=args.paths, column=args.column, seq_len=1, on_bad_file="skip"))
+    except config.ValidationError as e:
+        raise UserError(config.format_errors(e, "shardrun data inspect")) from None
+    print(report(build_index(spec), args.global_batch, partitions))
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check}
+DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = cmd_prepare_text if args.command == "data" else COMMANDS[args.command]
+    handler = DATA_COMMANDS[args.data_command] if args.command == "data" else COMMANDS[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -87,6 +87,8 @@ class DataIndex:
     """Column name -> Arrow type, for the columns the run reads."""
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(file, why) of files left out under on_bad_file: skip."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The first file's `shardrun.*` Parquet metadata (tokenizer, vocab_size, seq_len), if any."""
 
     def __post_init__(self):
         self.files = [f if isinstance(f, FileEntry) else FileEntry(**f) for f in self.files]
@@ -121,7 +123,13 @@ class DataIndex:
 
     def to_dict(self) -> dict:
         return {"paths": self.paths, "files": [asdict(f) for f in self.files],
-                "schema": self.schema, "skipped": [list(s) for s in self.skipped]}
+                "schema": self.schema, "skipped": [list(s) for s in self.skipped], "metadata": self.metadata}
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids are below this (from `shardrun data prepare-text`'s metadata), if known."""
+        value = self.metadata.get("shardrun.vocab_size")
+        return int(value) if value and value.isdigit() else None
 
     @classmethod
     def from_dict(cls, d: dict) -> DataIndex:
@@ -150,7 +158,7 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
     with ThreadPoolExecutor(min(METADATA_THREADS, max(1, len(listed)))) as pool:
         results = list(pool.map(read, listed))
 
-    files, skipped, types = [], [], {}
+    files, skipped, types, metadata = [], [], {}, {}
     for entry, schema_or_error in results:
         if isinstance(entry, str):
             problem = (entry, schema_or_error)
@@ -158,6 +166,9 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
             problem = _check_schema(spec, entry.name, schema_or_error, wanted, types)
         if problem is None:
             files.append(entry)
+            if len(files) == 1:
+                metadata = {k.decode(): v.decode(errors="replace")
+                            for k, v in (schema_or_error.metadata or {}).items() if k.startswith(b"shardrun.")}
         elif spec.on_bad_file == "skip":
             skipped.append(problem)
         else:
@@ -166,7 +177,7 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
         for name, why in skipped:
             emit(f"skipping {name}: {why}")
         emit(f"data.on_bad_file: skip left out {len(skipped)} of {len(listed)} files")
-    index = DataIndex(list(spec.paths), files, {c: str(t) for c, t in types.items()}, skipped)
+    index = DataIndex(list(spec.paths), files, {c: str(t) for c, t in types.items()}, skipped, metadata)
     if index.rows == 0:
         raise UserError(f"data.paths: the Parquet files in {', '.join(spec.paths)} hold no rows")
     return index

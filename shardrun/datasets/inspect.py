@@ -35,6 +35,9 @@ def report(index: DataIndex, global_batch: int | None, partitions: int | None, *
         f"({sizes.min():,} to {sizes.max():,} rows each), {index.bytes / 1e6:,.1f} MB",
         "schema: " + ", ".join(f"{c}: {t}" for c, t in index.schema.items()),
     ]
+    if index.metadata:
+        lines.append("written by shardrun: " + ", ".join(f"{k.removeprefix('shardrun.')} {v}"
+                                                         for k, v in index.metadata.items()))
     for name, why in index.skipped:
         lines.append(f"skipped: {name}: {why}")
     if global_batch:

@@ -300,3 +300,30 @@ def test_steps_per_epoch_and_epoch_remainder(tmp_path):
     # 42 rows in groups of 7 -> partitions of 21 rows; 2 samples from each per step -> 10 steps
     assert s.steps_per_epoch() == 10 == math.floor(21 / 2)
     s.close()
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+
+def test_data_inspect_prints_files_schema_and_steps(corpus, capsys):
+    from shardrun import cli
+
+    assert cli.main(["data", "inspect", str(corpus), "--global-batch", "64", "--partitions", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "part-00000.parquet" in out and "schema: tokens: fixed_size_list<element: int32>[33]" in out
+    assert "written by shardrun: tokenizer bytes, vocab_size 256, seq_len 32" in out
+    index = build_index(DataSpec(paths=[str(corpus)], seq_len=32))
+    steps = Plan(index.rg_rows, partitions=2, seed=0, window=8192).steps_in_epoch(0, 32)
+    assert f"steps per epoch: {steps:,} at a global batch of 64 over 2 partitions" in out
+    assert cli.main(["data", "inspect", str(corpus), "--global-batch", "63", "--partitions", "2"]) == 2
+    assert "must be a multiple of data.partitions (2)" in capsys.readouterr().err
+
+
+def test_run_refuses_a_model_smaller_than_the_data_vocabulary(tmp_path, corpus, capsys):
+    from shardrun import cli
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: v\nmodel: {{vocab_size: 100, block_size: 32}}\ndata: {{paths: [{corpus}], seq_len: 32}}\n"
+                    f"run: {{max_steps: 1}}\ncheckpoint: {{storage: {tmp_path}}}\n")
+    assert cli.main(["train", str(spec)]) == 2
+    assert "token ids go up to 255" in capsys.readouterr().err and not (tmp_path / "v").exists()
