@@ -3,17 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Azurite (the Azure Blob emulator the abfs:// tests start) comes from npm, kept inside the repo.
+AZURITE_VERSION := 3.37.0
+TOOLS := .tools
+AZURITE := $(TOOLS)/.azurite-$(AZURITE_VERSION)
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept here between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shardrun/torch_extensions
 
 .PHONY: setup demo test lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(AZURITE)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(AZURITE):
+	@command -v npm >/dev/null || { echo "make: npm (Node.js 18 or newer) is needed to install Azurite $(AZURITE_VERSION) for the tests" >&2; exit 1; }
+	npm install --prefix $(TOOLS) --no-audit --no-fund --ignore-scripts --loglevel=error azurite@$(AZURITE_VERSION)
+	test -x $(TOOLS)/node_modules/.bin/azurite-blob
+	touch $@
 
 demo: setup
 	$(BIN)/shardrun run examples/gpt-stdlib.yaml --fresh
@@ -25,4 +35,4 @@ lint: setup
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TOOLS) build *.egg-info .pytest_cache

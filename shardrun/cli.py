@@ -11,13 +11,13 @@ import traceback
 from pathlib import Path
 
 from shardrun import config
-from shardrun.errors import UserError
+from shardrun.errors import UserError, redact
 
 EXIT_USER_ERROR = 2
 
 
 def _emit(line: str) -> None:
-    print(f"[shardrun] {line}", flush=True)
+    print(f"[shardrun] {redact(line)}", flush=True)
 
 
 def _add_spec_args(p: argparse.ArgumentParser, *, fresh: bool = False) -> None:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             traceback.print_exc()
-        print(f"shardrun: error: {e}", file=sys.stderr)
+        print(f"shardrun: error: {redact(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("shardrun: interrupted", file=sys.stderr)
@@ -199,5 +199,5 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # training failed: the cause in one line, the rest with --debug
         if args.debug:
             traceback.print_exc()
-        print(f"shardrun: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"shardrun: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
         return 1

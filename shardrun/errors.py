@@ -1,5 +1,20 @@
 """Errors that are the user's to fix: printed as one line, exit status 2."""
 
+import re
+
 
 class UserError(Exception):
     """Bad input (job spec, data, storage, address): the message says what, where and the fix."""
+
+
+_SECRETS = [
+    (re.compile(r"\b(sig|client_secret|secret|token|x-amz-signature)=[^&\s'\"]+", re.IGNORECASE), r"\1=***"),
+    (re.compile(r"(://[^/:@\s]+):[^@/\s]+@"), r"\1:***@"),  # s3://KEY:SECRET@bucket
+]
+
+
+def redact(text: str) -> str:
+    """Text with the secrets of storage URIs (SAS signatures, keys in the user part) masked."""
+    for pattern, repl in _SECRETS:
+        text = pattern.sub(repl, text)
+    return text

@@ -22,7 +22,7 @@ from shardrun.config import DataSpec, check_partitions
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.plan import Plan
 from shardrun.datasets.reader import PAD, BadRowGroup, RowGroupReader
-from shardrun.errors import UserError
+from shardrun.errors import UserError, redact
 
 POSITION_VERSION = 1
 IGNORE_INDEX = -100
@@ -41,7 +41,7 @@ class Stream:
         self.grad_accum_steps = grad_accum_steps
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.device = torch.device(device)
-        self._log = log or (lambda line: print(f"[shardrun] {line}", file=sys.stderr, flush=True))
+        self._log = log or (lambda line: print(f"[shardrun] {redact(line)}", file=sys.stderr, flush=True))
 
         partitions = spec.partitions or (position or {}).get("partitions") or world_size
         self.epoch, self.offset = 0, 0

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from datagen import ROW_LEN, write_layout
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -18,36 +19,6 @@ from shardrun.datasets import open as open_stream
 from shardrun.datasets.plan import Plan
 from shardrun.errors import UserError
 from shardrun.trainer.topology import Topology
-
-ROW_LEN = 5
-
-
-def write_layout(root: Path, layout: list[list[int]], fixed: bool = True) -> int:
-    """Files of row groups of the given sizes; row i holds [i, i+1, ..]: the first token is its id."""
-    root.mkdir(parents=True, exist_ok=True)
-    next_id = 0
-    for f, groups in enumerate(layout):
-        with pq.ParquetWriter(root / f"part-{f:03d}.parquet", _schema(fixed)) as w:
-            for n in groups:
-                ids = np.arange(next_id, next_id + n, dtype=np.int32)
-                w.write_table(_table(ids, fixed))
-                next_id += n
-    return next_id
-
-
-def _schema(fixed):
-    t = pa.list_(pa.int32(), ROW_LEN) if fixed else pa.list_(pa.int32())
-    return pa.schema([("tokens", t)])
-
-
-def _table(ids, fixed):
-    values = (ids[:, None] + np.arange(ROW_LEN, dtype=np.int32)).reshape(-1)
-    if fixed:
-        col = pa.FixedSizeListArray.from_arrays(pa.array(values), ROW_LEN)
-    else:
-        col = pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, ROW_LEN, dtype=np.int32)),
-                                       pa.array(values))
-    return pa.table({"tokens": col})
 
 
 def spec_for(root, **kw) -> DataSpec:
@@ -327,3 +298,14 @@ def test_run_refuses_a_model_smaller_than_the_data_vocabulary(tmp_path, corpus, 
                     f"run: {{max_steps: 1}}\ncheckpoint: {{storage: {tmp_path}}}\n")
     assert cli.main(["train", str(spec)]) == 2
     assert "token ids go up to 255" in capsys.readouterr().err and not (tmp_path / "v").exists()
+
+
+def test_storage_secrets_are_masked_in_messages():
+    from shardrun.errors import redact
+
+    assert redact("abfs://acct@127.0.0.1:1/c/p?enable_tls=false&sv=2024&sig=abc%2Fdef&se=x: 403") == \
+        "abfs://acct@127.0.0.1:1/c/p?enable_tls=false&sv=2024&sig=***&se=x: 403"
+    assert redact("s3://AKID:s3cr%2Bt@bucket/x?scheme=http") == "s3://AKID:***@bucket/x?scheme=http"
+    assert redact("abfs://c@acct.dfs.core.windows.net/p?client_id=1&client_secret=zz") == \
+        "abfs://c@acct.dfs.core.windows.net/p?client_id=1&client_secret=***"
+    assert redact("/local/path: fine") == "/local/path: fine"
