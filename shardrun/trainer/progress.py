@@ -39,7 +39,9 @@ class Progress:
         parts = [f"step {rec['step']:>6}/{self.max_steps}", f"loss {rec['loss']:.4f}"]
         if self.byte_level:
             parts.append(f"bpb {rec['loss'] / math.log(2):.3f}")
-        parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:,.0f} tok/s"]
+        rate = (f"{rec['tokens_per_s']:,.0f} tok/s" if rec.get("tokens_per_s")
+                else f"{rec.get('samples_per_s', 0):,.0f} samples/s")
+        parts += [f"lr {rec['lr']:.2e}", rate]
         if rec.get("step_time"):
             parts.append(f"ETA {format_duration((self.max_steps - rec['step']) * rec['step_time'])}")
         return " | ".join(parts)
