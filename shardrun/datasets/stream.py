@@ -70,6 +70,8 @@ class Stream:
         self._current: list[dict[str, torch.Tensor]] = []
         self._current_position: tuple[int, int] | None = None
         self._step_bytes = 0
+        self._step_has_pad = False
+        self._padded: set[int] = set()
 
     # -- position --------------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class Stream:
 
     def _make_step(self, epoch: int, offset: int) -> list[dict[str, torch.Tensor]]:
         self._read_ahead(epoch, offset)
+        self._step_has_pad = False
         parts = []
         for p in self.owned:
             groups, rows = self.plan.samples(epoch, p, offset, self.per_partition)
@@ -219,15 +222,15 @@ class Stream:
                 keep.add(g)
                 if g not in self._cache:
                     self.decoded.append((e, g))
-                    self._cache[g] = self._pool.submit(self.reader.read, g)
+                    self._cache[g] = self._pool.submit(self._read, g)
             for g in [g for g in self._cache if g not in keep]:
                 del self._cache[g]
 
     def _gather(self, groups: np.ndarray, rows: np.ndarray):
         """The rows (groups[i], rows[i]) from decoded row groups, in order."""
         n, out = len(groups), None
-        if self.spec.format == "tokens":
-            out = np.empty((n, self.spec.seq_len + 1), dtype=np.int32)
+        if self.spec.format == "tokens":  # gathered straight into the int64 the model takes
+            out = np.empty((n, self.spec.seq_len + 1), dtype=np.int64)
         for g in np.unique(groups).tolist():
             data = self._decoded(g)
             sel = np.flatnonzero(groups == g)
@@ -236,6 +239,7 @@ class Stream:
                     raise UserError(f"{self.index.describe(g)} is unreadable, and table rows cannot "
                                     "be padded; fix or remove the file")
                 out[sel] = PAD
+                self._step_has_pad = True
             elif isinstance(data, dict):
                 if out is None:
                     out = {k: np.empty((n, *v.shape[1:]), dtype=v.dtype) for k, v in data.items()}
@@ -243,13 +247,20 @@ class Stream:
                     out[k][sel] = v[rows[sel]]
             else:
                 out[sel] = data[rows[sel]]
+                self._step_has_pad |= g in self._padded
         return out
+
+    def _read(self, g: int):
+        data = self.reader.read(g)
+        if isinstance(data, np.ndarray) and data.size and data.min() == PAD:
+            self._padded.add(g)  # once per row group, so a step needs no scan for padding
+        return data
 
     def _decoded(self, g: int):
         with self._cache_lock:
             future = self._cache.get(g)
             if future is None:  # not read ahead: read now
-                future = self._cache[g] = self._pool.submit(self.reader.read, g)
+                future = self._cache[g] = self._pool.submit(self._read, g)
         try:
             return future.result()
         except BadRowGroup as e:
@@ -262,9 +273,9 @@ class Stream:
             return None
 
     def _token_micro_batches(self, rows: np.ndarray) -> list[dict[str, torch.Tensor]]:
-        t = torch.from_numpy(rows).long()
+        t = torch.from_numpy(rows)
         inputs, targets = t[:, :-1], t[:, 1:]
-        if (rows == PAD).any():
+        if self._step_has_pad:
             inputs = inputs.clamp(min=0)
             targets = targets.masked_fill(targets == PAD, IGNORE_INDEX)
         pin = self.device.type == "cuda"
