@@ -151,7 +151,7 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
             meta = pq.read_metadata(path, filesystem=fs)
             schema = meta.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as e:
-            return name, f"not a readable Parquet file ({_first_line(e)})"
+            return name, f"not a readable Parquet file ({first_line(e)})"
         row_groups = [meta.row_group(j).num_rows for j in range(meta.num_row_groups)]
         return FileEntry(source, path, name, size, row_groups), schema
 
@@ -226,5 +226,5 @@ def _type_problem(spec: DataSpec, col: str, t: pa.DataType) -> str | None:
     return None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardrun.config import DataSpec
-from shardrun.datasets.index import DataIndex, filesystem
+from shardrun.datasets.index import DataIndex, filesystem, first_line
 
 PAD = -1
 """Token id marking padding in decoded token rows (never a real id)."""
@@ -51,7 +51,7 @@ class RowGroupReader:
                         self._footers[self.index.rg_file[g]] = pf.metadata
                 table = pf.read_row_group(j, columns=self.columns)
         except (pa.ArrowException, OSError) as e:
-            raise BadRowGroup(f"{self.index.describe(g)}: cannot be read ({_first_line(e)})") from None
+            raise BadRowGroup(f"{self.index.describe(g)}: cannot be read ({first_line(e)})") from None
         if table.num_rows != self.index.rg_rows[g]:
             raise BadRowGroup(f"{self.index.describe(g)}: holds {table.num_rows} rows, its footer said "
                               f"{self.index.rg_rows[g]} when the run started (the file changed)")
@@ -107,7 +107,3 @@ def column_array(name: str, col: pa.ChunkedArray) -> np.ndarray:
     if values.dtype == np.float64:
         values = values.astype(np.float32)
     return values
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
