@@ -121,7 +121,9 @@ class DataSpec(_Section):
         description="Samples shuffled together inside a partition (memory per partition grows with it).",
     )
     prefetch_steps: int = Field(
-        4, ge=1, description="Steps of batches each rank decodes ahead in the background."
+        4, ge=1,
+        description="Steps of batches each rank prepares ahead in the background (at least one chunk "
+        "of about 512k tokens or 1024 table rows).",
     )
     read_threads: int = Field(
         2, ge=1, description="Threads per rank decoding row groups ahead of the loop."

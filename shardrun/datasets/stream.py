@@ -1,14 +1,17 @@
 """Stream: one rank's batches of the global sample order, decoded ahead in the background.
 
-A producer thread walks the plan step by step for the partitions this rank owns, decodes the row
-groups of the current and the next shuffle window on a small thread pool, gathers each step's rows
-and queues them as torch tensors (at most `prefetch_steps` steps ahead). The loop takes micro-batches
-from the queue; the position (epoch, samples taken from every partition) advances only when a whole
-step has been taken, so a checkpoint saved between steps resumes with exactly the next sample.
+A producer thread walks the plan for the partitions this rank owns, decodes the row groups of the
+current and the next shuffle window on a small thread pool, and gathers the rows of several steps at
+once (a chunk of about CHUNK_TOKENS tokens: per step, Python's overhead would outweigh the copying)
+straight into int64 tensors; the queue holds chunks, about `prefetch_steps` steps but at least one
+chunk. The loop takes micro-batches one by one; the position (epoch, samples taken from every
+partition) advances only when a whole step has been taken, so a checkpoint saved between steps
+resumes with exactly the next sample.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import sys
 import threading
@@ -27,12 +30,16 @@ from shardrun.errors import UserError, redact
 POSITION_VERSION = 1
 IGNORE_INDEX = -100
 """Targets with this value are left out of the loss (torch's cross_entropy default)."""
+CHUNK_TOKENS = 1 << 19
+"""Tokens the producer gathers in one go (tables: CHUNK_ROWS rows): per step, Python's overhead
+outweighs the copying; the loop takes the steps of a chunk from the queue together."""
+CHUNK_ROWS = 1024
 
 
 class Stream:
     def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
-                 device: str = "cpu", log=None):
+                 device: str = "cpu", log=None, chunk_rows: int | None = None):
         self.spec = spec
         self.index = index
         self.rank = rank
@@ -51,6 +58,10 @@ class Stream:
         self.partitions = partitions
         self.per_partition = self.global_batch // partitions
         self.owned = list(range(rank, partitions, world_size))
+        rows_per_step = self.per_partition * len(self.owned)
+        if chunk_rows is None:
+            chunk_rows = CHUNK_TOKENS // (spec.seq_len + 1) if spec.format == "tokens" else CHUNK_ROWS
+        self._chunk_steps = max(1, chunk_rows // rows_per_step)
         self.plan = Plan(index.rg_rows, partitions=partitions, seed=spec.seed, window=spec.shuffle_window)
         if self.plan.steps_in_epoch(self.epoch, self.per_partition, self.offset) < 1 and self.offset == 0:
             raise UserError(self._too_small(self.epoch))
@@ -61,7 +72,7 @@ class Stream:
         """(epoch, row group) of every decode this rank started (tests check no two ranks share one)."""
         self.wait_seconds = 0.0
         """Time the loop spent waiting for data."""
-        self._queue: queue.Queue = queue.Queue(maxsize=spec.prefetch_steps)
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, spec.prefetch_steps // self._chunk_steps))
         self._pool = ThreadPoolExecutor(spec.read_threads, thread_name_prefix=f"shardrun-read{rank}")
         self._cache: dict[int, Future] = {}
         self._cache_lock = threading.Lock()
@@ -69,6 +80,8 @@ class Stream:
         self._producer: threading.Thread | None = None
         self._current: list[dict[str, torch.Tensor]] = []
         self._current_position: tuple[int, int] | None = None
+        self._ready: collections.deque = collections.deque()
+        """Steps of the chunk taken from the queue that the loop has not begun."""
         self._step_bytes = 0
         self._step_has_pad = False
         self._padded: set[int] = set()
@@ -116,14 +129,16 @@ class Stream:
     def next_batch(self) -> dict[str, torch.Tensor]:
         """This rank's next micro-batch."""
         if not self._current:
-            self._start()
-            t0 = time.perf_counter()
-            item = self._queue.get()
-            self.wait_seconds += time.perf_counter() - t0
-            if isinstance(item, BaseException):
-                self.close()
-                raise item
-            self._current, self._current_position = item
+            if not self._ready:
+                self._start()
+                t0 = time.perf_counter()
+                item = self._queue.get()
+                self.wait_seconds += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    self.close()
+                    raise item
+                self._ready.extend(item)
+            self._current, self._current_position = self._ready.popleft()
         batch = self._current.pop(0)
         if not self._current:
             self.epoch, self.offset = self._current_position
@@ -136,7 +151,7 @@ class Stream:
         with self._cache_lock:
             futures = list(self._cache.values())
         held = sum(_nbytes(f.result()) for f in futures if f.done() and not f.exception())
-        queued = self._queue.qsize()
+        queued = self._queue.qsize() * self._chunk_steps + len(self._ready)
         return {"queue_depth": queued, "buffered_bytes": held + queued * self._step_bytes,
                 "wait_seconds": self.wait_seconds,
                 "skipped_files": len(self.index.skipped),
@@ -172,13 +187,17 @@ class Stream:
         epoch, offset = self.epoch, self.offset
         try:
             while not self._stop.is_set():
-                if self.plan.steps_in_epoch(epoch, self.per_partition, offset) < 1:
+                steps = self.plan.steps_in_epoch(epoch, self.per_partition, offset)
+                if steps < 1:
                     epoch, offset = epoch + 1, 0
-                    if self.plan.steps_in_epoch(epoch, self.per_partition) < 1:
+                    steps = self.plan.steps_in_epoch(epoch, self.per_partition)
+                    if steps < 1:
                         raise UserError(self._too_small(epoch))
-                micro = self._make_step(epoch, offset)
-                self._put((micro, (epoch, offset + self.per_partition)))
-                offset += self.per_partition
+                chunk = []
+                for micro in self._make_steps(epoch, offset, min(steps, self._chunk_steps)):
+                    offset += self.per_partition
+                    chunk.append((micro, (epoch, offset)))
+                self._put(chunk)
         except BaseException as e:  # handed to the loop, raised there
             self._put(e)
 
@@ -190,27 +209,26 @@ class Stream:
             except queue.Full:
                 continue
 
-    def _make_step(self, epoch: int, offset: int) -> list[dict[str, torch.Tensor]]:
-        self._read_ahead(epoch, offset)
+    def _make_steps(self, epoch: int, offset: int, k: int) -> list[list[dict[str, torch.Tensor]]]:
+        """The micro-batches of the k steps from offset, gathered together."""
+        count = k * self.per_partition
+        self._read_ahead(epoch, offset, count)
         self._step_has_pad = False
-        parts = []
-        for p in self.owned:
-            groups, rows = self.plan.samples(epoch, p, offset, self.per_partition)
-            parts.append(self._gather(groups, rows))
+        parts = [self._gather(*self.plan.samples(epoch, p, offset, count)) for p in self.owned]
         if self.spec.format == "tokens":
-            rows = np.concatenate(parts)
-            self._step_bytes = rows.size * 8  # as int64 tensors
-            return self._token_micro_batches(rows)
-        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        self._step_bytes = sum(v.nbytes for v in cols.values())
-        return self._table_micro_batches(cols)
+            rows = _by_step(parts, k)
+            self._step_bytes = rows[0].size * 8  # as int64 tensors
+            return [self._token_micro_batches(step) for step in rows]
+        cols = {c: _by_step([p[c] for p in parts], k) for c in parts[0]}
+        self._step_bytes = sum(v[0].nbytes for v in cols.values())
+        return [self._table_micro_batches({c: v[i] for c, v in cols.items()}) for i in range(k)]
 
-    def _read_ahead(self, epoch: int, offset: int) -> None:
-        """Decode the row groups of this step's windows and of the windows after them; drop the rest."""
+    def _read_ahead(self, epoch: int, offset: int, count: int) -> None:
+        """Decode the row groups of these samples' windows and of the windows after them; drop the rest."""
         window = self.plan.window
         wanted: list[tuple[int, int]] = []
         for p in self.owned:
-            first, last = offset // window, (offset + self.per_partition - 1) // window
+            first, last = offset // window, (offset + count - 1) // window
             for w in range(first, last + 2):
                 e, ww = epoch, w
                 if ww * window >= self.plan.steps_in_epoch(epoch, self.per_partition) * self.per_partition:
@@ -293,6 +311,13 @@ class Stream:
             sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
             out.append({("label" if k == label else k): torch.from_numpy(v[sl]) for k, v in cols.items()})
         return out
+
+
+def _by_step(parts: list[np.ndarray], k: int) -> np.ndarray:
+    """k steps of rows from each owned partition as (step, sample, ...): a step takes its share of each in turn."""
+    if len(parts) == 1:
+        return parts[0].reshape(k, -1, *parts[0].shape[1:])
+    return np.stack([p.reshape(k, -1, *p.shape[1:]) for p in parts], axis=1).reshape(k, -1, *parts[0].shape[1:])
 
 
 def _nbytes(data) -> int:

@@ -25,10 +25,10 @@ def spec_for(root, **kw) -> DataSpec:
     return DataSpec(paths=[str(root)], seq_len=ROW_LEN - 1, **kw)
 
 
-def make_world(spec, index, world, global_batch, position=None, accum=1):
+def make_world(spec, index, world, global_batch, position=None, accum=1, chunk_rows=None):
     micro = global_batch // world // accum
     return [Stream(spec, index, rank=r, world_size=world, micro_batch_size=micro, grad_accum_steps=accum,
-                   position=position) for r in range(world)]
+                   position=position, chunk_rows=chunk_rows) for r in range(world)]
 
 
 def take_steps(streams, n):
@@ -55,8 +55,10 @@ layouts = st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout=layouts, worlds=st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4])),
-       k=st.integers(1, 2), window=st.integers(1, 12), seed=st.integers(0, 2), data=st.data())
-def test_stop_and_resume_on_any_world_size_equals_an_uninterrupted_run(layout, worlds, k, window, seed, data):
+       k=st.integers(1, 2), window=st.integers(1, 12), seed=st.integers(0, 2),
+       chunks=st.tuples(st.sampled_from([1, 5, None]), st.sampled_from([1, 5, None])), data=st.data())
+def test_stop_and_resume_on_any_world_size_equals_an_uninterrupted_run(layout, worlds, k, window, seed, chunks, data):
+    """chunks: rows each rank gathers at once (None: the default, more than these files hold)."""
     partitions = 4
     global_batch = partitions * k
     rg_rows = [n for groups in layout for n in groups]
@@ -73,12 +75,12 @@ def test_stop_and_resume_on_any_world_size_equals_an_uninterrupted_run(layout, w
         expected = take_steps(whole, total)
         close(whole)
 
-        first = make_world(spec, index, worlds[0], global_batch)
+        first = make_world(spec, index, worlds[0], global_batch, chunk_rows=chunks[0])
         got = take_steps(first, stop)
         positions = [s.position() for s in first]
         close(first)
         assert all(p == positions[0] for p in positions)
-        second = make_world(spec, index, worlds[1], global_batch, positions[0])
+        second = make_world(spec, index, worlds[1], global_batch, positions[0], chunk_rows=chunks[1])
         got += take_steps(second, total - stop)
         decoded = [s.decoded for s in second]
         close(second)

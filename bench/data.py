@@ -1,0 +1,507 @@
+"""Data streaming benchmark: tokens per second one rank receives as torch batches.
+
+Four readers deliver the same token shards as {inputs, targets} int64 tensors of micro_batch x
+seq_len, the way a training loop consumes them:
+  raw       a plain pyarrow scan, file by file, no shuffle: the physical limit
+  shardrun  shardrun's Stream (one rank, one partition, default prefetch and shuffle)
+  ray       Ray Data: read_parquet, streaming_split(1), iter_torch_batches
+  hf        Hugging Face datasets streaming: load_dataset("parquet", streaming=True), torch format
+
+Every repetition of every reader runs in its own process, so its peak memory is its own; the
+readers take turns within a repetition, so a busy spell on a shared machine hits them alike.
+
+    python bench/data.py                 # 5 repetitions of 3 epochs, medians, printed
+    python bench/data.py --record        # the same, also appended to docs/benchmarks.md
+    python bench/data.py --smoke         # tiny data, one epoch, no Ray: checks that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import secrets
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from shardrun.config import DataSpec
+from shardrun.datasets import Stream, build_index
+from shardrun.datasets.prepare import prepare_stdlib
+
+REPO = Path(__file__).resolve().parent.parent
+DOC = REPO / "docs" / "benchmarks.md"
+SECTION = "## Data streaming"
+READERS = ("raw", "shardrun", "ray", "hf")
+NEEDS = {"ray": "ray", "hf": "datasets"}
+"""Reader -> the package it needs (ray comes with shardrun; datasets with shardrun[bench])."""
+PRELOAD = {"ray": ("ray", "ray.data"), "hf": ("datasets",)}
+"""Optional packages, imported in the child that needs them (not in the parent) before the clock starts."""
+COLUMN = "tokens"
+RAY_CPUS = 2  # as many as shardrun's default read_threads
+SAMPLE_SECONDS = 0.02  # memory sampling period
+# Memory a reader holds: anonymous pages and shared memory (Ray's object store), each process's
+# proportional share; not the library code that pages in as it runs.
+MEMORY_FIELDS = ("Pss_Anon:", "Pss_Shmem:")
+CHILD_TIMEOUT_SECONDS = 900
+SAY = "bench-child: "  # marks the child's lines to the parent among whatever libraries print
+VERSIONS = ("torch", "pyarrow", "numpy", "ray", "datasets")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return run_child(args)
+    readers = choose_readers(args.only, args.smoke)
+    load = os.getloadavg()
+    data = prepare_data(args.cache, args.seq_len, args.mb)
+    per_epoch = data["rows"] // args.micro_batch
+    if per_epoch < 1:
+        sys.exit(f"bench: {data['rows']} rows make no micro-batch of {args.micro_batch}; use a larger --mb")
+    n_batches = per_epoch * args.epochs
+    print(f"data: {describe_data(data)}; {args.epochs} x {per_epoch} batches of {args.micro_batch} x "
+          f"{args.seq_len} per reader and repetition", flush=True)
+    results = {r: [] for r in readers}
+    for rep in range(args.reps):
+        order = readers[rep % len(readers):] + readers[:rep % len(readers)]
+        for reader in order:
+            res = run_rep(reader, data["dir"], args.seq_len, args.micro_batch, n_batches)
+            results[reader].append(res)
+            print(f"  rep {rep + 1}/{args.reps} {reader:9s} {res['tokens_per_s'] / 1e6:8.1f} M tokens/s, "
+                  f"first batch {res['first_batch_s']:.2f} s, peak +{res['peak_mb']:.0f} MB", flush=True)
+    rows = summarize(results)
+    table = format_table(rows)
+    print()
+    print(table)
+    found = findings(rows)
+    for line in found:
+        print(line)
+    if args.record:
+        record(args, data, table, found, load)
+        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5, help="repetitions per reader (default 5)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--micro-batch", type=int, default=16, help="samples per batch (default 16)")
+    p.add_argument("--mb", type=float, default=32,
+                   help="MB of standard-library text to tokenize (default 32, about all of it)")
+    p.add_argument("--epochs", type=int, default=3,
+                   help="passes over the data in each repetition (default 3: about 95 M tokens)")
+    p.add_argument("--only", help=f"comma list of readers (default all: {','.join(READERS)})")
+    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny data, one repetition, no Ray unless --only names it: checks that it all runs")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "shardrun" / "bench-data",
+                   help="where the token shards are prepared and kept (default ~/.cache/shardrun/bench-data)")
+    p.add_argument("--child", choices=READERS, help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        if args.record:
+            p.error("--smoke numbers say nothing about speed; run without --smoke to --record")
+        args.reps, args.mb, args.epochs = 1, 1, 1
+    for flag in ("reps", "seq_len", "micro_batch", "mb", "epochs"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def choose_readers(only: str | None, smoke: bool) -> list[str]:
+    """The readers to run: those named, else every one whose package is installed (but Ray in a smoke run)."""
+    if only:
+        named = [r.strip() for r in only.split(",") if r.strip()]
+        unknown = [r for r in named if r not in READERS]
+        if unknown or not named:
+            sys.exit(f"bench: --only {only}: unknown reader {', '.join(unknown)} (readers: {', '.join(READERS)})")
+        missing = [r for r in named if not installed(r)]
+        if missing:
+            sys.exit(f"bench: {', '.join(missing)} needs {', '.join(NEEDS[r] for r in missing)}: "
+                     "pip install 'shardrun[bench]'")
+        return named
+    readers = [r for r in READERS if installed(r)]
+    for r in sorted(set(READERS) - set(readers)):
+        print(f"bench: leaving out {r}: {NEEDS[r]} is not installed (pip install 'shardrun[bench]')")
+    if smoke and "ray" in readers:
+        # Ray's start and first batch alone take 15-25 s; --smoke --only ...,ray runs it too
+        print("bench: leaving out ray in a smoke run (name it in --only to run it)")
+        readers.remove("ray")
+    return readers
+
+
+def installed(reader: str) -> bool:
+    return reader not in NEEDS or importlib.util.find_spec(NEEDS[reader]) is not None
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def prepare_data(cache: Path, seq_len: int, mb: float) -> dict:
+    """Byte-level token shards of the standard library, made once per (seq_len, size) and kept."""
+    out = cache / f"stdlib-s{seq_len}-{mb:g}mb"
+    if not out.exists():
+        print(f"preparing {out} (once) ...", flush=True)
+        prepare_stdlib(out, seq_len, int(mb * 1e6))
+    return describe_shards(out)
+
+
+def describe_shards(out: Path) -> dict:
+    files = sorted(glob.glob(str(out / "*.parquet")))
+    metas = [pq.read_metadata(f) for f in files]
+    row_groups = [m.row_group(j) for m in metas for j in range(m.num_row_groups)]
+    return {"dir": str(out), "files": len(files), "rows": sum(m.num_rows for m in metas),
+            "row_groups": len(row_groups), "max_row_group_rows": max(rg.num_rows for rg in row_groups),
+            "compression": row_groups[0].column(0).compression.lower(),
+            "bytes": sum(os.path.getsize(f) for f in files)}
+
+
+def describe_data(data: dict) -> str:
+    return (f"{data['rows']:,} rows in {data['files']} files, {data['row_groups']} row groups of up to "
+            f"{data['max_row_group_rows']} rows, {data['compression']}, {data['bytes'] / 1e6:.1f} MB "
+            f"({data['dir']})")
+
+
+# -- one repetition, in a child process ------------------------------------------------------------
+
+
+def run_rep(reader: str, data_dir: str, seq_len: int, micro_batch: int, n_batches: int) -> dict:
+    """Start a child for this reader, let it read n_batches, and sample its memory meanwhile."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", reader, "--data", data_dir,
+           "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--batches", str(n_batches)]
+    with tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=child_env(reader))
+        watchdog = threading.Timer(CHILD_TIMEOUT_SECONDS, proc.kill)
+        watchdog.start()
+        try:
+            if heard(proc) is None:
+                fail(reader, proc, err)
+            start_s = time.perf_counter() - started
+            with memory_sampler(proc.pid) as memory:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = heard(proc)
+            proc.stdin.close()
+            if proc.wait() != 0 or line is None:
+                fail(reader, proc, err)
+        finally:
+            watchdog.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    res = json.loads(line)
+    tokens = micro_batch * seq_len
+    res.update(start_s=start_s, peak_mb=memory["peak_mb"], tokens_per_s=res["batches"] * tokens / res["seconds"],
+               after_first_per_s=(res["batches"] - 1) * tokens / max(res["seconds"] - res["first_batch_s"], 1e-9))
+    return res
+
+
+def heard(proc: subprocess.Popen) -> str | None:
+    """The child's next message (None if it ended first)."""
+    for line in proc.stdout:
+        if line.startswith(SAY):
+            return line[len(SAY):]
+    return None
+
+
+def child_env(reader: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if reader == "ray":
+        # A fresh local cluster only (never one a RAY_ADDRESS or `ray start` points at). Ray 2.60
+        # turns token auth on for a new local cluster and would write ~/.ray/auth_token if missing;
+        # a token of our own in the environment keeps auth on and writes nothing.
+        env.pop("RAY_ADDRESS", None)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    if reader == "hf":
+        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def fail(reader: str, proc: subprocess.Popen, err) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    err.seek(0)
+    tail = "".join(err.readlines()[-30:])
+    sys.exit(f"bench: the {reader} reader failed (exit {proc.returncode}):\n{tail}")
+
+
+@contextmanager
+def memory_sampler(pid: int):
+    """Peak growth (MB) of the memory held by pid and every process below it (Ray's workers too)."""
+    result = {"peak_mb": 0.0}
+    base = tree_pss_kb(pid)
+    done = threading.Event()
+
+    def sample():
+        peak = base
+        while not done.is_set():
+            peak = max(peak, tree_pss_kb(pid))
+            done.wait(SAMPLE_SECONDS)
+        result["peak_mb"] = (peak - base) / 1024
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+
+
+def tree_pss_kb(pid: int) -> int:
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith(MEMORY_FIELDS))
+            for children in glob.glob(f"/proc/{p}/task/*/children"):
+                with open(children) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue  # the process ended between listing and reading
+    return total
+
+
+def run_child(args: argparse.Namespace) -> int:
+    """In the child: set the reader's runtime up, wait for the parent's go, read, report as JSON."""
+    for module in PRELOAD.get(args.child, ()):
+        importlib.import_module(module)
+    pa.array([0]).to_numpy()  # pyarrow imports pandas (0.2-0.3 s) on the first to_numpy
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    files = sorted(glob.glob(os.path.join(args.data, "*.parquet")))
+    with runtime(args.child):
+        print(f"{SAY}ready", flush=True)
+        sys.stdin.readline()
+        t0 = time.perf_counter()
+        batches = READER_FUNCTIONS[args.child](files, args.data, args.seq_len, args.micro_batch)
+        first_batch_s, n = None, 0
+        for batch in batches:
+            n += 1
+            if n == 1:
+                first_batch_s = time.perf_counter() - t0
+                check(batch, args.micro_batch, args.seq_len)
+            if n == args.batches:
+                break
+        seconds = time.perf_counter() - t0
+        batches.close()
+    if n < args.batches:
+        sys.exit(f"{args.child} gave {n} batches, expected {args.batches}")
+    print(SAY + json.dumps({"batches": n, "seconds": seconds, "first_batch_s": first_batch_s}), flush=True)
+    return 0
+
+
+def check(batch: dict, micro_batch: int, seq_len: int) -> None:
+    """Every reader must hand over what a training step takes: shifted int64 inputs and targets."""
+    for k in ("inputs", "targets"):
+        t = batch[k]
+        if tuple(t.shape) != (micro_batch, seq_len) or t.dtype != torch.int64:
+            raise SystemExit(f"{k} is {t.dtype} {tuple(t.shape)}, expected int64 ({micro_batch}, {seq_len})")
+    if not torch.equal(batch["inputs"][:, 1:], batch["targets"][:, :-1]):
+        raise SystemExit("targets are not inputs shifted by one")
+
+
+@contextmanager
+def runtime(reader: str):
+    """What a reader needs around it: for Ray a local cluster (started before the clock runs)."""
+    if reader != "ray":
+        yield
+        return
+    import ray
+
+    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False,
+             logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# -- the readers: each yields {inputs, targets} int64 (micro_batch, seq_len), epoch after epoch -----
+
+
+def shifted(rows):
+    """Token rows (n, seq_len + 1) as int64 inputs and targets shifted by one."""
+    t = rows.long()
+    return {"inputs": t[:, :-1], "targets": t[:, 1:]}
+
+
+def read_raw(files, data_dir, seq_len, micro_batch):
+    """File by file, record batches to numpy without a copy, micro-batch by micro-batch to int64."""
+    while True:  # epoch after epoch, each leaving out its last incomplete batch
+        rest = None
+        for f in files:
+            for rb in pq.ParquetFile(f).iter_batches(columns=[COLUMN]):
+                col = rb.column(0)
+                rows = col.flatten().to_numpy().reshape(len(col), -1)
+                if rest is not None and len(rest):
+                    rows = np.concatenate([rest, rows])
+                usable = len(rows) - len(rows) % micro_batch
+                for i in range(0, usable, micro_batch):
+                    yield shifted(torch.from_numpy(rows[i:i + micro_batch]))
+                rest = rows[usable:]
+
+
+def read_shardrun(files, data_dir, seq_len, micro_batch):
+    """Rank 0 of 1 as a training loop opens it, with DataSpec's defaults (prefetch, shuffle window)."""
+    spec = DataSpec(paths=[data_dir], seq_len=seq_len, partitions=1)
+    with Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=micro_batch,
+                grad_accum_steps=1) as stream:
+        while True:
+            yield stream.next_batch()
+
+
+def read_ray(files, data_dir, seq_len, micro_batch):
+    """The split a Ray Train worker gets (streaming_split), as torch batches."""
+    import ray  # optional here: imported by the Ray child only (PRELOAD)
+
+    (split,) = ray.data.read_parquet(data_dir).select_columns([COLUMN]).streaming_split(1)
+    while True:  # each pass over the split is an epoch, as in a Ray Train loop
+        for batch in split.iter_torch_batches(batch_size=micro_batch, drop_last=True):
+            yield shifted(batch[COLUMN])
+
+
+def read_hf(files, data_dir, seq_len, micro_batch):
+    """A streaming (iterable) dataset over the files, batched in torch format."""
+    import datasets  # optional: pip install 'shardrun[bench]' (PRELOAD)
+
+    # IterableDataset.iter(batch_size) is several times faster than a torch DataLoader over the
+    # dataset, which collates sample by sample; the benchmark gives HF its fastest path.
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True).with_format("torch")
+    while True:
+        for batch in ds.iter(batch_size=micro_batch, drop_last_batch=True):
+            yield shifted(batch[COLUMN])
+
+
+READER_FUNCTIONS = {"raw": read_raw, "shardrun": read_shardrun, "ray": read_ray, "hf": read_hf}
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    raw = statistics.median(r["tokens_per_s"] for r in results["raw"]) if results.get("raw") else None
+    rows = []
+    for reader, reps in results.items():
+        speeds = [r["tokens_per_s"] for r in reps]
+        median = statistics.median(speeds)
+        rows.append({"reader": reader, "median": median, "min": min(speeds), "max": max(speeds),
+                     "vs_raw": median / raw if raw else None,
+                     "after_first": statistics.median(r["after_first_per_s"] for r in reps),
+                     "first_batch_s": statistics.median(r["first_batch_s"] for r in reps),
+                     "peak_mb": statistics.median(r["peak_mb"] for r in reps),
+                     "start_s": statistics.median(r["start_s"] for r in reps)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| reader | M tokens/s (median) | min - max | vs raw | M tokens/s after the first batch "
+            "| first batch (s) | peak memory (MB) | process start (s) |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        vs_raw = f"{r['vs_raw']:.2f}" if r["vs_raw"] is not None else "-"
+        lines.append(f"| {r['reader']} | {r['median'] / 1e6:.1f} | {r['min'] / 1e6:.1f} - {r['max'] / 1e6:.1f} "
+                     f"| {vs_raw} | {r['after_first'] / 1e6:.1f} | {r['first_batch_s']:.2f} | {r['peak_mb']:.0f} "
+                     f"| {r['start_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """The issue's goal, checked: shardrun at least 0.9 x raw, and ahead of Ray Data and HF."""
+    by = {r["reader"]: r for r in rows}
+    if "shardrun" not in by:
+        return []
+    s = by["shardrun"]
+    out = []
+    if s["vs_raw"] is not None:
+        verdict = "meets" if s["vs_raw"] >= 0.9 else "misses"
+        out.append(f"shardrun / raw = {s['vs_raw']:.2f}: {verdict} the goal of 0.9")
+    for other in ("ray", "hf"):
+        if other in by:
+            ratio = s["median"] / by[other]["median"]
+            out.append(f"shardrun / {other} = {ratio:.1f}: {'ahead' if ratio > 1 else 'behind'}")
+    return out
+
+
+def record(args: argparse.Namespace, data: dict, table: str, found: list[str], load: tuple) -> None:
+    """Append this run under the Data streaming section of docs/benchmarks.md (newest last)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    entry = "\n".join([
+        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
+        "",
+        f"- Command: `{shlex.join(['python', 'bench/data.py', *sys.argv[1:]])}`",
+        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        f"- Versions: {versions()}",
+        f"- Data: {describe_data(data).rsplit(' (', 1)[0]}; seq_len {args.seq_len}, micro-batch "
+        f"{args.micro_batch}; medians of {args.reps} repetitions of {args.epochs} epochs",
+        "",
+        table,
+        "",
+        *[f"{line}." for line in found],
+        "",
+    ])
+    text = DOC.read_text()
+    start = text.index(SECTION)
+    nxt = text.find("\n## ", start + len(SECTION))
+    end = len(text) if nxt < 0 else nxt + 1
+    before = text[:end].rstrip("\n") + "\n\n"
+    DOC.write_text(before + entry + ("\n" + text[end:] if nxt >= 0 else ""))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {mem_kb / 2**20:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
+
+
+def versions() -> str:
+    parts = [f"Python {platform.python_version()}"]
+    for name in VERSIONS:
+        try:
+            parts.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{name} not installed")
+    return ", ".join(parts)
+
+
+def git_revision() -> str:
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "(no git revision)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
