@@ -1,7 +1,7 @@
 """Stream: one rank's batches of the global sample order, decoded ahead in the background.
 
 A producer thread walks the plan for the partitions this rank owns, decodes the row groups of the
-current and the next shuffle window on a small thread pool, and gathers the rows of several steps at
+current shuffle window and the two after it on a small thread pool, and gathers the rows of several steps at
 once (a chunk of about CHUNK_TOKENS tokens: per step, Python's overhead would outweigh the copying)
 straight into int64 tensors; the queue holds chunks, about `prefetch_steps` steps but at least one
 chunk. The loop takes micro-batches one by one; the position (epoch, samples taken from every
@@ -224,15 +224,18 @@ class Stream:
         return [self._table_micro_batches({c: v[i] for c, v in cols.items()}) for i in range(k)]
 
     def _read_ahead(self, epoch: int, offset: int, count: int) -> None:
-        """Decode the row groups of these samples' windows and of the windows after them; drop the rest."""
-        window = self.plan.window
+        """Decode the row groups of these samples' windows and of the two windows after them; drop the rest.
+
+        Two windows ahead, not one: decoding then keeps up on two cores (measured by bench/data.py).
+        """
+        window, k = self.plan.window, self.per_partition
+        used = offset + self.plan.steps_in_epoch(epoch, k, offset) * k  # samples this epoch gives
+        end = -(-used // window)  # windows this epoch reads; later ones are the next epoch's
+        first, last = offset // window, (offset + count - 1) // window
         wanted: list[tuple[int, int]] = []
         for p in self.owned:
-            first, last = offset // window, (offset + count - 1) // window
-            for w in range(first, last + 2):
-                e, ww = epoch, w
-                if ww * window >= self.plan.steps_in_epoch(epoch, self.per_partition) * self.per_partition:
-                    e, ww = epoch + 1, w - last - 1  # the next epoch's first window
+            for w in range(first, last + 3):
+                e, ww = (epoch, w) if w < end else (epoch + 1, w - end)
                 wanted.extend((e, int(g)) for g in self.plan.window_groups(e, p, ww))
         keep = set()
         with self._cache_lock:

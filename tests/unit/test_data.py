@@ -89,9 +89,10 @@ def test_stop_and_resume_on_any_world_size_equals_an_uninterrupted_run(layout, w
     # within an epoch every sample appears once
     epoch0 = [i for step in expected[: per_epoch[0]] for i in step]
     assert len(epoch0) == len(set(epoch0)) and set(epoch0) <= set(range(n_rows))
-    # no row group is decoded by two ranks in one epoch
+    # no row group is decoded by two ranks in one epoch, nor twice by one rank
     owners = {}
     for rank, log in enumerate(decoded):
+        assert len(log) == len(set(log))
         for epoch, g in log:
             assert owners.setdefault((epoch, g), rank) == rank
 
