@@ -10,7 +10,7 @@ AZURITE := $(TOOLS)/.azurite-$(AZURITE_VERSION)
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept here between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shardrun/torch_extensions
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP) $(AZURITE)
 
@@ -30,6 +30,11 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest -ra
+
+# CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra.
+bench: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/python bench/data.py --record
 
 lint: setup
 	$(BIN)/ruff check .
