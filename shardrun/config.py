@@ -208,6 +208,30 @@ class CheckpointSpec(_Section):
     keep: int = Field(2, ge=1, description="Newest checkpoints to keep.")
 
 
+class MetricsSpec(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics from every rank and the driver.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address the metrics endpoints listen on; 0.0.0.0 is advertised as the node's IP. "
+        "Keep the port range closed to all but the cluster's network (deploy/azure does).",
+    )
+    port: int = Field(
+        0, ge=0, le=65535,
+        description="Port of rank 0 on each node (0: any free port, so jobs and workers never collide); "
+        "a fixed port p gives local rank i the port p + i.",
+    )
+    targets_dir: str = Field(
+        "/tmp/ray/shardrun/targets",
+        description="Prometheus file_sd folder on the driver's node: <run>.json lists the run's "
+        "endpoints while it runs (deploy/monitoring/prometheus.yml reads it, beside Ray's own file).",
+    )
+    peak_flops: float | None = Field(
+        None, gt=0,
+        description="Peak FLOP/s of one device for MFU (default: from the GPU's name; none on CPU).",
+    )
+    jsonl: bool = Field(True, description="Append every progress record to <run dir>/metrics.jsonl.")
+
+
 class FailureSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
@@ -232,6 +256,7 @@ class JobSpec(_Section):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     run: RunSpec
 
     @model_validator(mode="after")

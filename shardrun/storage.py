@@ -35,6 +35,18 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def append_text(path: str, text: str) -> None:
+    """Add to the end of a file: in place on local disk; object stores have no append, so the whole
+    file is written again (through write_text, never half a file)."""
+    fs, p = filesystem(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with open(p, "a") as f:
+            f.write(text)
+        return
+    write_text(path, (read_text(path) or "") + text)
+
+
 def write_json(path: str, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -26,6 +26,8 @@ def tiny_spec(corpus: Path, storage: Path, **sections) -> dict:
         "scaling": {"num_workers": 2},
         "checkpoint": {"storage": str(storage), "every_steps": 5},
         "run": {"max_steps": 10, "log_every": 5},
+        # tests serve metrics on loopback only and keep their target files to themselves
+        "metrics": {"host": "127.0.0.1", "targets_dir": str(Path(storage) / "targets")},
     }
     for section, values in sections.items():
         if isinstance(values, dict):

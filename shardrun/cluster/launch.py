@@ -14,6 +14,7 @@ from shardrun.cluster.connect import connect
 from shardrun.cluster.progress import ProgressActor, ProgressPrinter
 from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
+from shardrun.metrics.observer import RunObserver
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -49,6 +50,7 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     emit(f"connecting to {connect()}")
     storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
     actor = ProgressActor.remote(spec.run.max_steps, spec.model.byte_level)
+    observer = RunObserver(spec, emit)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"spec": spec.model_dump(mode="json"), "progress": actor,
@@ -59,13 +61,14 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     )
     latest, error = None, None
     try:
-        with ProgressPrinter(actor, emit):
+        with ProgressPrinter(actor, observer):
             result = trainer.fit()
         latest = result.checkpoint.path if result.checkpoint else None
-    except Exception as e:
+    except BaseException as e:
         error = e
         raise
     finally:
+        observer.close("failed" if error is not None else "succeeded")
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"

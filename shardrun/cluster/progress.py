@@ -15,21 +15,22 @@ class ProgressActor:
 
     def __init__(self, max_steps: int, byte_level: bool):
         self.progress = Progress(max_steps=max_steps, byte_level=byte_level)
-        self.lines: list[str] = []
+        self.events: list[tuple[str, dict, str]] = []
         self.done = False
 
     def started(self, info: dict) -> None:
-        self.lines.append(self.progress.on_start(info))
+        self.events.append(("started", info, self.progress.on_start(info)))
 
     def record(self, record: dict) -> None:
-        self.lines.append(self.progress.on_record(record))
+        self.events.append(("record", record, self.progress.on_record(record)))
 
     def finished(self) -> None:
         self.done = True
 
-    def drain(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
+    def drain(self) -> list[tuple[str, dict, str]]:
+        """(kind, payload, printed line) of every event since the last drain."""
+        events, self.events = self.events, []
+        return events
 
     def summary(self, checkpoint: str | None, wall_seconds: float) -> dict:
         return self.progress.summary(checkpoint=checkpoint, finished=self.done,
@@ -37,11 +38,11 @@ class ProgressActor:
 
 
 class ProgressPrinter:
-    """A driver thread that prints the actor's lines as they come, until stopped."""
+    """A driver thread that hands the actor's events to a RunObserver as they come, until stopped."""
 
-    def __init__(self, actor, emit, interval: float = 1.0):
+    def __init__(self, actor, observer, interval: float = 1.0):
         self.actor = actor
-        self.emit = emit
+        self.observer = observer
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shardrun-progress", daemon=True)
@@ -56,8 +57,8 @@ class ProgressPrinter:
         self.flush()
 
     def flush(self) -> None:
-        for line in ray.get(self.actor.drain.remote()):
-            self.emit(line)
+        for kind, payload, line in ray.get(self.actor.drain.remote()):
+            getattr(self.observer, kind)(payload, line)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

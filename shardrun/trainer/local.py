@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shardrun.config import JobSpec
+from shardrun.metrics.observer import RunObserver
 from shardrun.trainer.loop import worker_main
 from shardrun.trainer.session import LocalSession
 from shardrun.trainer.topology import Topology
@@ -11,8 +12,15 @@ from shardrun.trainer.topology import Topology
 def run_local(spec: JobSpec, data_index: dict | None = None) -> None:
     """Train this rank with checkpoints under <run dir>/checkpoints (a disk every rank sees)."""
     topology = Topology.from_env(spec.scaling.use_gpu)
+    observer = RunObserver(spec, LocalSession._print) if topology.is_main else None
     session = LocalSession(
         spec.run_dir, topology, keep=spec.checkpoint.keep, max_steps=spec.run.max_steps,
-        byte_level=spec.model.byte_level,
+        byte_level=spec.model.byte_level, observer=observer,
     )
-    worker_main(spec, session, topology, data_index=data_index)
+    ok = False
+    try:
+        worker_main(spec, session, topology, data_index=data_index)
+        ok = True
+    finally:
+        if observer is not None:
+            observer.close("succeeded" if ok else "failed")

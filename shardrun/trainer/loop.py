@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
@@ -9,6 +10,7 @@ import torch.distributed as dist
 
 from shardrun import datasets
 from shardrun.config import JobSpec
+from shardrun.metrics import WorkerMetrics, flops
 from shardrun.trainer import checkpoint, engine, models
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.session import Session
@@ -24,7 +26,7 @@ def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | Non
     try:
         trainer.train()
     finally:
-        trainer.stream.close()
+        trainer.close()
     return trainer.state
 
 
@@ -34,7 +36,11 @@ class Trainer:
         self.session = session
         self.topology = topology
         self.engine = self.build_engine()
+        self.metrics = self.start_metrics()
+        t0 = time.perf_counter()
         self.state, position = self.restore()
+        if self.metrics is not None and self.state.step:
+            self.metrics.checkpoint_loaded(time.perf_counter() - t0)
         self.stream = datasets.open(
             spec.data, self.topology, position,
             micro_batch_size=spec.deepspeed.micro_batch_size,
@@ -42,14 +48,48 @@ class Trainer:
         )
         self.global_batch = self.stream.global_batch
         self.tokens_per_step = self.global_batch * spec.data.tokens_per_sample
+        self.peak_flops = self._peak_flops()
         self._window_loss = torch.zeros((), device=self.topology.device)
         self._window_steps = 0
+        self._window_wait = 0.0
         self._window_start = time.perf_counter()
+        self._skipped_steps = 0
 
     def build_engine(self) -> engine.DeepSpeedEngine:
         torch.manual_seed(self.spec.run.seed)  # every rank builds the same initial weights
         model = models.build(self.spec.model)
+        # counted on the whole model: ZeRO-3 leaves each rank only a shard of the parameters
+        self.flops_per_token = flops.flops_per_token(model, self.spec.data.seq_len or 1)
         return engine.build(model, self.spec, self.topology)
+
+    def start_metrics(self) -> WorkerMetrics | None:
+        """This rank's Prometheus endpoint; every rank's address goes to rank 0 for discovery."""
+        self.endpoints: list[dict] = []
+        if not self.spec.metrics.enabled:
+            return None
+        m = WorkerMetrics(self.spec.metrics, run=self.spec.name, rank=self.topology.rank,
+                          local_rank=self.topology.local_rank)
+        mine = {"rank": self.topology.rank, "address": m.address, "node": socket.gethostname()}
+        if dist.is_initialized() and self.topology.world_size > 1:
+            everyone: list = [None] * self.topology.world_size
+            dist.all_gather_object(everyone, mine)
+            self.endpoints = everyone
+        else:
+            self.endpoints = [mine]
+        return m
+
+    def _peak_flops(self) -> float | None:
+        if self.spec.metrics.peak_flops:
+            return self.spec.metrics.peak_flops
+        if self.topology.device.startswith("cuda"):
+            return flops.device_peak(torch.cuda.get_device_name(self.topology.device),
+                                     self.spec.deepspeed.precision)
+        return None  # CPUs: no table of peaks; set metrics.peak_flops to get MFU
+
+    def close(self) -> None:
+        self.stream.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def restore(self) -> tuple[TrainState, dict | None]:
         with self.session.latest_checkpoint() as path:
@@ -60,7 +100,8 @@ class Trainer:
 
     def train(self) -> None:
         if self.topology.is_main:
-            self.session.started({**vars(self.state), "world_size": self.topology.world_size})
+            self.session.started({**vars(self.state), "world_size": self.topology.world_size,
+                                  "endpoints": self.endpoints})
         start = self.state.step
         while self.state.step < self.spec.run.max_steps:
             self._window_loss += self.train_step()
@@ -79,6 +120,8 @@ class Trainer:
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (on device)."""
+        t0 = time.perf_counter()
+        wait0 = self.stream.wait_seconds
         total = torch.zeros((), device=self.topology.device)
         for _ in range(self.spec.deepspeed.grad_accum_steps):
             batch = self.stream.next_batch()
@@ -92,6 +135,12 @@ class Trainer:
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.tokens_per_step
+        wait = self.stream.wait_seconds - wait0
+        self._window_wait += wait
+        if self.metrics is not None:  # host-side time: no device sync here
+            world = self.topology.world_size
+            self.metrics.step_done(step=self.state.step, seconds=time.perf_counter() - t0, data_wait=wait,
+                                   samples=self.global_batch // world, tokens=self.tokens_per_step // world)
         return total / self.spec.deepspeed.grad_accum_steps
 
     def log_progress(self) -> None:
@@ -102,18 +151,40 @@ class Trainer:
             loss /= self.topology.world_size
         loss_value = loss.item()  # waits for the device, so the time below is real
         elapsed = time.perf_counter() - self._window_start
+        tokens_per_s = self._window_steps * self.tokens_per_step / elapsed
+        skipped = int(getattr(self.engine, "skipped_steps", 0) or 0)
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else None
+        mfu = None
+        if self.peak_flops and tokens_per_s:
+            mfu = tokens_per_s / self.topology.world_size * self.flops_per_token / self.peak_flops
         record = {
             **vars(self.state),
             "loss": loss_value,
             "lr": self.engine.get_lr()[0],
-            "tokens_per_s": self._window_steps * self.tokens_per_step / elapsed,
+            "tokens_per_s": tokens_per_s,
             "samples_per_s": self._window_steps * self.global_batch / elapsed,
             "step_time": elapsed / self._window_steps,
+            "data_wait_fraction": self._window_wait / elapsed,
+            "grad_norm": grad_norm,
+            "mfu": mfu,
         }
+        if self.metrics is not None:
+            scale = getattr(self.engine.optimizer, "cur_scale", None) if self.spec.deepspeed.precision == "fp16" \
+                else None
+            memory = None
+            if self.topology.device.startswith("cuda"):
+                memory = (torch.cuda.memory_allocated(self.topology.device),
+                          torch.cuda.memory_reserved(self.topology.device))
+            self.metrics.logged(loss=loss_value, lr=record["lr"], grad_norm=grad_norm, loss_scale=scale, mfu=mfu,
+                                skipped_steps=skipped - self._skipped_steps, data=self.stream.stats(),
+                                world_size=self.topology.world_size, memory=memory)
+        self._skipped_steps = skipped
         if self.topology.is_main:
             self.session.progress(record)
         self._window_loss.zero_()
         self._window_steps = 0
+        self._window_wait = 0.0
         self._window_start = time.perf_counter()
 
     def save_checkpoint(self) -> None:
@@ -122,5 +193,8 @@ class Trainer:
         with self.session.checkpoint_dir(self.state.step, metrics) as directory:
             checkpoint.save(self.engine, directory, self.state, self.stream.position(),
                             self.topology)
+        seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.checkpoint_saved(seconds)
         # the save's time is not training throughput
-        self._window_start += time.perf_counter() - t0
+        self._window_start += seconds

@@ -41,12 +41,14 @@ class LocalSession:
     """Checkpoints under <run dir>/checkpoints on a local (or shared) disk; progress on stdout."""
 
     def __init__(self, run_dir: str, topology: Topology, *, keep: int, max_steps: int,
-                 byte_level: bool):
+                 byte_level: bool, observer=None):
         self.root = os.path.join(run_dir, "checkpoints")
         self.run_dir = run_dir
         self.topology = topology
         self.keep = keep
         self.progress_log = Progress(max_steps=max_steps, byte_level=byte_level)
+        self.observer = observer
+        """Rank 0's RunObserver (metrics.jsonl, job metrics, Prometheus targets), if any."""
 
     def _latest_path(self) -> str | None:
         name = storage.read_text(os.path.join(self.root, "latest"))
@@ -80,10 +82,18 @@ class LocalSession:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
     def started(self, info: dict) -> None:
-        self._print(self.progress_log.on_start(info))
+        line = self.progress_log.on_start(info)
+        if self.observer is not None:
+            self.observer.started(info, line)
+        else:
+            self._print(line)
 
     def progress(self, record: dict) -> None:
-        self._print(self.progress_log.on_record(record))
+        line = self.progress_log.on_record(record)
+        if self.observer is not None:
+            self.observer.record(record, line)
+        else:
+            self._print(line)
 
     def finished(self) -> None:
         summary = self.progress_log.summary(checkpoint=self._latest_path(), finished=True)

@@ -104,6 +104,15 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (PaLM appendix B): 6N plus attention's 12 * layers * width * seq_len.
+
+        N counts the tied token embedding once, as the output head's matmul, and leaves out the
+        position embedding (a lookup).
+        """
+        cfg = self.config
+        return 6.0 * self.num_params(non_embedding=True) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits for every position of idx (B, T)."""
         T = idx.size(1)

@@ -1,0 +1,66 @@
+"""The run's driver-side bookkeeping, for both launchers: printed lines, metrics.jsonl, the job's
+Prometheus series and the file_sd target file that lets Prometheus find every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from shardrun import storage
+from shardrun.config import JobSpec
+
+
+class RunObserver:
+    """Told when a worker group starts and at every log step; closed when the run ends."""
+
+    def __init__(self, spec: JobSpec, emit: Callable[[str], None], *, serve: bool = True):
+        self.spec = spec
+        self.emit = emit
+        self.job = None
+        self.targets_path = os.path.join(spec.metrics.targets_dir, f"{spec.name}.json")
+        self.jsonl_path = spec.run_dir + "/metrics.jsonl"
+        self.groups = 0
+        if spec.metrics.enabled and serve:
+            from shardrun.metrics import JobMetrics
+
+            self.job = JobMetrics(spec.metrics, run=spec.name)
+
+    def started(self, info: dict, line: str) -> None:
+        self.emit(line)
+        self.groups += 1
+        if self.job is not None:
+            self.job.group_started(info["world_size"], restart=self.groups > 1)
+        if self.spec.metrics.enabled:
+            self.write_targets(info.get("endpoints") or [])
+
+    def record(self, record: dict, line: str) -> None:
+        self.emit(line)
+        if self.spec.metrics.jsonl:
+            row = {"time": round(time.time(), 3), **record}
+            storage.append_text(self.jsonl_path, json.dumps(row) + "\n")
+
+    def write_targets(self, endpoints: list[dict]) -> None:
+        """<targets_dir>/<run>.json in Prometheus file_sd form, replaced whole (a rename)."""
+        groups = [{"targets": [e["address"]], "labels": {"run": self.spec.name, "rank": str(e["rank"]),
+                                                          "node": e["node"]}} for e in endpoints]
+        if self.job is not None:
+            groups.append({"targets": [self.job.address], "labels": {"run": self.spec.name, "role": "driver"}})
+        os.makedirs(self.spec.metrics.targets_dir, exist_ok=True)
+        tmp = f"{self.targets_path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(groups, f, indent=2)
+        os.replace(tmp, self.targets_path)
+
+    def close(self, state: str) -> None:
+        """The run ended (succeeded or failed): its targets leave Prometheus's discovery."""
+        if self.job is not None:
+            self.job.set_state(state)
+        try:
+            os.remove(self.targets_path)
+        except FileNotFoundError:
+            pass
+        if self.job is not None:
+            self.job.close()
+
