@@ -7,12 +7,16 @@ STAMP := $(VENV)/.installed
 AZURITE_VERSION := 3.37.0
 TOOLS := .tools
 AZURITE := $(TOOLS)/.azurite-$(AZURITE_VERSION)
+# Prometheus and promtool (deploy/monitoring tests, a real server for the integration tests) from the
+# Debian package of this machine's release, unpacked into the repo: no root, no system install.
+PROMETHEUS := $(TOOLS)/prometheus
+PROMETHEUS_STAMP := $(TOOLS)/.prometheus
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept here between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shardrun/torch_extensions
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP) $(AZURITE)
+setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +27,16 @@ $(AZURITE):
 	@command -v npm >/dev/null || { echo "make: npm (Node.js 18 or newer) is needed to install Azurite $(AZURITE_VERSION) for the tests" >&2; exit 1; }
 	npm install --prefix $(TOOLS) --no-audit --no-fund --ignore-scripts --loglevel=error azurite@$(AZURITE_VERSION)
 	test -x $(TOOLS)/node_modules/.bin/azurite-blob
+	touch $@
+
+$(PROMETHEUS_STAMP):
+	@command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "make: apt-get and dpkg (Debian or Ubuntu) are needed to fetch Prometheus for the tests; elsewhere put prometheus and promtool 2.42 or newer in $(PROMETHEUS)/usr/bin and touch $@" >&2; exit 1; }
+	rm -rf $(PROMETHEUS) $(TOOLS)/deb && mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && apt-get download -qq prometheus || { echo "make: apt-get download prometheus failed: the package index may be stale or lack it (sudo apt-get update)" >&2; exit 1; }
+	dpkg -x $(TOOLS)/deb/prometheus_*.deb $(PROMETHEUS)
+	rm -rf $(TOOLS)/deb
+	$(PROMETHEUS)/usr/bin/promtool --version
+	$(PROMETHEUS)/usr/bin/prometheus --version
 	touch $@
 
 demo: setup
