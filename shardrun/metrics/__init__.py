@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from shardrun.config import MetricsSpec
 
@@ -20,6 +20,10 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 JOB_STATES = ("pending", "running", "restarting", "succeeded", "failed")
+
+# No `*_created` series beside every counter and histogram: twice the series for a timestamp
+# Prometheus does not need (rate() finds resets itself).
+disable_created_metrics()
 
 
 class Endpoint:
@@ -68,6 +72,11 @@ class WorkerMetrics:
         def gauge(name, doc):
             return Gauge(name, doc, names, registry=r).labels(**labels)
 
+        def optional_gauge(name, doc):
+            """Absent until first set (MFU on CPU, loss scale outside fp16): not a misleading 0."""
+            family = Gauge(name, doc, names, registry=r)
+            return _Lazy(lambda: family.labels(**labels))
+
         def histogram(name, doc, buckets):
             return Histogram(name, doc, names, buckets=buckets, registry=r).labels(**labels)
 
@@ -79,11 +88,12 @@ class WorkerMetrics:
         self.skipped_row_groups = counter("shardrun_data_skipped_row_groups", "Bad row groups skipped as padding.")
         self.loss = gauge("shardrun_loss", "Mean training loss over the last log window, all ranks.")
         self.lr = gauge("shardrun_learning_rate", "Learning rate.")
-        self.grad_norm = gauge("shardrun_grad_norm", "Global gradient norm before clipping.")
-        self.loss_scale = gauge("shardrun_loss_scale", "fp16 dynamic loss scale.")
-        self.mfu = gauge("shardrun_mfu_ratio", "Model FLOPs utilisation of this rank's device, 0 to 1.")
-        self.mem_allocated = gauge("shardrun_device_memory_allocated_bytes", "Device memory held by tensors.")
-        self.mem_reserved = gauge("shardrun_device_memory_reserved_bytes", "Device memory reserved by the allocator.")
+        self.grad_norm = optional_gauge("shardrun_grad_norm", "Global gradient norm before clipping.")
+        self.loss_scale = optional_gauge("shardrun_loss_scale", "fp16 dynamic loss scale.")
+        self.mfu = optional_gauge("shardrun_mfu_ratio", "Model FLOPs utilisation of this rank's device, 0 to 1.")
+        self.mem_allocated = optional_gauge("shardrun_device_memory_allocated_bytes", "Device memory held by tensors.")
+        self.mem_reserved = optional_gauge("shardrun_device_memory_reserved_bytes",
+                                           "Device memory reserved by the allocator.")
         self.world_size = gauge("shardrun_world_size", "Ranks in the worker group.")
         self.queue_depth = gauge("shardrun_data_queue_depth", "Steps of batches decoded ahead.")
         self.buffered = gauge("shardrun_data_buffered_bytes", "Bytes of decoded data held by the stream.")
@@ -144,6 +154,19 @@ class WorkerMetrics:
 
     def close(self) -> None:
         self.endpoint.close()
+
+
+class _Lazy:
+    """A labelled child made on first use."""
+
+    def __init__(self, make):
+        self._make = make
+        self._child = None
+
+    def set(self, value: float) -> None:
+        if self._child is None:
+            self._child = self._make()
+        self._child.set(value)
 
 
 class JobMetrics:
