@@ -49,6 +49,7 @@ test: setup
 bench: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/data.py --record
+	$(BIN)/python bench/metrics.py --record
 
 lint: setup
 	$(BIN)/ruff check .

@@ -24,7 +24,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import secrets
 import shlex
 import statistics
@@ -41,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from common import append_record, git_revision, machine, versions
 
 from shardrun.config import DataSpec
 from shardrun.datasets import Stream, build_index
@@ -456,7 +456,7 @@ def record(args: argparse.Namespace, data: dict, table: str, found: list[str], l
         "",
         f"- Command: `{shlex.join(['python', 'bench/data.py', *sys.argv[1:]])}`",
         f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        f"- Versions: {versions()}",
+        f"- Versions: {versions(VERSIONS)}",
         f"- Data: {describe_data(data).rsplit(' (', 1)[0]}; seq_len {args.seq_len}, micro-batch "
         f"{args.micro_batch}; medians of {args.reps} repetitions of {args.epochs} epochs",
         "",
@@ -465,42 +465,7 @@ def record(args: argparse.Namespace, data: dict, table: str, found: list[str], l
         *[f"{line}." for line in found],
         "",
     ])
-    text = DOC.read_text()
-    start = text.index(SECTION)
-    nxt = text.find("\n## ", start + len(SECTION))
-    end = len(text) if nxt < 0 else nxt + 1
-    before = text[:end].rstrip("\n") + "\n\n"
-    DOC.write_text(before + entry + ("\n" + text[end:] if nxt >= 0 else ""))
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    return (f"{cpu}, {len(os.sched_getaffinity(0))} cores, {mem_kb / 2**20:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}")
-
-
-def versions() -> str:
-    parts = [f"Python {platform.python_version()}"]
-    for name in VERSIONS:
-        try:
-            parts.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            parts.append(f"{name} not installed")
-    return ", ".join(parts)
-
-
-def git_revision() -> str:
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "(no git revision)"
+    append_record(SECTION, entry)
 
 
 if __name__ == "__main__":
