@@ -33,7 +33,10 @@ class RunObserver:
         if self.job is not None:
             self.job.group_started(info["world_size"], restart=self.groups > 1)
         if self.spec.metrics.enabled:
-            self.write_targets(info.get("endpoints") or [])
+            endpoints = info.get("endpoints") or []
+            self.write_targets(endpoints)
+            driver = f" and the driver at {self.job.address}" if self.job is not None else ""
+            self.emit(f"metrics: {len(endpoints)} ranks{driver} listed for Prometheus in {self.targets_path}")
 
     def record(self, record: dict, line: str) -> None:
         self.emit(line)

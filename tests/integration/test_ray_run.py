@@ -17,6 +17,7 @@ def test_same_name_twice_resumes_where_the_first_stopped(tmp_path, corpus):
 
     out = run([sys.executable, "-m", "shardrun", "run", str(path)], timeout=180).stdout
     assert "starting with 2 workers" in out and "step     20/20" in out
+    assert "metrics: 2 ranks and the driver at 127.0.0.1:" in out
     first = json.loads((run_dir / "summary.json").read_text())
     assert (first["start_step"], first["steps"], first["restarts"]) == (0, 20, 0)
     assert first["last_loss"] < first["first_loss"]
@@ -31,3 +32,7 @@ def test_same_name_twice_resumes_where_the_first_stopped(tmp_path, corpus):
     assert second["checkpoint"].endswith("checkpoint_00000040")
     kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
     assert kept == ["checkpoint_00000040"]
+    # the driver kept the per-log-step record across both runs and took its targets out at the end
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 10, 20, 21, 30, 40]
+    assert not list((tmp_path / "runs" / "targets").glob("*.json"))
