@@ -44,7 +44,8 @@ HISTOGRAMS = (
 # Ray's node metrics that the dashboard shows (ray_node_gram_used is in MiB, whatever its HELP says).
 RAY_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used")
 # Series that a CPU run does not export: the integration tests expect these expressions to come back empty.
-ABSENT_ON_CPU = ("shardrun_mfu_ratio", "shardrun_loss_scale", *RAY_METRICS)
+ABSENT_ON_CPU = ("shardrun_mfu_ratio", "shardrun_loss_scale", "shardrun_device_memory_allocated_bytes",
+                 "shardrun_device_memory_reserved_bytes", *RAY_METRICS)
 
 
 def contract_series() -> frozenset[str]:
