@@ -1,0 +1,76 @@
+"""A worker SIGKILLed mid-run: Ray Train restarts the group, it resumes from the latest checkpoint by
+itself, and the final weights equal an uninterrupted run's bit for bit (fp32, CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from helpers import child_env, free_port, kill_group, run, tiny_spec, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(480)]
+
+STEPS, EVERY = 12, 4
+
+
+def _weights(checkpoint_dir):
+    [states] = checkpoint_dir.glob("global_step*/mp_rank_00_model_states.pt")
+    return torch.load(states, weights_only=False)["module"]
+
+
+def _ray_workers(root: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, stage):
+    sections = dict(deepspeed={"zero_stage": stage, "grad_accum_steps": 2,
+                               "schedule": {"decay": "constant", "warmup_steps": 3}},
+                    model={"dropout": 0.1}, run={"max_steps": STEPS, "log_every": 1},
+                    checkpoint={"every_steps": EVERY, "keep": 2}, failure={"max_failures": 1})
+    # the uninterrupted reference, without Ray: the same ranks, data, seeds and gloo collectives
+    whole = write_spec(tmp_path / "whole.yaml", tiny_spec(corpus, tmp_path / "a", **sections))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+         f"--master-port={free_port()}", "-m", "shardrun", "train", str(whole)], timeout=300)
+
+    kill_at = random.Random(stage).randint(EVERY + 1, STEPS - 2)  # between checkpoints, after the first
+    spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections))
+    proc = subprocess.Popen([sys.executable, "-m", "shardrun", "run", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=child_env(), start_new_session=True)
+    out, killed = [], None
+    try:
+        deadline = time.time() + 360
+        for line in proc.stdout:
+            out.append(line)
+            if killed is None and f"step {kill_at:>6}/" in line:
+                workers = _ray_workers(psutil.Process(proc.pid))
+                assert workers, "no Ray Train worker process found"
+                killed = workers[-1].pid
+                workers[-1].send_signal(signal.SIGKILL)
+            if time.time() > deadline:
+                break
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    text = "".join(out)
+    assert killed is not None and proc.returncode == 0, text[-4000:]
+    assert "(restart 1)" in text, text[-4000:]
+    summary = json.loads((tmp_path / "b/tiny/summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["final_step"] == STEPS
+
+    a = _weights(tmp_path / f"a/tiny/checkpoints/step_{STEPS:08d}")
+    b = _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
