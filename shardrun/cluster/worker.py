@@ -37,6 +37,11 @@ class RaySession:
                 checkpoint=ray.train.Checkpoint.from_directory(staging),
                 checkpoint_dir_name=f"checkpoint_{step:08d}",
             )
+            # Wait until the controller has committed it. Reports queue on the workers until the
+            # controller polls them: a group that dies before then would restart from an older
+            # checkpoint (or none), though this one is already in storage.
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from shardrun.errors import UserError
+from shardrun.trainer import faults
 from shardrun.trainer.topology import Topology
 
 MANIFEST = "shardrun.json"
@@ -63,6 +64,7 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
     """Write this rank's part of a checkpoint into directory (every rank calls it)."""
     tag = f"global_step{state.step}"
     engine.save_checkpoint(directory, tag=tag, client_state={"shardrun": asdict(state)})
+    faults.maybe_fail("checkpoint-save", step=state.step, rank=topology.rank)
     torch.save(
         {"train": asdict(state), "data": data_position, "rng": rng_state()},
         os.path.join(directory, f"rank_{topology.rank}.pt"),

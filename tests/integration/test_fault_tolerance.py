@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -25,12 +26,8 @@ def _weights(checkpoint_dir):
     return torch.load(states, weights_only=False)["module"]
 
 
-def _ray_workers(root: psutil.Process) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-            found.append(p)
-    return found
+def _ray_workers() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -54,7 +51,7 @@ def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corp
         for line in proc.stdout:
             out.append(line)
             if killed is None and f"step {kill_at:>6}/" in line:
-                workers = _ray_workers(psutil.Process(proc.pid))
+                workers = _ray_workers()
                 assert workers, "no Ray Train worker process found"
                 killed = workers[-1].pid
                 workers[-1].send_signal(signal.SIGKILL)
@@ -65,12 +62,41 @@ def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corp
         kill_group(proc)
     text = "".join(out)
     assert killed is not None and proc.returncode == 0, text[-4000:]
-    assert "(restart 1)" in text, text[-4000:]
+    resumed = re.search(r"resuming from step (\d+) with 2 workers \(restart 1\)", text)
+    assert resumed and int(resumed[1]) >= EVERY and int(resumed[1]) % EVERY == 0, text[-4000:]
     summary = json.loads((tmp_path / "b/tiny/summary.json").read_text())
     assert summary["restarts"] == 1 and summary["final_step"] == STEPS
 
     a = _weights(tmp_path / f"a/tiny/checkpoints/step_{STEPS:08d}")
     b = _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}")
     assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "ray"])
+def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, corpus, launcher):
+    sections = dict(deepspeed={"zero_stage": 2, "schedule": {"decay": "constant", "warmup_steps": 3}},
+                    run={"max_steps": STEPS, "log_every": 2}, checkpoint={"every_steps": EVERY, "keep": 2},
+                    failure={"max_failures": 1})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}"]
+    whole = write_spec(tmp_path / "whole.yaml", tiny_spec(corpus, tmp_path / "a", **sections))
+    run([*torchrun, "-m", "shardrun", "train", str(whole)], timeout=300)
+
+    # rank 1 dies by SIGKILL after writing its DeepSpeed files of step 8, before the checkpoint is complete
+    env = child_env(SHARDRUN_FAULT=f"checkpoint-save:step={2 * EVERY}:rank=1",
+                    SHARDRUN_FAULT_MARKER=str(tmp_path / "fault-fired"))
+    spec = write_spec(tmp_path / "b.yaml", tiny_spec(corpus, tmp_path / "b", **sections))
+    if launcher == "torchrun":
+        cmd = [*torchrun[:3], "--max-restarts=1", *torchrun[3:], "-m", "shardrun", "train", str(spec)]
+        final = tmp_path / f"b/tiny/checkpoints/step_{STEPS:08d}"
+    else:
+        cmd = [sys.executable, "-m", "shardrun", "run", str(spec)]
+        final = tmp_path / f"b/tiny/checkpoint_{STEPS:08d}"
+    out = run(cmd, timeout=360, env=env).stdout
+    assert (tmp_path / "fault-fired").exists()
+    assert f"resuming from step {EVERY} with 2 workers" in out, out[-4000:]
+    a, b = _weights(tmp_path / f"a/tiny/checkpoints/step_{STEPS:08d}"), _weights(final)
     for name in a:
         assert torch.equal(a[name], b[name]), name
