@@ -40,11 +40,13 @@ def display_path(source: str, fs_path: str) -> str:
     return f"{scheme}://{fs_path}"
 
 
-def list_parquet(paths: list[str]) -> list[tuple[int, str]]:
-    """(index of the source in paths, filesystem path) of every Parquet file, in a stable order."""
-    files = []
+def list_parquet(paths: list[str]) -> tuple[list[pafs.FileSystem], list[tuple[int, str]]]:
+    """Each path's filesystem, and (index of the source in paths, filesystem path) of every Parquet
+    file, in a stable order."""
+    files, filesystems = [], []
     for i, path in enumerate(paths):
         fs, root = filesystem(path)
+        filesystems.append(fs)
         try:
             info = fs.get_file_info(root)
             if info.type == pafs.FileType.NotFound:
@@ -62,7 +64,7 @@ def list_parquet(paths: list[str]) -> list[tuple[int, str]]:
         if not found:
             raise UserError(f"data.paths: {path} holds no .parquet files")
         files.extend((i, f) for f in found)
-    return files
+    return filesystems, files
 
 
 @dataclass(frozen=True)
@@ -138,8 +140,7 @@ class DataIndex:
 
 def build(spec: DataSpec, emit=None) -> DataIndex:
     """Read every file's footer (in parallel), check the schema, and index the row groups."""
-    listed = list_parquet(spec.paths)
-    filesystems = [filesystem(p)[0] for p in spec.paths]
+    filesystems, listed = list_parquet(spec.paths)
     wanted = _wanted_columns(spec)
 
     def read(item):

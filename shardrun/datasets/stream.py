@@ -50,10 +50,10 @@ class Stream:
         self.device = torch.device(device)
         self._log = log or (lambda line: print(f"[shardrun] {redact(line)}", file=sys.stderr, flush=True))
 
-        partitions = spec.partitions or (position or {}).get("partitions") or world_size
+        partitions = spec.partitions or world_size
         self.epoch, self.offset = 0, 0
-        if position:
-            partitions = self._check_position(position, partitions)
+        if position:  # the run's partition count is the one it started with
+            partitions = self._check_position(position)
         check_partitions(partitions, world_size, self.global_batch)
         self.partitions = partitions
         self.per_partition = self.global_batch // partitions
@@ -96,7 +96,7 @@ class Stream:
                 "rows": self.index.rows, "row_groups": self.index.num_row_groups,
                 "fingerprint": self.index.fingerprint, "epoch": self.epoch, "offset": self.offset}
 
-    def _check_position(self, position: dict, partitions: int) -> int:
+    def _check_position(self, position: dict) -> int:
         if position.get("version") != POSITION_VERSION:
             raise UserError(f"the checkpoint's data position {position} is from another version of "
                             "shardrun's stream; start over with --fresh")
