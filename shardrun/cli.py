@@ -14,6 +14,8 @@ from shardrun import config
 from shardrun.errors import UserError, redact
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 143
+"""Stopped on request (SIGTERM, ray job stop) after a checkpoint, before max_steps: as a SIGTERM'd process."""
 
 
 def _emit(line: str) -> None:
@@ -108,7 +110,7 @@ def ensure_data(spec: config.JobSpec) -> dict:
     if spec.model.type == "gpt" and vocab and vocab > spec.model.vocab_size:
         raise UserError(f"data.paths: the shards' token ids go up to {vocab - 1} (their tokenizer's vocabulary), "
                         f"but model.vocab_size is {spec.model.vocab_size}; set model.vocab_size: {vocab}")
-    _emit(summary(index, spec.global_batch, spec.data.partitions or spec.scaling.num_workers))
+    _emit(summary(index, spec.global_batch, spec.partitions))
     return index.to_dict()
 
 
@@ -125,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index)
     _emit(f"summary ({spec.run_dir}/summary.json):\n{json.dumps(summary, indent=2)}")
-    return 0
+    return EXIT_STOPPED if summary.get("stopped") else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -138,9 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_index = ensure_data(spec)
         storage.prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
     from shardrun.trainer.local import run_local
+    from shardrun.trainer.session import TERMINATED
 
     run_local(spec, data_index)
-    return 0
+    return EXIT_STOPPED if TERMINATED.is_set() else 0
 
 
 def cmd_prepare_text(args: argparse.Namespace) -> int:

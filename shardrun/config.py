@@ -7,13 +7,14 @@ the workers as a plain dict (`JobSpec.model_dump()`), where it is validated agai
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shardrun.errors import UserError
 
@@ -114,7 +115,8 @@ class DataSpec(_Section):
         None, ge=1,
         description="Logical partitions of the sample order, fixed for the whole run; a multiple of "
         "every world size the run may use and a divisor of the global batch "
-        "(default: scaling.num_workers).",
+        "(default: scaling.num_workers; with num_workers [min, max], the least common multiple of "
+        "min..max).",
     )
     shuffle_window: int = Field(
         8192, ge=1,
@@ -191,13 +193,55 @@ class DeepSpeedSpec(_Section):
 
 
 class ScalingSpec(_Section):
-    num_workers: int = Field(2, ge=1, description="Training processes (ranks).")
+    num_workers: int | tuple[int, int] = Field(
+        2,
+        description="Training processes (ranks); [min, max] makes the run elastic: Ray starts as many "
+        "as the cluster has room for, and a group that loses workers goes on with fewer, down to min, "
+        "and grows back to max when room returns (each change resumes from the latest checkpoint).",
+    )
+    keep_global_batch: bool = Field(
+        True,
+        description="Elastic runs: keep the global batch of max workers while fewer run (gradient "
+        "accumulation grows); false keeps grad_accum_steps, so the global batch follows the world size.",
+    )
+    resize_check_seconds: float = Field(
+        60.0, gt=0, description="Elastic runs: how often a healthy group checks whether it can grow."
+    )
     use_gpu: bool = Field(False, description="One or more GPUs per worker; NCCL between them.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker (use_gpu).")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the workers."
     )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: Any) -> int | tuple[int, int]:
+        def whole(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if whole(value):
+            return value
+        if isinstance(value, list | tuple) and len(value) == 2 and all(whole(v) for v in value):
+            if value[0] > value[1]:
+                raise ValueError("[min, max] needs min <= max")
+            return value[0] if value[0] == value[1] else (value[0], value[1])
+        raise ValueError("must be a whole number >= 1, or [min, max] of them for an elastic run")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the run may train with."""
+        if isinstance(self.num_workers, tuple):
+            return list(range(self.num_workers[0], self.num_workers[1] + 1))
+        return [self.num_workers]
 
 
 class CheckpointSpec(_Section):
@@ -236,6 +280,22 @@ class FailureSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
     )
+    nonfinite_loss: Literal["skip", "stop"] = Field(
+        "skip",
+        description="A step whose loss is NaN or infinite on any rank: skip leaves it out (DeepSpeed does "
+        "not apply its update), counts and logs it; stop ends the run with an error. ZeRO stage 0 in fp32 "
+        "does not check gradients, so there the run stops either way.",
+    )
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="Consecutive skipped non-finite steps after which the run stops with an error."
+    )
+    scheduled_events: str = Field(
+        "auto",
+        description="Azure Scheduled Events: on a Preempt or Terminate event for its VM, every rank "
+        "checkpoints at the next step, the event is acknowledged and the group stops, to resume "
+        "elsewhere. auto: watch http://169.254.169.254 on Azure VMs (known by their DMI asset tag), "
+        "nothing elsewhere; off; or the metadata service's URL.",
+    )
 
 
 class RunSpec(_Section):
@@ -270,16 +330,39 @@ class JobSpec(_Section):
             )
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
-        check_partitions(self.data.partitions or self.scaling.num_workers, self.scaling.num_workers,
-                         self.deepspeed.micro_batch_size * self.deepspeed.grad_accum_steps
-                         * self.scaling.num_workers, error=ValueError)
+        for world in self.scaling.world_sizes:
+            check_partitions(self.partitions, world, self.global_batch_for(world), error=ValueError)
         return self
 
     @property
+    def partitions(self) -> int:
+        """data.partitions, or the default: the least common multiple of every world size the run may use."""
+        return self.data.partitions or math.lcm(*self.scaling.world_sizes)
+
+    @property
     def global_batch(self) -> int:
-        """Samples per optimizer step, all ranks."""
+        """Samples per optimizer step, all ranks (at max workers)."""
         d = self.deepspeed
-        return d.micro_batch_size * d.grad_accum_steps * self.scaling.num_workers
+        return d.micro_batch_size * d.grad_accum_steps * self.scaling.max_workers
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro steps per optimizer step with world_size ranks (elastic runs keep the global batch)."""
+        d = self.deepspeed
+        if not self.scaling.keep_global_batch or world_size == self.scaling.max_workers:
+            return d.grad_accum_steps
+        per_step = d.micro_batch_size * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"with {world_size} workers the global batch of {self.global_batch} (micro_batch_size x "
+                f"grad_accum_steps x {self.scaling.max_workers} max workers) is not a whole number of "
+                f"micro-batches of {d.micro_batch_size} per worker; choose num_workers [min, max] whose "
+                "sizes divide it, or set scaling.keep_global_batch: false"
+            )
+        return self.global_batch // per_step
+
+    def global_batch_for(self, world_size: int) -> int:
+        d = self.deepspeed
+        return d.micro_batch_size * self.grad_accum_for(world_size) * world_size
 
     @property
     def run_dir(self) -> str:

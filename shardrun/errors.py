@@ -7,6 +7,15 @@ class UserError(Exception):
     """Bad input (job spec, data, storage, address): the message says what, where and the fix."""
 
 
+class TrainingDiverged(Exception):
+    """The loss stopped being finite (failure.nonfinite_loss); the message says at which step and what to try."""
+
+
+class Preempted(Exception):
+    """This group stopped after checkpointing because a VM it runs on is being taken away; it resumes
+    from that checkpoint (Ray Train restarts it; under torchrun, start the run again)."""
+
+
 _SECRETS = [
     (re.compile(r"\b(sig|client_secret|secret|token|x-amz-signature)=[^&\s'\"]+", re.IGNORECASE), r"\1=***"),
     (re.compile(r"(://[^/:@\s]+):[^@/\s]+@"), r"\1:***@"),  # s3://KEY:SECRET@bucket

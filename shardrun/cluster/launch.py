@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -23,10 +24,11 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
     if s.use_gpu:
         resources["GPU"] = s.gpus_per_worker
     return ScalingConfig(
-        num_workers=s.num_workers,
+        num_workers=s.num_workers,  # (min, max): Ray Train's elastic worker group
         use_gpu=s.use_gpu,
         resources_per_worker=resources,
         placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.resize_check_seconds,
     )
 
 
@@ -60,6 +62,13 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         run_config=run_config(spec),
     )
     latest, error = None, None
+
+    def on_sigterm(signum, frame):  # `ray job stop`: checkpoint at the next step, then stop
+        emit("stop requested (SIGTERM): the workers checkpoint at the next step and stop")
+        actor.request_stop.remote("SIGTERM")
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the driver at once
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with ProgressPrinter(actor, observer):
             result = trainer.fit()
@@ -68,8 +77,9 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         error = e
         raise
     finally:
-        observer.close("failed" if error is not None else "succeeded")
+        signal.signal(signal.SIGTERM, previous)
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))
+        observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
         storage.write_json(spec.run_dir + "/summary.json", summary)

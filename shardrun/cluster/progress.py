@@ -17,12 +17,26 @@ class ProgressActor:
         self.progress = Progress(max_steps=max_steps, byte_level=byte_level)
         self.events: list[tuple[str, dict, str]] = []
         self.done = False
+        self.stop_reason: str | None = None
+        self.stopped_early = False
 
     def started(self, info: dict) -> None:
         self.events.append(("started", info, self.progress.on_start(info)))
 
     def record(self, record: dict) -> None:
         self.events.append(("record", record, self.progress.on_record(record)))
+
+    def note(self, line: str) -> None:
+        self.events.append(("note", {}, line))
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
+    def stopped(self) -> None:
+        self.stopped_early = True
 
     def finished(self) -> None:
         self.done = True
@@ -33,8 +47,10 @@ class ProgressActor:
         return events
 
     def summary(self, checkpoint: str | None, wall_seconds: float) -> dict:
-        return self.progress.summary(checkpoint=checkpoint, finished=self.done,
-                                     wall_seconds=wall_seconds)
+        summary = self.progress.summary(checkpoint=checkpoint, finished=self.done, wall_seconds=wall_seconds)
+        if self.stopped_early:
+            summary["stopped"] = self.stop_reason
+        return summary
 
 
 class ProgressPrinter:

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+import ray
 import ray.train
 
 from shardrun.trainer.loop import worker_main
@@ -50,6 +51,15 @@ class RaySession:
 
     def progress(self, record: dict) -> None:
         self.progress_actor.record.remote(record)
+
+    def note(self, line: str) -> None:
+        self.progress_actor.note.remote(line)
+
+    def stop_requested(self) -> bool:
+        return ray.get(self.progress_actor.stop_requested.remote(), timeout=30)
+
+    def stopped(self) -> None:
+        ray.get(self.progress_actor.stopped.remote())
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())

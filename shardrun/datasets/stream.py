@@ -39,7 +39,8 @@ CHUNK_ROWS = 1024
 class Stream:
     def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
-                 device: str = "cpu", log=None, chunk_rows: int | None = None):
+                 device: str = "cpu", log=None, chunk_rows: int | None = None,
+                 partitions: int | None = None):
         self.spec = spec
         self.index = index
         self.rank = rank
@@ -50,7 +51,7 @@ class Stream:
         self.device = torch.device(device)
         self._log = log or (lambda line: print(f"[shardrun] {redact(line)}", file=sys.stderr, flush=True))
 
-        partitions = spec.partitions or world_size
+        partitions = spec.partitions or partitions or world_size  # a new run's count; see JobSpec.partitions
         self.epoch, self.offset = 0, 0
         if position:  # the run's partition count is the one it started with
             partitions = self._check_position(position)

@@ -19,7 +19,7 @@ from shardrun.config import MetricsSpec
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-JOB_STATES = ("pending", "running", "restarting", "succeeded", "failed")
+JOB_STATES = ("pending", "running", "restarting", "succeeded", "stopped", "failed")
 
 # No `*_created` series beside every counter and histogram: twice the series for a timestamp
 # Prometheus does not need (rate() finds resets itself).

@@ -44,6 +44,10 @@ class RunObserver:
             row = {"time": round(time.time(), 3), **record}
             storage.append_text(self.jsonl_path, json.dumps(row) + "\n")
 
+    def note(self, payload: dict, line: str) -> None:
+        """A line from rank 0 that is no step record (a skipped step, a preemption notice)."""
+        self.emit(line)
+
     def write_targets(self, endpoints: list[dict]) -> None:
         """<targets_dir>/<run>.json in Prometheus file_sd form, replaced whole (a rename)."""
         groups = [{"targets": [e["address"]], "labels": {"run": self.spec.name, "rank": str(e["rank"]),

@@ -1,9 +1,13 @@
 """What a checkpoint holds beyond DeepSpeed's own files: step, counters, data position, RNG states.
 
 Layout of one checkpoint directory:
-  shardrun.json            rank 0: step, tokens, world size, DeepSpeed tag (what `latest` means)
+  shardrun.json            rank 0: step, tokens, world size, ZeRO stage, precision, DeepSpeed tag
   rank_<r>.pt              every rank: train state, data position, its RNG states
   <tag>/...                DeepSpeed's model and (sharded) optimizer states
+
+A checkpoint resumes on another world size (elastic runs, or num_workers changed between
+submissions) through DeepSpeed's universal checkpoint: each node converts its copy once
+(`ds_to_universal`), and the engine is built with `checkpoint.load_universal`.
 """
 
 from __future__ import annotations
@@ -11,10 +15,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from shardrun.errors import UserError
 from shardrun.trainer import faults
@@ -52,15 +61,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def seed_rank(seed: int, rank: int) -> None:
-    """Distinct, reproducible random streams per rank (dropout), same weights init is done before."""
-    mixed = seed * 1_000_003 + rank
+def seed_rank(seed: int, rank: int, step: int = 0) -> None:
+    """Distinct, reproducible random streams per rank (dropout), same weights init is done before.
+
+    A run that resumes on another world size reseeds every rank from (seed, rank, step)."""
+    mixed = (seed * 1_000_003 + rank) * 1_000_033 + step
     random.seed(mixed)
     np.random.seed(mixed % 2**32)
     torch.manual_seed(mixed)
 
 
-def save(engine, directory: str, state: TrainState, data_position: dict, topology: Topology) -> None:
+def save(engine, directory: str, state: TrainState, data_position: dict, topology: Topology, *,
+         zero_stage: int, precision: str) -> None:
     """Write this rank's part of a checkpoint into directory (every rank calls it)."""
     tag = f"global_step{state.step}"
     engine.save_checkpoint(directory, tag=tag, client_state={"shardrun": asdict(state)})
@@ -70,23 +82,81 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
         os.path.join(directory, f"rank_{topology.rank}.pt"),
     )
     if topology.is_main:
-        manifest = {**asdict(state), "tag": tag, "world_size": topology.world_size}
+        manifest = {**asdict(state), "tag": tag, "world_size": topology.world_size,
+                    "zero_stage": zero_stage, "precision": precision}
         with open(os.path.join(directory, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
 
 
-def load(engine, directory: str, topology: Topology) -> tuple[TrainState, dict]:
-    """Restore engine, counters and this rank's RNG from directory; returns (state, data position)."""
-    with open(os.path.join(directory, MANIFEST)) as f:
-        manifest = json.load(f)
-    if manifest["world_size"] != topology.world_size:
-        raise UserError(
-            f"checkpoint {directory} was written by {manifest['world_size']} workers and this run "
-            f"has {topology.world_size}; set scaling.num_workers={manifest['world_size']} to resume"
-        )
-    path, _ = engine.load_checkpoint(directory, tag=manifest["tag"])
+def read_manifest(directory: str) -> dict:
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {directory} has no readable {MANIFEST} ({e}); it is not a shardrun "
+                        "checkpoint, or it was not completely written") from None
+
+
+def needs_universal(manifest: dict, topology: Topology) -> bool:
+    """A checkpoint from another world size whose optimizer state is sharded by rank.
+
+    Without ZeRO and in fp32, DeepSpeed keeps the whole optimizer state in the model file, which
+    loads on any world size as it is."""
+    if manifest["world_size"] == topology.world_size:
+        return False
+    return not (manifest.get("zero_stage") == 0 and manifest.get("precision") == "fp32")
+
+
+def to_universal(directory: str, manifest: dict, topology: Topology, run_name: str) -> str:
+    """Convert the checkpoint into a node-local universal checkpoint; returns its root folder.
+
+    The first rank of each node converts (`python -m deepspeed.checkpoint.ds_to_universal`) while the
+    others wait; every rank then loads from its node's copy. remove_universal cleans it up."""
+    root = universal_root(run_name)
+    if topology.local_rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        os.makedirs(root)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", os.path.join(directory, manifest["tag"]),
+               "--output_folder", os.path.join(root, manifest["tag"]),
+               "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if done.returncode != 0:
+            raise RuntimeError(f"converting checkpoint {directory} ({manifest['world_size']} workers) for "
+                               f"{topology.world_size} workers failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    if dist.is_initialized():
+        dist.barrier()
+    return root
+
+
+def universal_root(run_name: str) -> str:
+    return os.path.join(tempfile.gettempdir(), "shardrun-universal", run_name)
+
+
+def remove_universal(run_name: str, topology: Topology) -> None:
+    if dist.is_initialized():
+        dist.barrier()
+    if topology.local_rank == 0:
+        shutil.rmtree(universal_root(run_name), ignore_errors=True)
+
+
+def load(engine, directory: str, topology: Topology, manifest: dict, *, universal: str | None = None,
+         seed: int = 0) -> tuple[TrainState, dict]:
+    """Restore engine, counters and this rank's RNG; returns (state, data position).
+
+    universal: the converted copy (to_universal) when the checkpoint's world size differs. Counters
+    and data position are global, so any rank's file gives them; with another world size every rank
+    is reseeded from (seed, rank, step), as ranks have no counterpart there."""
+    path, _ = engine.load_checkpoint(universal or directory, tag=manifest["tag"])
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint {manifest['tag']} in {directory}")
-    own = torch.load(os.path.join(directory, f"rank_{topology.rank}.pt"), weights_only=False)
-    set_rng_state(own["rng"])
-    return TrainState(**own["train"]), own["data"]
+        raise RuntimeError(f"DeepSpeed found no checkpoint {manifest['tag']} in {universal or directory}")
+    same_world = manifest["world_size"] == topology.world_size
+    own = torch.load(os.path.join(directory, f"rank_{topology.rank if same_world else 0}.pt"),
+                     weights_only=False)
+    state = TrainState(**own["train"])
+    if same_world:
+        set_rng_state(own["rng"])
+    else:
+        seed_rank(seed, topology.rank, state.step)
+    return state, own["data"]

@@ -8,12 +8,16 @@ from typing import Any
 from shardrun.config import DeepSpeedSpec
 
 
-def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool) -> dict[str, Any]:
-    """shardrun's DeepSpeed config, with spec.config merged over it last."""
+def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool, grad_accum_steps: int | None = None,
+                    load_universal: bool = False) -> dict[str, Any]:
+    """shardrun's DeepSpeed config, with spec.config merged over it last.
+
+    grad_accum_steps: this world size's (elastic runs keep the global batch); load_universal: the
+    checkpoint to load was converted for another world size."""
     opt = spec.optimizer
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": spec.grad_accum_steps,
+        "gradient_accumulation_steps": grad_accum_steps or spec.grad_accum_steps,
         "gradient_clipping": spec.grad_clip,
         "zero_optimization": {"stage": spec.zero_stage},
         "bf16": {"enabled": spec.precision == "bf16"},
@@ -33,6 +37,8 @@ def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool) -> dic
         "steps_per_print": 10**9,  # shardrun prints progress itself
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return deep_merge(config, spec.config)
 
 

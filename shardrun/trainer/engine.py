@@ -42,6 +42,8 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 
 def init_distributed(topology: Topology) -> None:
     """Join the process group (Ray Train may have made it already); one process needs none."""
+    if topology.device.startswith("cuda"):
+        torch.cuda.set_device(topology.device)
     if not dist.is_initialized() and topology.world_size == 1:
         # A lone process still needs a (trivial) process group for DeepSpeed.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -53,13 +55,14 @@ def init_distributed(topology: Topology) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def build(model: torch.nn.Module, spec: JobSpec, topology: Topology) -> DeepSpeedEngine:
-    """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule."""
-    if topology.device.startswith("cuda"):
-        torch.cuda.set_device(topology.device)
+def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
+          load_universal: bool = False) -> DeepSpeedEngine:
+    """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule, and the
+    gradient accumulation of this world size."""
     init_distributed(topology)
     config = build_ds_config(
-        spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu"
+        spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu",
+        grad_accum_steps=spec.grad_accum_for(topology.world_size), load_universal=load_universal,
     )
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config

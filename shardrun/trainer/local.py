@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+
 from shardrun.config import JobSpec
 from shardrun.metrics.observer import RunObserver
 from shardrun.trainer.loop import worker_main
-from shardrun.trainer.session import LocalSession
+from shardrun.trainer.session import TERMINATED, LocalSession
 from shardrun.trainer.topology import Topology
 
 
@@ -18,9 +20,11 @@ def run_local(spec: JobSpec, data_index: dict | None = None) -> None:
         byte_level=spec.model.byte_level, observer=observer,
     )
     ok = False
+    previous = signal.signal(signal.SIGTERM, lambda *_: TERMINATED.set())  # stop at the next step, saved
     try:
         worker_main(spec, session, topology, data_index=data_index)
         ok = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if observer is not None:
             observer.close("succeeded" if ok else "failed")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import threading
 import time
 
 import torch
@@ -10,8 +13,9 @@ import torch.distributed as dist
 
 from shardrun import datasets
 from shardrun.config import JobSpec
+from shardrun.errors import Preempted, TrainingDiverged
 from shardrun.metrics import WorkerMetrics, flops
-from shardrun.trainer import checkpoint, engine, models
+from shardrun.trainer import checkpoint, engine, faults, models, preemption
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
@@ -35,32 +39,41 @@ class Trainer:
         self.spec = spec
         self.session = session
         self.topology = topology
-        self.engine = self.build_engine()
+        self.grad_accum = spec.grad_accum_for(topology.world_size)
+        self.resized_from: int | None = None
+        """The world size that wrote the checkpoint this group resumed from, when it was another."""
+        self.universal = False
+        """That checkpoint went through DeepSpeed's universal format."""
+        engine.init_distributed(topology)
         self.metrics = self.start_metrics()
-        t0 = time.perf_counter()
         self.state, position = self.restore()
-        if self.metrics is not None and self.state.step:
-            self.metrics.checkpoint_loaded(time.perf_counter() - t0)
         self.stream = datasets.open(
             spec.data, self.topology, position,
             micro_batch_size=spec.deepspeed.micro_batch_size,
-            grad_accum_steps=spec.deepspeed.grad_accum_steps, index=data_index,
+            grad_accum_steps=self.grad_accum, index=data_index, partitions=spec.partitions,
         )
         self.global_batch = self.stream.global_batch
         self.tokens_per_step = self.global_batch * spec.data.tokens_per_sample
         self.peak_flops = self._peak_flops()
         self._window_loss = torch.zeros((), device=self.topology.device)
         self._window_steps = 0
+        self._window_finite = 0
         self._window_wait = 0.0
         self._window_start = time.perf_counter()
         self._skipped_steps = 0
+        self._closed = threading.Event()
+        self._nonfinite_run = 0
+        """Consecutive steps whose loss was not finite."""
+        self.nonfinite_steps = 0
+        self._poison = "nonfinite-loss" in os.environ.get("SHARDRUN_FAULT", "")
+        self._delay = faults.step_delay()
 
-    def build_engine(self) -> engine.DeepSpeedEngine:
+    def build_engine(self, *, load_universal: bool = False) -> engine.DeepSpeedEngine:
         torch.manual_seed(self.spec.run.seed)  # every rank builds the same initial weights
         model = models.build(self.spec.model)
         # counted on the whole model: ZeRO-3 leaves each rank only a shard of the parameters
         self.flops_per_token = flops.flops_per_token(model, self.spec.data.seq_len or 1)
-        return engine.build(model, self.spec, self.topology)
+        return engine.build(model, self.spec, self.topology, load_universal=load_universal)
 
     def start_metrics(self) -> WorkerMetrics | None:
         """This rank's Prometheus endpoint; every rank's address goes to rank 0 for discovery."""
@@ -87,32 +100,143 @@ class Trainer:
         return None  # CPUs: no table of peaks; set metrics.peak_flops to get MFU
 
     def close(self) -> None:
+        self._closed.set()
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.stop()
         self.stream.close()
         if self.metrics is not None:
             self.metrics.close()
 
     def restore(self) -> tuple[TrainState, dict | None]:
+        """Build the engine and load the latest checkpoint into it, converted if another world size
+        wrote it; returns the train state and the data position (None: a new run)."""
         with self.session.latest_checkpoint() as path:
             if path is None:
+                self.engine = self.build_engine()
                 checkpoint.seed_rank(self.spec.run.seed, self.topology.rank)
                 return TrainState(), None
-            return checkpoint.load(self.engine, path, self.topology)
+            t0 = time.perf_counter()
+            manifest = checkpoint.read_manifest(path)
+            if manifest["world_size"] != self.topology.world_size:
+                self.resized_from = manifest["world_size"]
+            universal = None
+            if checkpoint.needs_universal(manifest, self.topology):
+                universal = checkpoint.to_universal(path, manifest, self.topology, self.spec.name)
+                self.universal = True
+            try:
+                self.engine = self.build_engine(load_universal=universal is not None)
+                loaded = checkpoint.load(self.engine, path, self.topology, manifest, universal=universal,
+                                         seed=self.spec.run.seed)
+            finally:
+                if universal is not None:
+                    checkpoint.remove_universal(self.spec.name, self.topology)
+            if self.metrics is not None:
+                self.metrics.checkpoint_loaded(time.perf_counter() - t0)
+            return loaded
 
     def train(self) -> None:
+        self._check_nonfinite_policy()
+        self.start_watching()
         if self.topology.is_main:
             self.session.started({**vars(self.state), "world_size": self.topology.world_size,
-                                  "endpoints": self.endpoints})
+                                  "endpoints": self.endpoints, "resized_from": self.resized_from,
+                                  "universal": self.universal, "grad_accum_steps": self.grad_accum,
+                                  "global_batch": self.global_batch})
         start = self.state.step
+        self._saved_step = start
         while self.state.step < self.spec.run.max_steps:
-            self._window_loss += self.train_step()
+            loss = self.train_step()
             self._window_steps += 1
+            # one collective per step: any rank's non-finite loss, preemption notice, stop request
+            nonfinite, preempt, stop = preemption.any_rank(
+                [not torch.isfinite(loss).item(), self.watcher is not None and self.watcher.notice is not None,
+                 self._stop_request.is_set()], self.topology.device)
+            if not nonfinite:
+                self._window_loss += loss
+                self._window_finite += 1
+                self._nonfinite_run = 0
+            else:
+                self.on_nonfinite(loss)
             step = self.state.step
-            if step == start + 1 or step % self.spec.run.log_every == 0 or self.done:
+            if step == start + 1 or step % self.spec.run.log_every == 0 or self.done or preempt or stop:
                 self.log_progress()
             if step % self.spec.checkpoint.every_steps == 0 or self.done:
                 self.save_checkpoint()
+            if preempt or stop:
+                self.stop_here(preempt)
+                return
         if self.topology.is_main:
             self.session.finished()
+
+    def start_watching(self) -> None:
+        """Azure Scheduled Events on the first rank of each VM; stop requests (ray job stop, SIGTERM)
+        polled on rank 0. Both only set flags that the loop reads at a step boundary."""
+        self.watcher = None
+        self._stop_request = threading.Event()
+        endpoint = preemption.endpoint_for(self.spec.failure.scheduled_events)
+        if endpoint and self.topology.local_rank == 0:
+            self.watcher = preemption.PreemptionWatcher(preemption.ScheduledEvents(endpoint), emit=_log).start()
+        if self.topology.is_main:
+            threading.Thread(target=self._poll_stop, name="shardrun-stop", daemon=True).start()
+
+    def _poll_stop(self, every: float = 2.0) -> None:
+        while not self._stop_request.is_set() and not self._closed.wait(every):
+            try:
+                if self.session.stop_requested():
+                    self._stop_request.set()
+            except Exception as e:  # the driver may be gone; its loss ends the group anyway
+                _log(f"could not ask for a stop request: {e!r}")
+                return
+
+    def stop_here(self, preempt: bool) -> None:
+        """Checkpoint this step (unless just saved), acknowledge a noticed event, and end the group."""
+        t0 = time.perf_counter()
+        if self._saved_step != self.state.step:
+            self.save_checkpoint()
+        seconds = time.perf_counter() - t0
+        if self.watcher is not None and self.watcher.notice is not None:
+            self.watcher.acknowledge()
+        step = self.state.step
+        if preempt:
+            if self.topology.is_main:
+                self.session.note(f"preemption: checkpoint of step {step} written in {seconds:.2f} s; this worker "
+                                  "group stops and the run resumes from it")
+            raise Preempted(f"a VM of this run is being taken away (Azure Scheduled Events); checkpointed step {step}")
+        if self.topology.is_main:
+            self.session.note(f"stop requested: checkpoint of step {step} written in {seconds:.2f} s; "
+                              "start the run again (same name) to resume")
+            self.session.stopped()
+
+    def _check_nonfinite_policy(self) -> None:
+        d = self.spec.deepspeed
+        # DeepSpeed's ZeRO and bf16 optimizers discard an update whose gradient norm is not finite;
+        # without either (ZeRO stage 0 in fp32) the update is applied
+        self._can_skip = not (d.zero_stage == 0 and d.precision == "fp32")
+
+    def on_nonfinite(self, loss: torch.Tensor) -> None:
+        """Some rank's loss of this step was not finite: count, log, and apply failure.nonfinite_loss.
+
+        (Learning that costs a device sync per step; DeepSpeed's own overflow check syncs each step
+        already.)"""
+        self._nonfinite_run += 1
+        self.nonfinite_steps += 1
+        failure = self.spec.failure
+        where = (f"step {self.state.step}: the loss is {loss.item()} on rank {self.topology.rank}"
+                 if not torch.isfinite(loss) else f"step {self.state.step}: the loss is not finite on another rank")
+        advice = ("lower deepspeed.optimizer.lr, lengthen deepspeed.schedule.warmup_steps, keep "
+                  "deepspeed.grad_clip on, or look for bad values in the data; the run resumes from its latest "
+                  "checkpoint when started again")
+        if not self._can_skip:
+            raise TrainingDiverged(f"{where}; with ZeRO stage 0 in fp32 DeepSpeed applies the update "
+                                   f"anyway, so the weights are no longer trustworthy. Stopped: {advice}")
+        if failure.nonfinite_loss == "stop":
+            raise TrainingDiverged(f"{where} (failure.nonfinite_loss: stop): {advice}")
+        if self._nonfinite_run >= failure.max_nonfinite_steps:
+            raise TrainingDiverged(f"{where}, {self._nonfinite_run} steps in a row (failure.max_nonfinite_steps: "
+                                   f"{failure.max_nonfinite_steps}): {advice}")
+        if self.topology.is_main:
+            self.session.note(f"{where}; the step was skipped ({self._nonfinite_run} in a row, "
+                              f"{self.nonfinite_steps} in this run so far)")
 
     @property
     def done(self) -> bool:
@@ -123,15 +247,19 @@ class Trainer:
         t0 = time.perf_counter()
         wait0 = self.stream.wait_seconds
         total = torch.zeros((), device=self.topology.device)
-        for _ in range(self.spec.deepspeed.grad_accum_steps):
+        for _ in range(self.grad_accum):
             batch = self.stream.next_batch()
             if "inputs" in batch:
                 loss = self.engine(batch["inputs"], batch["targets"])
             else:  # table data: the model takes the columns (and `label`) as keyword arguments
                 loss = self.engine(**batch)
+            if self._poison and faults.active("nonfinite-loss", step=self.state.step + 1, rank=self.topology.rank):
+                loss = loss * float("nan")
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach().float()
+        if self._delay:
+            time.sleep(self._delay)
         self.state.step += 1
         self.state.samples += self.global_batch
         self.state.tokens += self.tokens_per_step
@@ -141,11 +269,12 @@ class Trainer:
             world = self.topology.world_size
             self.metrics.step_done(step=self.state.step, seconds=time.perf_counter() - t0, data_wait=wait,
                                    samples=self.global_batch // world, tokens=self.tokens_per_step // world)
-        return total / self.spec.deepspeed.grad_accum_steps
+        return total / self.grad_accum
 
     def log_progress(self) -> None:
         """Mean loss of the window over all ranks (one small all-reduce), sent by rank 0."""
-        loss = self._window_loss / self._window_steps
+        loss = self._window_loss / max(1, self._window_finite) if self._window_finite else \
+            torch.full((), float("nan"), device=self.topology.device)
         if dist.is_initialized() and self.topology.world_size > 1:
             dist.all_reduce(loss)
             loss /= self.topology.world_size
@@ -184,17 +313,23 @@ class Trainer:
             self.session.progress(record)
         self._window_loss.zero_()
         self._window_steps = 0
+        self._window_finite = 0
         self._window_wait = 0.0
         self._window_start = time.perf_counter()
 
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         metrics = {**vars(self.state)}
+        self._saved_step = self.state.step
         with self.session.checkpoint_dir(self.state.step, metrics) as directory:
-            checkpoint.save(self.engine, directory, self.state, self.stream.position(),
-                            self.topology)
+            checkpoint.save(self.engine, directory, self.state, self.stream.position(), self.topology,
+                            zero_stage=self.spec.deepspeed.zero_stage, precision=self.spec.deepspeed.precision)
         seconds = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.checkpoint_saved(seconds)
         # the save's time is not training throughput
         self._window_start += seconds
+
+
+def _log(line: str) -> None:
+    print(f"[shardrun] {line}", file=sys.stderr, flush=True)

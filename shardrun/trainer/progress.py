@@ -13,6 +13,10 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
+
+
 class Progress:
     """Turns step records into log lines; remembers what the summary needs."""
 
@@ -29,7 +33,13 @@ class Progress:
         self.starts.append(info)
         what = "starting" if info["step"] == 0 else f"resuming from step {info['step']}"
         again = f" (restart {len(self.starts) - 1})" if len(self.starts) > 1 else ""
-        return f"{what} with {info['world_size']} workers{again}"
+        line = f"{what} with {plural(info['world_size'], 'worker')}{again}"
+        if info.get("resized_from"):
+            how = ", converted to DeepSpeed's universal format" if info.get("universal") else ""
+            line += (f"; the checkpoint was written by {plural(info['resized_from'], 'worker')}{how}; now "
+                     f"{plural(info['grad_accum_steps'], 'micro-batch')} per step, a global batch of "
+                     f"{info['global_batch']}")
+        return line
 
     def on_record(self, rec: dict) -> str:
         """One progress line: step, loss, tokens/s, ETA."""

@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager as ContextManager
 from typing import Protocol
@@ -33,8 +34,21 @@ class Session(Protocol):
     def progress(self, record: dict) -> None:
         """Rank 0: one step record (step, loss, lr, samples, tokens, tokens_per_s, step_time)."""
 
+    def note(self, line: str) -> None:
+        """Rank 0: a line for the run's log that is no step record."""
+
+    def stop_requested(self) -> bool:
+        """Rank 0, from a background thread: whether the run was asked to stop (SIGTERM, ray job stop)."""
+
+    def stopped(self) -> None:
+        """Rank 0: the group checkpointed and stopped on request before max_steps."""
+
     def finished(self) -> None:
         """Rank 0: training reached max_steps."""
+
+
+TERMINATED = threading.Event()
+"""Set by run_local's SIGTERM handler (torchrun passes SIGTERM on to every rank)."""
 
 
 class LocalSession:
@@ -95,10 +109,25 @@ class LocalSession:
         else:
             self._print(line)
 
+    def note(self, line: str) -> None:
+        if self.observer is not None:
+            self.observer.note({}, line)
+        else:
+            self._print(line)
+
+    def stop_requested(self) -> bool:
+        return TERMINATED.is_set()
+
     def finished(self) -> None:
-        summary = self.progress_log.summary(checkpoint=self._latest_path(), finished=True)
+        self._write_summary(finished=True)
+
+    def stopped(self) -> None:
+        self._write_summary(finished=False)
+
+    def _write_summary(self, *, finished: bool) -> None:
+        summary = self.progress_log.summary(checkpoint=self._latest_path(), finished=finished)
         storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
-        self._print(f"done: {summary}")
+        self._print(f"{'done' if finished else 'stopped'}: {summary}")
 
     @staticmethod
     def _print(line: str) -> None:

@@ -53,7 +53,7 @@ def ray_stand_in():
     ("deepspeed.zero_stagee=2",
      "deepspeed.zero_stagee: unknown key; did you mean 'zero_stage'? (got 2)"),
     ("scaling.num_workers=0",
-     "scaling.num_workers: Input should be greater than or equal to 1 (got 0)"),
+     "scaling.num_workers: must be a whole number >= 1, or [min, max] of them for an elastic run (got 0)"),
 ])
 def test_bad_spec_exits_2_naming_the_field(tmp_path, corpus, ray_stand_in, override, expect):
     path = write_spec(tmp_path / "job.yaml", tiny_spec(corpus, tmp_path / "runs"))
