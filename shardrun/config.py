@@ -289,6 +289,11 @@ class FailureSpec(_Section):
     max_nonfinite_steps: int = Field(
         5, ge=1, description="Consecutive skipped non-finite steps after which the run stops with an error."
     )
+    collective_timeout_s: float = Field(
+        300.0, gt=0,
+        description="Once training runs, a collective that waits longer than this fails the group (a dead "
+        "or hung peer) instead of hanging for the backend's 30 minutes; checkpoint saves get the long one.",
+    )
     scheduled_events: str = Field(
         "auto",
         description="Azure Scheduled Events: on a Preempt or Terminate event for its VM, every rank "

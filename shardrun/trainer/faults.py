@@ -5,7 +5,8 @@ SHARDRUN_FAULT="<point>:step=<n>:rank=<r>" makes rank r meet the fault at <point
 file records that it did, so the restarted worker group runs through. Points:
 - `checkpoint-save`: the rank dies by SIGKILL after writing its DeepSpeed files (the rest of the
   checkpoint is not written);
-- `nonfinite-loss`: the rank's loss of that step is NaN (failure.nonfinite_loss decides what follows).
+- `nonfinite-loss`: the rank's loss of that step is NaN (failure.nonfinite_loss decides what follows);
+- `stall`: the rank stops itself (SIGSTOP) after the step, like a hung peer: alive, silent.
 
 SHARDRUN_STEP_DELAY=<seconds> makes every step that much longer, so that a test can act mid-run.
 """
@@ -36,9 +37,9 @@ def active(point: str, *, step: int, rank: int) -> bool:
 
 
 def maybe_fail(point: str, *, step: int, rank: int) -> None:
-    """Die by SIGKILL if SHARDRUN_FAULT asks for it here."""
+    """Die by SIGKILL (or stop by SIGSTOP, at `stall`) if SHARDRUN_FAULT asks for it here."""
     if active(point, step=step, rank=rank):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if point == "stall" else signal.SIGKILL)
 
 
 def step_delay() -> float:

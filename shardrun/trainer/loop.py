@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 import socket
 import sys
@@ -10,6 +12,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from shardrun import datasets
 from shardrun.config import JobSpec
@@ -29,6 +32,13 @@ def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | Non
     trainer = Trainer(spec, session, topology or Topology.from_env(spec.scaling.use_gpu), data_index)
     try:
         trainer.train()
+    except RuntimeError as e:
+        timeout = getattr(trainer, "_timeout", None)
+        if timeout is None or "timed out" not in str(e).lower():
+            raise
+        raise RuntimeError(f"rank {trainer.topology.rank} waited more than failure.collective_timeout_s "
+                           f"({timeout:g} s) at step {trainer.state.step} for another rank, which died or hangs: "
+                           f"{e}") from e
     finally:
         trainer.close()
     return trainer.state
@@ -45,6 +55,10 @@ class Trainer:
         self.universal = False
         """That checkpoint went through DeepSpeed's universal format."""
         engine.init_distributed(topology)
+        self.control = None
+        """A gloo group for the per-step flags when the training group is NCCL: no device sync for them."""
+        if dist.is_initialized() and topology.world_size > 1 and dist.get_backend() != "gloo":
+            self.control = dist.new_group(backend="gloo")
         self.metrics = self.start_metrics()
         self.state, position = self.restore()
         self.stream = datasets.open(
@@ -65,6 +79,7 @@ class Trainer:
         self._nonfinite_run = 0
         """Consecutive steps whose loss was not finite."""
         self.nonfinite_steps = 0
+        self._faults = bool(os.environ.get("SHARDRUN_FAULT"))
         self._poison = "nonfinite-loss" in os.environ.get("SHARDRUN_FAULT", "")
         self._delay = faults.step_delay()
 
@@ -146,17 +161,21 @@ class Trainer:
         self._saved_step = start
         while self.state.step < self.spec.run.max_steps:
             loss = self.train_step()
+            if self._faults:
+                faults.maybe_fail("stall", step=self.state.step, rank=self.topology.rank)
+            if self.state.step == start + 1:  # the slow first step (allocations, compiles) is behind us
+                self.collective_timeout(self.spec.failure.collective_timeout_s)
             self._window_steps += 1
-            # one collective per step: any rank's non-finite loss, preemption notice, stop request
-            nonfinite, preempt, stop = preemption.any_rank(
-                [not torch.isfinite(loss).item(), self.watcher is not None and self.watcher.notice is not None,
-                 self._stop_request.is_set()], self.topology.device)
-            if not nonfinite:
+            # one host-side collective per step (no device sync): preemption notice, stop request
+            preempt, stop = preemption.any_rank(
+                [self.watcher is not None and self.watcher.notice is not None, self._stop_request.is_set()],
+                group=self.control)
+            if self.update_was_skipped():
+                self.on_nonfinite()
+            else:
                 self._window_loss += loss
                 self._window_finite += 1
                 self._nonfinite_run = 0
-            else:
-                self.on_nonfinite(loss)
             step = self.state.step
             if step == start + 1 or step % self.spec.run.log_every == 0 or self.done or preempt or stop:
                 self.log_progress()
@@ -209,33 +228,38 @@ class Trainer:
 
     def _check_nonfinite_policy(self) -> None:
         d = self.spec.deepspeed
-        # DeepSpeed's ZeRO and bf16 optimizers discard an update whose gradient norm is not finite;
-        # without either (ZeRO stage 0 in fp32) the update is applied
+        # DeepSpeed's ZeRO and bf16 optimizers discard an update whose gradient norm is not finite (and
+        # count it in engine.skipped_steps, the same on every rank); without either (ZeRO stage 0 in
+        # fp32) the update is applied, and the log step's loss tells. fp16's loss scaler skips steps as
+        # it backs off: those are DeepSpeed's own business.
         self._can_skip = not (d.zero_stage == 0 and d.precision == "fp32")
+        self._count_skips = self._can_skip and d.precision != "fp16"
+        self._ds_skipped = self._engine_skipped()
 
-    def on_nonfinite(self, loss: torch.Tensor) -> None:
-        """Some rank's loss of this step was not finite: count, log, and apply failure.nonfinite_loss.
+    def _engine_skipped(self) -> int:
+        return int(getattr(self.engine, "skipped_steps", 0) or 0)
 
-        (Learning that costs a device sync per step; DeepSpeed's own overflow check syncs each step
-        already.)"""
+    def update_was_skipped(self) -> bool:
+        """DeepSpeed left this step's update out: its gradients were not finite (a host counter, no sync)."""
+        if not self._count_skips:
+            return False
+        before, self._ds_skipped = self._ds_skipped, self._engine_skipped()
+        return self._ds_skipped > before
+
+    def on_nonfinite(self) -> None:
+        """DeepSpeed skipped this step's update (its loss or gradients were not finite on some rank): count,
+        log, and apply failure.nonfinite_loss."""
         self._nonfinite_run += 1
         self.nonfinite_steps += 1
         failure = self.spec.failure
-        where = (f"step {self.state.step}: the loss is {loss.item()} on rank {self.topology.rank}"
-                 if not torch.isfinite(loss) else f"step {self.state.step}: the loss is not finite on another rank")
-        advice = ("lower deepspeed.optimizer.lr, lengthen deepspeed.schedule.warmup_steps, keep "
-                  "deepspeed.grad_clip on, or look for bad values in the data; the run resumes from its latest "
-                  "checkpoint when started again")
-        if not self._can_skip:
-            raise TrainingDiverged(f"{where}; with ZeRO stage 0 in fp32 DeepSpeed applies the update "
-                                   f"anyway, so the weights are no longer trustworthy. Stopped: {advice}")
+        where = f"step {self.state.step}: the loss or the gradients are not finite"
         if failure.nonfinite_loss == "stop":
-            raise TrainingDiverged(f"{where} (failure.nonfinite_loss: stop): {advice}")
+            raise TrainingDiverged(f"{where} (failure.nonfinite_loss: stop): {NONFINITE_ADVICE}")
         if self._nonfinite_run >= failure.max_nonfinite_steps:
             raise TrainingDiverged(f"{where}, {self._nonfinite_run} steps in a row (failure.max_nonfinite_steps: "
-                                   f"{failure.max_nonfinite_steps}): {advice}")
+                                   f"{failure.max_nonfinite_steps}): {NONFINITE_ADVICE}")
         if self.topology.is_main:
-            self.session.note(f"{where}; the step was skipped ({self._nonfinite_run} in a row, "
+            self.session.note(f"{where}; DeepSpeed skipped the update ({self._nonfinite_run} in a row, "
                               f"{self.nonfinite_steps} in this run so far)")
 
     @property
@@ -279,6 +303,10 @@ class Trainer:
             dist.all_reduce(loss)
             loss /= self.topology.world_size
         loss_value = loss.item()  # waits for the device, so the time below is real
+        if not self._can_skip and not math.isfinite(loss_value):
+            raise TrainingDiverged(f"step {self.state.step}: the loss is {loss_value}; with ZeRO stage 0 in fp32 "
+                                   "DeepSpeed applies updates whatever their gradients, so the weights are no "
+                                   f"longer trustworthy. Stopped: {NONFINITE_ADVICE}")
         elapsed = time.perf_counter() - self._window_start
         tokens_per_s = self._window_steps * self.tokens_per_step / elapsed
         skipped = int(getattr(self.engine, "skipped_steps", 0) or 0)
@@ -317,7 +345,23 @@ class Trainer:
         self._window_wait = 0.0
         self._window_start = time.perf_counter()
 
+    def collective_timeout(self, seconds: float) -> None:
+        """How long a collective may wait for the other ranks before it fails the group."""
+        if dist.is_initialized() and self.topology.world_size > 1:
+            distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+        self._timeout = seconds
+
     def save_checkpoint(self) -> None:
+        short = getattr(self, "_timeout", None)
+        if short is not None:  # ranks wait at barriers for the slowest writer: the default timeout
+            self.collective_timeout(LONG_TIMEOUT_S)
+        try:
+            self._save_checkpoint()
+        finally:
+            if short is not None:
+                self.collective_timeout(short)
+
+    def _save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         metrics = {**vars(self.state)}
         self._saved_step = self.state.step
@@ -329,6 +373,14 @@ class Trainer:
             self.metrics.checkpoint_saved(seconds)
         # the save's time is not training throughput
         self._window_start += seconds
+
+
+NONFINITE_ADVICE = ("lower deepspeed.optimizer.lr, lengthen deepspeed.schedule.warmup_steps, keep "
+                    "deepspeed.grad_clip on, or look for bad values in the data; started again, the run resumes "
+                    "from its latest checkpoint")
+
+LONG_TIMEOUT_S = 1800.0
+"""torch's and Ray Train's default collective timeout: group start-up and checkpoint saves."""
 
 
 def _log(line: str) -> None:

@@ -287,17 +287,18 @@ def _describe(event: Event, vm_name: str) -> str:
     return f"preemption: {event.event_type} {status} for {vm_name}{when} (event {event.event_id})"
 
 
-def any_rank(flags: list[bool], device: str | torch.device = "cpu") -> list[bool]:
+def any_rank(flags: list[bool], group: dist.ProcessGroup | None = None) -> list[bool]:
     """Each flag, true on every rank when it is true on any rank: one all-reduce (MAX) of len(flags) numbers.
 
-    Call it on every rank at the same step boundary (the worker loop folds its stop and non-finite
-    loss flags into this one collective). `device` is where the collective runs: the rank's CUDA
-    device under NCCL, "cpu" under gloo. Without a process group of 2 or more ranks: the flags.
+    Call it on every rank at the same step boundary (the worker loop folds its preemption and stop
+    flags into this one collective). The tensor stays on the host: `group` must be a gloo group (the
+    default group under gloo; the worker loop makes one beside NCCL), so the device is not synced.
+    Without a process group of 2 or more ranks: the flags.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return list(flags)
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return [bool(v) for v in tensor.tolist()]
 
 

@@ -1,0 +1,61 @@
+"""What a rank does when training goes wrong: a loss that is not finite (failure.nonfinite_loss), and a
+peer that hangs (failure.collective_timeout_s). Faults come from SHARDRUN_FAULT (shardrun.trainer.faults)."""
+
+import sys
+import time
+
+import pytest
+import torch
+from helpers import child_env, free_port, run, tiny_spec, write_spec
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+
+
+def train(spec_path, *, fault: str, nproc: int = 1):
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                "--master-addr=127.0.0.1", f"--master-port={free_port()}"] if nproc > 1 else [sys.executable]
+    return run([*launcher, "-m", "shardrun", "train", str(spec_path)], timeout=240,
+               env=child_env(SHARDRUN_FAULT=fault), check=False)
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, corpus):
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(corpus, tmp_path / "runs", run={"max_steps": 6, "log_every": 1},
+                                                         checkpoint={"every_steps": 6}))
+    done = train(spec, fault="nonfinite-loss:step=3:rank=1", nproc=2)
+    assert done.returncode == 0, done.stdout[-4000:]
+    assert ("step 3: the loss or the gradients are not finite; DeepSpeed skipped the update (1 in a row, 1 in "
+            "this run so far)") in done.stdout
+    # the window of step 3 had no finite loss to show; the weights never saw the NaN
+    assert "step      3/6 | loss nan" in done.stdout and "step      4/6 | loss nan" not in done.stdout
+    [states] = (tmp_path / "runs/tiny/checkpoints/step_00000006").glob("global_step*/mp_rank_00_model_states.pt")
+    weights = torch.load(states, weights_only=False)["module"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize(("failure", "deepspeed", "expect"), [
+    ({"max_nonfinite_steps": 3}, {"zero_stage": 2},
+     "step 5: the loss or the gradients are not finite, 3 steps in a row (failure.max_nonfinite_steps: 3)"),
+    ({"nonfinite_loss": "stop"}, {"zero_stage": 1},
+     "step 3: the loss or the gradients are not finite (failure.nonfinite_loss: stop)"),
+    ({}, {"zero_stage": 0}, "step 3: the loss is nan; with ZeRO stage 0 in fp32 DeepSpeed applies updates"),
+])
+def test_nonfinite_losses_stop_the_run_with_the_reason(tmp_path, corpus, failure, deepspeed, expect):
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", scaling={"num_workers": 1}, deepspeed=deepspeed,
+        run={"max_steps": 8, "log_every": 1},
+        failure={"scheduled_events": "off", **failure}))
+    done = train(spec, fault="nonfinite-loss:step=3-8")
+    assert done.returncode == 1, done.stdout[-4000:]
+    assert f"shardrun: TrainingDiverged: {expect}" in done.stdout, done.stdout[-4000:]
+
+
+def test_a_hung_rank_fails_the_group_after_the_collective_timeout(tmp_path, corpus):
+    """Rank 1 stops itself (SIGSTOP) after step 4; rank 0's next collective gives up after 5 s, not gloo's 30 min."""
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", run={"max_steps": 50, "log_every": 1}, checkpoint={"every_steps": 100},
+        failure={"scheduled_events": "off", "collective_timeout_s": 5}))
+    t0 = time.monotonic()
+    done = train(spec, fault="stall:step=4:rank=1", nproc=2)
+    assert done.returncode != 0 and time.monotonic() - t0 < 180, done.stdout[-4000:]
+    assert ("rank 0 waited more than failure.collective_timeout_s (5 s) at step 4 for another rank, which died "
+            "or hangs") in done.stdout, done.stdout[-4000:]
