@@ -126,3 +126,38 @@ def test_example_specs_validate():
 
     for path in (REPO / "examples").glob("*.yaml"):
         config.load(path)
+
+
+def test_elastic_workers_keep_the_global_batch_and_default_partitions(tmp_path):
+    spec = config.parse(_spec(tmp_path, scaling={"num_workers": [2, 4]},
+                              deepspeed={"micro_batch_size": 1, "grad_accum_steps": 3}))
+    assert spec.scaling.elastic and spec.scaling.world_sizes == [2, 3, 4]
+    assert spec.partitions == 12  # lcm(2, 3, 4): every world size owns whole partitions
+    assert spec.global_batch == 12 and [spec.grad_accum_for(w) for w in (2, 3, 4)] == [6, 4, 3]
+    assert {spec.global_batch_for(w) for w in (2, 3, 4)} == {12}
+
+
+def test_elastic_ranges_that_cannot_keep_the_batch_are_refused_naming_the_fix(tmp_path):
+    with pytest.raises(UserError) as e:
+        config.parse(_spec(tmp_path, scaling={"num_workers": [3, 4]}, deepspeed={"micro_batch_size": 4}))
+    assert "with 3 workers the global batch of 16" in str(e.value) and "keep_global_batch: false" in str(e.value)
+    scaled = config.parse(_spec(tmp_path, scaling={"num_workers": [1, 2], "keep_global_batch": False},
+                                deepspeed={"micro_batch_size": 4}))
+    assert [scaled.global_batch_for(w) for w in (1, 2)] == [4, 8] and scaled.grad_accum_for(1) == 1
+
+
+@pytest.mark.parametrize(("value", "expect"), [
+    (0, "must be a whole number >= 1, or [min, max] of them for an elastic run (got 0)"),
+    ([3, 2], "[min, max] needs min <= max (got [3, 2])"),
+    ([1, 2, 3], "must be a whole number >= 1"),
+    (True, "must be a whole number >= 1"),
+])
+def test_bad_worker_counts_are_named(tmp_path, value, expect):
+    with pytest.raises(UserError) as e:
+        config.parse(_spec(tmp_path, scaling={"num_workers": value}))
+    assert f"scaling.num_workers: {expect}" in str(e.value)
+
+
+def test_equal_bounds_are_a_fixed_size(tmp_path):
+    spec = config.parse(_spec(tmp_path, scaling={"num_workers": [2, 2]}))
+    assert spec.scaling.num_workers == 2 and not spec.scaling.elastic

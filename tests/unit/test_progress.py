@@ -32,3 +32,12 @@ def test_summary_counts_this_invocation_and_restarts():
 def test_durations():
     assert format_duration(59) == "0m59s"
     assert format_duration(3725) == "1h02m"
+
+
+def test_a_group_on_another_world_size_says_how_it_resumed():
+    p = Progress(max_steps=100, byte_level=False)
+    p.on_start({"step": 0, "samples": 0, "tokens": 0, "world_size": 2})
+    line = p.on_start({"step": 20, "samples": 160, "tokens": 0, "world_size": 1, "resized_from": 2,
+                       "universal": True, "grad_accum_steps": 2, "global_batch": 8})
+    assert line == ("resuming from step 20 with 1 worker (restart 1); the checkpoint was written by 2 workers, "
+                    "converted to DeepSpeed's universal format; now 2 micro-batches per step, a global batch of 8")
