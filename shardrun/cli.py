@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from shardrun import config
-from shardrun.errors import UserError, redact
+from shardrun.errors import RedactingStream, UserError, redact
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 143
@@ -125,8 +125,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_index = ensure_data(spec)
     from shardrun.cluster.launch import launch
 
+    # Ray prints its workers' logs here, storage URLs with their SAS signatures among them
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index)
-    _emit(f"summary ({spec.run_dir}/summary.json):\n{json.dumps(summary, indent=2)}")
+    _emit(f"summary ({config.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
     return EXIT_STOPPED if summary.get("stopped") else 0
 
 

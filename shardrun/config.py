@@ -372,11 +372,17 @@ class JobSpec(_Section):
     @property
     def run_dir(self) -> str:
         """Where this run's checkpoints, spec and summary live."""
-        return self.checkpoint.storage.rstrip("/") + "/" + self.name
+        return join(self.checkpoint.storage, self.name)
 
     def to_yaml(self) -> str:
         """The resolved spec, every default filled in."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def join(location: str, *parts: str) -> str:
+    """A path or URI with parts added to its path; a URI's query (?enable_tls=false&sig=...) stays last."""
+    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
+    return "/".join([base.rstrip("/"), *parts]) + mark + query
 
 
 def check_partitions(partitions: int, world_size: int, global_batch: int,

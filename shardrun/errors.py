@@ -27,3 +27,18 @@ def redact(text: str) -> str:
     for pattern, repl in _SECRETS:
         text = pattern.sub(repl, text)
     return text
+
+
+class RedactingStream:
+    """A text stream that masks secrets in whatever passes through it (Ray prints its workers' and
+    controller's logs through the driver's sys.stdout and sys.stderr, request URLs with SAS included)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)

@@ -9,17 +9,23 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
+from shardrun.config import join
 from shardrun.datasets.index import filesystem
+from shardrun.errors import UserError
 
 if TYPE_CHECKING:
     from shardrun.config import JobSpec
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file, creating its folder; on local disk through a rename (never half a file)."""
+    """Write a whole file, creating its folder; never half a file: on local disk through a rename, on
+    object stores by their own rule (a blob or object appears only once its upload is complete)."""
     fs, p = filesystem(path)
-    parent = p.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(p) as f:
+            f.write(text.encode())
+        return
     tmp = f"{p}.tmp-{time.monotonic_ns()}"
     with fs.open_output_stream(tmp) as f:
         f.write(text.encode())
@@ -59,9 +65,14 @@ def exists(path: str) -> bool:
 def move_aside(path: str) -> str:
     """Rename a run folder out of the way (for --fresh) and return its new name; nothing is deleted."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    new = f"{path.rstrip('/')}.replaced-{stamp}"
+    base, mark, query = path.partition("?") if "://" in path else (path, "", "")
+    new = f"{base.rstrip('/')}.replaced-{stamp}{mark}{query}"
     fs, p = filesystem(path)
-    fs.move(p, filesystem(new)[1])
+    try:
+        fs.move(p, filesystem(new)[1])
+    except OSError as e:  # object stores without folders (Blob storage without a hierarchical namespace)
+        raise UserError(f"--fresh cannot move {path} aside on this storage ({e}); delete it, or give the "
+                        "run another name") from None
     return new
 
 
@@ -69,4 +80,4 @@ def prepare_run_dir(spec: JobSpec, *, fresh: bool, emit: Callable[[str], None]) 
     """--fresh moves an earlier run of this name aside; the resolved spec is saved in the run dir."""
     if fresh and exists(spec.run_dir):
         emit(f"--fresh: moved the earlier run to {move_aside(spec.run_dir)}")
-    write_text(spec.run_dir + "/job.yaml", spec.to_yaml())
+    write_text(join(spec.run_dir, "job.yaml"), spec.to_yaml())

@@ -14,7 +14,8 @@ from shardrun import storage
 from shardrun.cluster.connect import connect
 from shardrun.cluster.progress import ProgressActor, ProgressPrinter
 from shardrun.cluster.worker import train_fn
-from shardrun.config import JobSpec
+from shardrun.config import JobSpec, join
+from shardrun.datasets.index import filesystem
 from shardrun.metrics.observer import RunObserver
 
 
@@ -33,9 +34,13 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 
 
 def run_config(spec: JobSpec) -> RunConfig:
+    """Checkpoints under checkpoint.storage/<name>: a path, or a URI opened by pyarrow as shardrun opens
+    it (abfs://, s3://), so that Ray Train uploads to and downloads from the same place."""
+    fs, path = filesystem(spec.checkpoint.storage)
     return RunConfig(
         name=spec.name,
-        storage_path=spec.checkpoint.storage,
+        storage_path=path,
+        storage_filesystem=fs if "://" in spec.checkpoint.storage else None,
         failure_config=FailureConfig(max_failures=spec.failure.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
     )
@@ -82,5 +87,5 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
-        storage.write_json(spec.run_dir + "/summary.json", summary)
+        storage.write_json(join(spec.run_dir, "summary.json"), summary)
     return summary

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from shardrun import storage
-from shardrun.config import JobSpec
+from shardrun.config import JobSpec, join
 
 
 class RunObserver:
@@ -20,7 +20,7 @@ class RunObserver:
         self.emit = emit
         self.job = None
         self.targets_path = os.path.join(spec.metrics.targets_dir, f"{spec.name}.json")
-        self.jsonl_path = spec.run_dir + "/metrics.jsonl"
+        self.jsonl_path = join(spec.run_dir, "metrics.jsonl")
         self.groups = 0
         if spec.metrics.enabled and serve:
             from shardrun.metrics import JobMetrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 from shardrun.config import JobSpec
+from shardrun.errors import UserError, redact
 from shardrun.metrics.observer import RunObserver
 from shardrun.trainer.loop import worker_main
 from shardrun.trainer.session import TERMINATED, LocalSession
@@ -13,6 +14,10 @@ from shardrun.trainer.topology import Topology
 
 def run_local(spec: JobSpec, data_index: dict | None = None) -> None:
     """Train this rank with checkpoints under <run dir>/checkpoints (a disk every rank sees)."""
+    if "://" in spec.checkpoint.storage:
+        raise UserError(f"checkpoint.storage is {redact(spec.checkpoint.storage)}: `shardrun train` (one process or "
+                        "torchrun) keeps checkpoints on a disk every rank sees; use `shardrun run` (Ray uploads "
+                        "them to object storage) or a mounted path")
     topology = Topology.from_env(spec.scaling.use_gpu)
     observer = RunObserver(spec, LocalSession._print) if topology.is_main else None
     session = LocalSession(

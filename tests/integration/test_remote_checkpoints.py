@@ -1,0 +1,40 @@
+"""Checkpoints on abfs:// (Azurite): a rank killed while writing checkpoint 8 leaves checkpoint 4 in use; the
+group resumes from it by itself; the run's spec, summary, metrics and checkpoints are in the container, and no
+SAS signature reaches the driver's output (Ray's own log lines included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from helpers import child_env, run, tiny_spec, write_spec
+from pyarrow import fs
+
+pytestmark = [pytest.mark.integration, pytest.mark.object_store, pytest.mark.timeout(300)]
+
+
+def test_checkpoints_on_azure_blob_survive_a_rank_killed_while_saving(tmp_path, corpus, azurite):
+    storage = azurite.uri("runs")
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path, checkpoint={"storage": storage, "every_steps": 4, "keep": 2},
+        run={"max_steps": 12, "log_every": 4}, failure={"max_failures": 1, "scheduled_events": "off"}))
+    env = child_env(SHARDRUN_FAULT="checkpoint-save:step=8:rank=1", SHARDRUN_FAULT_MARKER=str(tmp_path / "fired"))
+    out = run(["shardrun", "run", str(spec)], timeout=280, env=env).stdout
+    assert (tmp_path / "fired").exists()
+    assert "resuming from step 4 with 2 workers (restart 1)" in out, out[-4000:]
+    leaked = [line for line in out.splitlines() if "sig=" in line.replace("sig=***", "")]
+    assert not leaked, f"a SAS signature was printed: {leaked[:3]}"
+
+    blob, root = azurite.filesystem()
+    run_dir = f"{root}/runs/tiny"
+    names = {info.base_name for info in blob.get_file_info(fs.FileSelector(run_dir))}
+    assert {"job.yaml", "summary.json", "metrics.jsonl", "checkpoint_00000008", "checkpoint_00000012"} <= names
+    # (checkpoint_00000004 stays: Ray prunes it through pyarrow's DeleteDir, which Azurite 3.37 answers with a
+    # 500 Internal Server Error; not checked against Azure itself)
+    with blob.open_input_stream(f"{run_dir}/summary.json") as f:
+        summary = json.loads(f.read())
+    assert summary["final_step"] == 12 and summary["restarts"] == 1
+    with blob.open_input_stream(f"{run_dir}/checkpoint_00000012/shardrun.json") as f:
+        assert json.loads(f.read())["step"] == 12
+    ranks = blob.get_file_info(fs.FileSelector(f"{run_dir}/checkpoint_00000012"))
+    assert {"rank_0.pt", "rank_1.pt"} <= {info.base_name for info in ranks}
