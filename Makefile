@@ -45,11 +45,13 @@ demo: setup
 test: setup
 	$(BIN)/pytest -ra
 
-# CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra.
+# CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra. `make bench GPU=1`
+# adds bench/gpu.py on this machine's GPU (on a lent GPU machine, see bench/gpu.py's docstring).
 bench: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
 	$(BIN)/python bench/data.py --record
 	$(BIN)/python bench/metrics.py --record
+	$(if $(GPU),$(BIN)/python bench/gpu.py --zero-stage 0,1 --compile both --record)
 
 lint: setup
 	$(BIN)/ruff check .

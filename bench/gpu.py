@@ -1,0 +1,684 @@
+"""GPU training benchmark: shardrun's worker loop against a bare PyTorch loop, tokens/s and MFU.
+
+One process per measurement, one after another on one GPU:
+  peak      the card's bf16 matmul rate (square products, CUDA events), beside its datasheet figure
+  bare      the built-in GPT trained by plain PyTorch: bf16 weights, fp32 master copies, AdamW
+            (fused on CUDA), gradient clipping; pinned batches copied to the GPU as shardrun does
+  shardrun  the same GPT trained by shardrun's worker loop without Ray (`shardrun train`'s path:
+            run_local, a LocalSession, DeepSpeed bf16, Parquet streamed by shardrun.datasets)
+Both loops train the same model from the same seed on the same synthetic token shards, and are
+timed over the same kind of window: after --warmup-steps, from one device sync to the next, with
+checkpoint saves (shardrun saves once, after the last timed step) left out.
+
+    python bench/gpu.py                                  # GPT-2 small (124M), bf16, on this GPU
+    python bench/gpu.py --compile both --record          # eager and torch.compile; into docs/benchmarks.md
+    python bench/gpu.py --size tiny --steps 6 --warmup-steps 2   # CPU check that it all runs
+
+On a lent GPU machine (PyTorch, no network; bench/gpu_bundle.sh fills .gpu-wheels here first),
+one call of the device tool's `run`, with carry [".gpu-wheels"] and timeout_s 450 (--deadline
+stops starting measurements at 400 s, so the table always comes back):
+
+    set -o pipefail; nvidia-smi; PYTHONUNBUFFERED=1 python3 bench/gpu.py --wheels .gpu-wheels
+    --zero-stage 0,1 --compile both --deadline 400 --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+
+then, here: `python bench/gpu.py --record-from <files_at>/gpu.json` appends its record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if importlib.util.find_spec("shardrun") is None:  # a copied working tree, shardrun not installed
+    sys.path.insert(0, str(REPO))
+
+from common import DOC, append_record, git_revision, machine, versions  # noqa: E402
+
+SECTION = "## GPU training"
+SIZES = {
+    # GPT-2 small with the vocabulary padded to a multiple of 128 (nanoGPT's 50304)
+    "gpt2-small": {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50304, "seq_len": 1024,
+                   "micro_batch": 32, "lr": 6e-4},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 512, "seq_len": 64,
+             "micro_batch": 4, "lr": 3e-3},
+}
+PEAK_SIZES = {"cuda": (4096, 8192, 16384), "cpu": (256, 512)}
+GOAL_MFU = 0.45
+GOAL_RATIO = 0.97
+SEED = 0
+GRAD_CLIP = 1.0  # shardrun's default deepspeed.grad_clip
+IMPORTS = {"deepspeed": "deepspeed", "pydantic": "pydantic", "yaml": "pyyaml", "pyarrow": "pyarrow",
+           "prometheus_client": "prometheus-client", "numpy": "numpy"}
+"""Module -> distribution: what shardrun's worker loop imports beyond torch (no Ray)."""
+VERSIONS = ("torch", "deepspeed", "pyarrow", "numpy", "pydantic")
+SAY = "bench-result: "  # marks a child's result line among whatever DeepSpeed prints
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.record_from:
+        result = json.loads(Path(args.record_from).read_text())
+        record(result, local=False)
+        print(f"recorded {args.record_from} in {DOC.relative_to(REPO)}")
+        return 0
+    if args.child:
+        print(SAY + json.dumps(CHILDREN[args.child](args)), flush=True)
+        return 0
+    started = time.monotonic()
+    if args.wheels:
+        install_missing(args.wheels)
+    result = run_all(args, started)
+    print_report(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {args.out}")
+    if args.record:
+        record(result, local=True)
+        print(f"recorded in {DOC.relative_to(REPO)}")
+    return 0 if all("error" not in r for r in [result["peak"], *result["runs"]]) else 1
+
+
+def zero_stages(text: str) -> list[int]:
+    stages = [int(s) for s in text.split(",") if s.strip()] if text.replace(",", "").isdigit() else []
+    if not stages or any(s > 3 for s in stages):
+        raise argparse.ArgumentTypeError(f"{text!r}: ZeRO stages are 0 to 3, e.g. 0 or 0,1")
+    return stages
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=SIZES, default="gpt2-small", help="model size (default gpt2-small)")
+    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per loop (default 50)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--micro-batch", type=int, help="sequences per step (default: the size's, 32 for gpt2-small)")
+    p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if there is one, else cpu")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                   help="torch.compile the model in both loops (DeepSpeed's engine.compile() in shardrun's): "
+                        "off, on, or both one after the other (default off)")
+    p.add_argument("--zero-stage", type=zero_stages, default=[0], metavar="N[,N...]",
+                   help="shardrun's deepspeed.zero_stage, or several to run one after the other "
+                        "(default 0: one GPU shards nothing)")
+    p.add_argument("--ds-config", default="{}", help="JSON merged into shardrun's deepspeed.config, "
+                   "e.g. '{\"optimizer\": {\"params\": {\"torch_adam\": true}}}'")
+    p.add_argument("--wheels", type=Path,
+                   help="install what shardrun's worker loop needs and this Python lacks from this folder "
+                        "of wheels (pip --no-index), before anything imports it")
+    p.add_argument("--deadline", type=float,
+                   help="seconds from the start after which no measurement runs on and the table is printed")
+    p.add_argument("--out", type=Path, help="write every number to this JSON file")
+    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
+    p.add_argument("--record-from", type=Path, metavar="FILE.json",
+                   help="append the record of a run made elsewhere (its --out file) and exit")
+    p.add_argument("--child", choices=("peak", "bare", "shardrun"), help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.record_from or args.child:
+        return args
+    if args.steps < 1 or args.warmup_steps < 1:
+        p.error("--steps and --warmup-steps must be at least 1")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        p.error("--micro-batch must be at least 1")
+    if args.record and args.size == "tiny":
+        p.error("--size tiny numbers say nothing about speed; record a real size")
+    try:
+        json.loads(args.ds_config)
+    except ValueError as e:
+        p.error(f"--ds-config is not JSON: {e}")
+    return args
+
+
+# -- setting up a bare machine --------------------------------------------------------------------
+
+
+def install_missing(wheels: Path) -> None:
+    """pip-install, from a folder of wheels only, the worker loop's dependencies this Python lacks."""
+    missing = missing_requirements()
+    if not missing:
+        print(f"wheels: nothing to install, {', '.join(IMPORTS.values())} are here", flush=True)
+        return
+    # The folder holds what the GPU image lacks (bench/gpu_bundle.sh): take each wheel whose
+    # distribution is absent or older, without pip's resolver (which would also judge torch's own
+    # needs against an index that is not there)
+    take = [w for w in sorted(wheels.glob("*.whl")) if needs_wheel(w)]
+    print(f"wheels: {', '.join(missing)} missing; installing {', '.join(w.name for w in take)}", flush=True)
+    pip = [sys.executable, "-m", "pip", "install", "--isolated", "--quiet", "--no-index", "--no-deps",
+           "--no-compile", "--disable-pip-version-check"]
+    if subprocess.run([*pip, *map(str, take)]).returncode != 0:
+        # an environment we may not write to: the wheels into a directory of our own, ahead of
+        # site-packages for this process and its children
+        site = Path(tempfile.mkdtemp(prefix="shardrun-gpu-site-"))
+        print(f"wheels: installing them into {site} instead", flush=True)
+        subprocess.run([*pip, "--target", str(site), *map(str, take)], check=True)
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+    still = missing_requirements()
+    if still:
+        sys.exit(f"bench: {', '.join(still)} still missing after installing from {wheels}; "
+                 "run bench/gpu_bundle.sh to fill it")
+
+
+def needs_wheel(wheel: Path) -> bool:
+    """Whether this Python lacks the wheel's distribution or has an older version of it."""
+    from packaging.utils import parse_wheel_filename
+
+    name, version, *_ = parse_wheel_filename(wheel.name)
+    try:
+        have = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return True
+    from packaging.version import Version
+
+    return Version(have) < version
+
+
+def missing_requirements() -> list[str]:
+    """IMPORTS' distributions that are absent or outside pyproject.toml's ranges, as requirements."""
+    from packaging.requirements import Requirement
+
+    wanted = {Requirement(r).name.lower(): r for r in project_dependencies()}
+    missing = []
+    for module, dist in IMPORTS.items():
+        req = Requirement(wanted.get(dist, dist))
+        try:
+            have = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        if importlib.util.find_spec(module) is None or have is None or have not in req.specifier:
+            missing.append(str(req))
+    return missing
+
+
+def project_dependencies() -> list[str]:
+    """pyproject.toml's [project] dependencies, the ranges shardrun is tested with."""
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+
+
+# -- the parent: data, then one child per measurement ----------------------------------------------
+
+
+def run_all(args: argparse.Namespace, started: float) -> dict:
+    """Peak, then bare and shardrun (eager and/or compiled), each in a fresh process; every number."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = dict(SIZES[args.size], micro_batch=args.micro_batch or SIZES[args.size]["micro_batch"])
+    compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "revision": git_revision(), "command": shlex.join(["python", "bench/gpu.py", *sys.argv[1:]]),
+        "machine": machine(), "versions": versions(VERSIONS), "device": device, "size": args.size,
+        "model": size, "steps": args.steps, "warmup_steps": args.warmup_steps, "window": window(args),
+        "zero_stages": args.zero_stage, "ds_config": json.loads(args.ds_config), "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="shardrun-gpu-bench-") as work:
+        data = write_tokens(Path(work) / "data", size, args.warmup_steps + args.steps)
+        result["peak"] = child(args, "peak", device, data, started)
+        for compiled in compiles:  # eager first: its numbers matter most if --deadline cuts the rest short
+            result["runs"].append(child(args, "bare", device, data, started, compiled=compiled))
+            for stage in args.zero_stage:
+                result["runs"].append(child(args, "shardrun", device, data, started, compiled=compiled, stage=stage))
+    summarize(result)
+    return result
+
+
+def window(args: argparse.Namespace) -> int:
+    """Steps between device syncs in both loops: warm-up and timed steps are whole windows."""
+    return math.gcd(args.warmup_steps, args.steps)
+
+
+def write_tokens(out: Path, size: dict, steps: int) -> str:
+    """Token shards for steps + 1 micro-batches (no epoch ends mid-run): skewed ids, a loss that falls."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shardrun.datasets.prepare import META_SEQ_LEN, META_VOCAB_SIZE
+
+    rows, row_len, vocab = (steps + 1) * size["micro_batch"], size["seq_len"] + 1, size["vocab_size"]
+    rng = np.random.default_rng(SEED)
+    # Zipf-like unigram frequencies: the model learns them in a few steps, so the loss falls from
+    # ln(vocab) even in a short run, and a broken loop shows
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    ids = rng.choice(vocab, size=rows * row_len, p=p / p.sum()).astype(np.int32)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(ids, type=pa.int32()), row_len)
+    meta = {META_VOCAB_SIZE: str(vocab).encode(), META_SEQ_LEN: str(size["seq_len"]).encode()}
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({"tokens": column}).replace_schema_metadata(meta), out / "part-00000.parquet",
+                   row_group_size=256)
+    return str(out)
+
+
+def child(args: argparse.Namespace, kind: str, device: str, data: str, started: float, *,
+          compiled: bool = False, stage: int | None = None) -> dict:
+    """One measurement in a fresh process (its own CUDA context and allocator); its result or its error."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", data, "--device", device,
+           "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+           "--zero-stage", str(stage or 0), "--ds-config", args.ds_config, "--compile", "on" if compiled else "off"]
+    if args.micro_batch:
+        cmd += ["--micro-batch", str(args.micro_batch)]
+    what = {"loop": kind, "compile": compiled, "zero_stage": stage}
+    name = f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{' compiled' if compiled else ''}"
+    left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
+    if left is not None and left < 10:
+        print(f"bench: no time left for {name} (--deadline {args.deadline:g})")
+        return {**what, "error": "skipped: --deadline reached"}
+    print(f"\n== {name} ==", flush=True)
+    env = dict(os.environ)
+    if device == "cpu":  # hide GPUs, so that shardrun's engine module picks DeepSpeed's CPU accelerator
+        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
+    # a session of its own: at the deadline the child goes together with what it started (nvcc, ninja)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    cut = threading.Event()
+
+    def cut_off():
+        cut.set()
+        kill_group(proc)
+
+    watchdog = threading.Timer(left, cut_off) if left is not None else None
+    if watchdog is not None:
+        watchdog.start()
+    line = None
+    try:
+        for out in proc.stdout:  # the child's output passes through as it comes
+            if out.startswith(SAY):
+                line = out[len(SAY):]
+            else:
+                sys.stdout.write(out)
+        proc.wait()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        if proc.poll() is None:
+            kill_group(proc)
+            proc.wait()
+    if proc.returncode != 0 or line is None:
+        return {**what, "error": "cut off at --deadline" if cut.is_set() else f"exit code {proc.returncode}"}
+    return {**what, **json.loads(line)}
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# -- children ----------------------------------------------------------------------------------------
+
+
+def measure_peak(args: argparse.Namespace) -> dict:
+    """Best bf16 matmul rate over a few square sizes (median of timed repetitions after warm-up)."""
+    import torch
+
+    device = torch.device(args.device)
+    rates = {}
+    for n in PEAK_SIZES[device.type]:
+        a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))  # never zeros
+        c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+        inner = max(1, int(1e13 / (2 * n**3))) if device.type == "cuda" else 2  # about 10 ms a repetition
+
+        def products(a=a, b=b, c=c, inner=inner):
+            for _ in range(inner):
+                torch.mm(a, b, out=c)
+
+        # 3 warm-up repetitions (clocks up, cuBLAS's choice made), then the median of 7
+        times = [seconds(products, device) / inner for _ in range(3 + 7)][3:]
+        rates[n] = 2 * n**3 / statistics.median(times)
+    return {"device": describe_device(device), "matmul_flops": rates, "peak_flops": max(rates.values())}
+
+
+def seconds(fn, device) -> float:
+    """Time of fn's device work: CUDA events on a GPU, the host clock on a CPU."""
+    import torch
+
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def describe_device(device) -> dict:
+    import torch
+
+    from shardrun.metrics.flops import device_peak
+
+    if device.type != "cuda":
+        return {"name": platform.processor() or "CPU", "datasheet_flops": None}
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "sms": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
+            "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda, "driver": driver_version(),
+            "datasheet_flops": device_peak(props.name, "bf16")}
+
+
+def driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out[0] if out else None
+
+
+def model_spec(args: argparse.Namespace):
+    from shardrun.config import ModelSpec
+
+    s = SIZES[args.size]
+    return ModelSpec(type="gpt", n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
+                     block_size=s["seq_len"], vocab_size=s["vocab_size"])
+
+
+def run_bare(args: argparse.Namespace) -> dict:
+    """The GPT in plain PyTorch, in DeepSpeed's bf16 recipe: bf16 weights and grads, fp32 master weights."""
+    import torch
+
+    from shardrun.metrics import flops
+    from shardrun.trainer import models
+
+    device, size = torch.device(args.device), SIZES[args.size]
+    mb = args.micro_batch or size["micro_batch"]
+    torch.manual_seed(SEED)  # the weights shardrun's Trainer builds
+    model = models.build(model_spec(args))
+    flops_per_token = flops.flops_per_token(model, size["seq_len"])
+    model.to(device=device, dtype=torch.bfloat16)
+    if args.compile == "on":
+        model.compile()  # what DeepSpeed's engine.compile() does to its module
+    params = list(model.parameters())
+    master = [p.detach().float() for p in params]
+    for m in master:
+        m.grad = torch.zeros_like(m)
+    opt = torch.optim.AdamW(master, lr=size["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                            fused=device.type == "cuda")
+    # shardrun's schedule in this job: DeepSpeed's WarmupLR over its shortest warm-up (2 steps: lr 0,
+    # half, full), then constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))
+    batches = pinned_batches(args.data, mb, device)
+
+    def step(batch) -> torch.Tensor:
+        inputs, targets = (t.to(device, non_blocking=True) for t in batch)
+        loss = model(inputs, targets)
+        loss.backward()
+        with torch.no_grad():
+            torch._foreach_copy_([m.grad for m in master], [p.grad for p in params])
+            torch.nn.utils.clip_grad_norm_(master, GRAD_CLIP, foreach=True)
+            opt.step()
+            sched.step()
+            torch._foreach_copy_(params, master)
+        model.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    windows = timed_windows(step, batches, args, device, mb * size["seq_len"])
+    return {"flops_per_token": flops_per_token, "params": model.num_params(non_embedding=False),
+            "windows": windows}
+
+
+def pinned_batches(data: str, mb: int, device) -> list:
+    """The shards' rows in order as (inputs, targets) int64 micro-batches (as shardrun's stream gives them),
+    pinned when the GPU reads them."""
+    import pyarrow.parquet as pq
+    import torch
+
+    col = pq.read_table(data, columns=["tokens"])["tokens"].combine_chunks()
+    rows = torch.from_numpy(col.values.to_numpy().astype("int64").reshape(len(col), col.type.list_size))
+    out = []
+    for i in range(len(rows) // mb):
+        batch = rows[i * mb:(i + 1) * mb]
+        pair = (batch[:, :-1].contiguous(), batch[:, 1:].contiguous())
+        out.append(tuple(t.pin_memory() for t in pair) if device.type == "cuda" else pair)
+    return out
+
+
+def timed_windows(step, batches: list, args: argparse.Namespace, device, tokens_per_step: int) -> list[dict]:
+    """Run warm-up + timed steps; per window (a device sync at its end, like shardrun's log step) its time."""
+    import torch
+
+    w, total = window(args), args.warmup_steps + args.steps
+    windows, loss_sum, last = [], torch.zeros((), device=device), 0
+    t0 = time.perf_counter()
+    for step_no in range(1, total + 1):
+        loss_sum += step(batches[step_no - 1])
+        if step_no == 1 or step_no % w == 0:  # where shardrun's loop logs (log_every = w)
+            n = step_no - last
+            loss = (loss_sum / n).item()  # waits for the device
+            windows.append({"step": step_no, "steps": n, "seconds": time.perf_counter() - t0,
+                            "tokens": n * tokens_per_step, "loss": loss})
+            loss_sum.zero_()
+            last = step_no
+            t0 = time.perf_counter()
+    return windows
+
+
+def run_shardrun(args: argparse.Namespace) -> dict:
+    """shardrun's worker loop without Ray (run_local, as `shardrun train` does), read back from metrics.jsonl."""
+    import torch
+
+    from shardrun.config import parse
+    from shardrun.metrics import flops
+    from shardrun.trainer import engine, models
+    from shardrun.trainer.local import run_local
+
+    if args.compile == "on":
+        compile_engines(engine)
+    size = SIZES[args.size]
+    mb = args.micro_batch or size["micro_batch"]
+    with tempfile.TemporaryDirectory(prefix="shardrun-gpu-run-") as runs:
+        spec = parse(job_spec(args, size, mb, runs, use_gpu=torch.device(args.device).type == "cuda"),
+                     source="bench/gpu.py")
+        run_local(spec)
+        records = [json.loads(line) for line in Path(spec.run_dir, "metrics.jsonl").read_text().splitlines()]
+    with torch.device("meta"):
+        model = models.build(model_spec(args))
+    windows, prev = [], {"step": 0, "tokens": 0}
+    for r in records:
+        n = r["step"] - prev["step"]
+        windows.append({"step": r["step"], "steps": n, "seconds": r["step_time"] * n,
+                        "tokens": r["tokens"] - prev["tokens"], "loss": r["loss"],
+                        "data_wait_fraction": r["data_wait_fraction"]})
+        prev = r
+    return {"windows": windows, "flops_per_token": flops.flops_per_token(model, size["seq_len"]),
+            "params": model.num_params(non_embedding=False)}
+
+
+def compile_engines(engine) -> None:
+    """Make shardrun's engine.build call DeepSpeed's engine.compile() (shardrun has no knob for it yet)."""
+    build = engine.build
+
+    def build_compiled(*args, **kwargs):
+        built = build(*args, **kwargs)
+        built.compile()
+        return built
+
+    engine.build = build_compiled
+
+
+def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gpu: bool) -> dict:
+    """The bench's job: the GPT at this size, bf16, one worker; no checkpoint until after the last step."""
+    total = args.warmup_steps + args.steps
+    return {
+        "name": "gpu-bench",
+        "model": {"type": "gpt", "n_layer": size["n_layer"], "n_head": size["n_head"], "n_embd": size["n_embd"],
+                  "block_size": size["seq_len"], "vocab_size": size["vocab_size"]},
+        "data": {"paths": [args.data], "seq_len": size["seq_len"], "seed": SEED},
+        "deepspeed": {"zero_stage": args.zero_stage[0], "precision": "bf16", "micro_batch_size": mb,
+                      "grad_clip": GRAD_CLIP,
+                      "optimizer": {"type": "adamw", "lr": size["lr"], "betas": [0.9, 0.95], "eps": 1e-8,
+                                    "weight_decay": 0.1},
+                      "schedule": {"warmup_steps": 1, "decay": "constant"},
+                      "config": json.loads(args.ds_config)},
+        "scaling": {"num_workers": 1, "use_gpu": use_gpu},
+        "checkpoint": {"storage": runs, "every_steps": total, "keep": 1},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "targets_dir": str(Path(runs) / "targets")},
+        "run": {"max_steps": total, "seed": SEED, "log_every": window(args)},
+    }
+
+
+CHILDREN = {"peak": measure_peak, "bare": run_bare, "shardrun": run_shardrun}
+
+
+# -- results -----------------------------------------------------------------------------------------
+
+
+def summarize(result: dict) -> None:
+    """Timed tokens/s, MFU against the datasheet and the measured peak, shardrun / bare; in place."""
+    peak = result["peak"]
+    datasheet, measured = peak.get("device", {}).get("datasheet_flops"), peak.get("peak_flops")
+    for r in result["runs"]:
+        if "error" in r:
+            continue
+        r.update(timing(r["windows"], result["warmup_steps"]))
+        achieved = r["tokens_per_s"] * r["flops_per_token"]
+        r["mfu_datasheet"] = achieved / datasheet if datasheet else None
+        r["mfu_measured"] = achieved / measured if measured else None
+    bare = {r["compile"]: r for r in result["runs"] if r["loop"] == "bare" and "error" not in r}
+    for r in result["runs"]:
+        if r["loop"] == "shardrun" and "error" not in r and r["compile"] in bare:
+            r["vs_bare"] = r["tokens_per_s"] / bare[r["compile"]]["tokens_per_s"]
+    result["findings"] = findings(result)
+
+
+def timing(windows: list[dict], warmup_steps: int) -> dict:
+    """A loop's numbers over the windows that start after the warm-up steps."""
+    timed = [w for w in windows if w["step"] - w["steps"] >= warmup_steps]
+    seconds = sum(w["seconds"] for w in timed)
+    rates = [w["tokens"] / w["seconds"] for w in timed]
+    out = {"tokens": sum(w["tokens"] for w in windows), "timed_tokens": sum(w["tokens"] for w in timed),
+           "timed_steps": sum(w["steps"] for w in timed),
+           "window_tokens_per_s": {"min": min(rates), "median": statistics.median(rates), "max": max(rates)},
+           "first_loss": windows[0]["loss"], "last_loss": windows[-1]["loss"]}
+    out["tokens_per_s"] = out["timed_tokens"] / seconds
+    out["step_ms"] = 1e3 * seconds / out["timed_steps"]
+    if all("data_wait_fraction" in w for w in timed):  # shardrun's: time spent waiting for batches
+        out["data_wait_fraction"] = sum(w["data_wait_fraction"] * w["seconds"] for w in timed) / seconds
+    return out
+
+
+def findings(result: dict) -> list[str]:
+    """The issue's goals, checked: MFU at least 45% (datasheet peak), shardrun within 3% of the bare loop."""
+    out = []
+    for r in result["runs"]:
+        if r["loop"] != "shardrun" or "error" in r:
+            continue
+        how = f"ZeRO {r['zero_stage']}, {'compiled' if r['compile'] else 'eager'}"
+        if r["mfu_datasheet"] is not None:
+            verdict = "meets" if r["mfu_datasheet"] >= GOAL_MFU else "misses"
+            out.append(f"shardrun ({how}) MFU = {r['mfu_datasheet']:.1%} of the datasheet peak: {verdict} "
+                       f"the goal of {GOAL_MFU:.0%}")
+        if "vs_bare" in r:
+            verdict = "meets" if r["vs_bare"] >= GOAL_RATIO else "misses"
+            out.append(f"shardrun / bare ({how}) = {r['vs_bare']:.3f}: {verdict} the goal of "
+                       f"{GOAL_RATIO:.2f} (within 3%)")
+    return out
+
+
+def format_peak(result: dict) -> str:
+    peak = result["peak"]
+    if "error" in peak:
+        return f"bf16 matmul peak: not measured ({peak['error']})"
+    rates = ", ".join(f"{n}^3 {f / 1e12:.3g}" for n, f in peak["matmul_flops"].items())
+    sheet = peak["device"].get("datasheet_flops")
+    sheet = f"; datasheet {sheet / 1e12:.0f} TFLOP/s" if sheet else "; no datasheet figure for this device"
+    return f"bf16 matmul peak: measured {peak['peak_flops'] / 1e12:.3g} TFLOP/s ({rates}){sheet}"
+
+
+def format_table(result: dict) -> str:
+    def pct(x):
+        return f"{x:.1%}" if x is not None else "-"
+
+    lines = ["| loop | ZeRO | compile | tokens/s | windows min - max | step (ms) | data wait | MFU (datasheet) "
+             "| MFU (measured peak) | vs bare | loss first → last |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        stage = "-" if r["zero_stage"] is None else r["zero_stage"]
+        head = f"| {r['loop']} | {stage} | {'yes' if r['compile'] else 'no'}"
+        if "error" in r:
+            lines.append(f"{head} | {r['error']} | | | | | | | |")
+            continue
+        w = r["window_tokens_per_s"]
+        vs = f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-"
+        lines.append(f"{head} | {r['tokens_per_s']:,.0f} | {w['min']:,.0f} - {w['max']:,.0f} "
+                     f"| {r['step_ms']:.1f} | {pct(r.get('data_wait_fraction'))} | {pct(r['mfu_datasheet'])} "
+                     f"| {pct(r['mfu_measured'])} | {vs} "
+                     f"| {r['first_loss']:.2f} → {r['last_loss']:.2f} |")
+    return "\n".join(lines)
+
+
+def describe_setup(result: dict) -> str:
+    m = result["model"]
+    ran = next((r for r in result["runs"] if "error" not in r), None)
+    counts = f"; {ran['params'] / 1e6:.3g}M parameters, {ran['flops_per_token'] / 1e6:.3g} MFLOPs/token" if ran else ""
+    config = f", config {json.dumps(result['ds_config'])}" if result["ds_config"] else ""
+    return (f"GPT {result['size']} ({m['n_layer']} layers x {m['n_embd']}, {m['n_head']} heads, vocab "
+            f"{m['vocab_size']}, seq {m['seq_len']}{counts}), micro-batch {m['micro_batch']}, bf16; "
+            f"shardrun on DeepSpeed{config}; {result['warmup_steps']} warm-up steps, "
+            f"{result['steps']} timed, a device sync every {result['window']}")
+
+
+def describe_card(result: dict) -> str:
+    d = result["peak"].get("device", {})
+    if "sms" not in d:
+        return d.get("name", result["device"])
+    return (f"{d['name']} ({d['sms']} SMs, {d['memory_gib']:.0f} GiB, compute {d['capability']}), "
+            f"CUDA {d['cuda']}, driver {d['driver'] or 'unknown'}")
+
+
+def print_report(result: dict) -> None:
+    print(f"\ncard: {describe_card(result)}")
+    print(f"setup: {describe_setup(result)}")
+    print(format_peak(result))
+    print()
+    print(format_table(result))
+    for line in result["findings"]:
+        print(line)
+
+
+def record(result: dict, *, local: bool) -> None:
+    """Append a run (made here, or elsewhere and read from its JSON) under the GPU section of the doc."""
+    revision = result["revision"]
+    if not local and revision.startswith("("):  # a working-tree copy without git: this checkout's
+        revision = f"{git_revision()} (working tree copied to the GPU machine)"
+    entry = "\n".join([
+        f"### {result['date']} UTC, shardrun {revision}",
+        "",
+        f"- Command: `{result['command']}`",
+        f"- Card: {describe_card(result)}",
+        f"- Machine: {result['machine']}",
+        f"- Versions: {result['versions']}",
+        f"- Setup: {describe_setup(result)}",
+        f"- {format_peak(result)}",
+        "",
+        format_table(result),
+        "",
+        *[f"{line}." for line in result["findings"]],
+        "",
+    ])
+    append_record(SECTION, entry)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
