@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +31,10 @@ def test_two_workers_then_one_then_two_again(tmp_path, corpus):
         failure={"max_failures": 2, "scheduled_events": "off"}))
     # gloo would take the address of the hostname, 127.0.0.1 in every namespace: name the interface,
     # as on a real cluster with several networks (docs/troubleshooting)
-    with NetnsCluster(3, tmp_path / "cluster", num_cpus=[0, 1, 1], env={"GLOO_SOCKET_IFNAME": "eth0"}) as cluster:
-        driver = cluster.exec(0, [PYTHON, "-m", "shardrun", "run", str(spec)],
-                              env={"RAY_ADDRESS": cluster.address, "SHARDRUN_STEP_DELAY": "0.1"},
+    # (Ray's workers take their environment from their node, not from the driver)
+    with NetnsCluster(3, tmp_path / "cluster", num_cpus=[0, 1, 1],
+                      env={"GLOO_SOCKET_IFNAME": "eth0", "SHARDRUN_STEP_DELAY": "0.1"}) as cluster:
+        driver = cluster.exec(0, [PYTHON, "-m", "shardrun", "run", str(spec)], env={"RAY_ADDRESS": cluster.address},
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out: list[str] = []
         killed = restarted = False
@@ -67,3 +69,39 @@ def test_two_workers_then_one_then_two_again(tmp_path, corpus):
     final = torch.load(run / f"checkpoint_{STEPS:08d}/rank_0.pt", weights_only=False)
     assert final["train"]["samples"] == STEPS * BATCH
     assert (final["data"]["epoch"], final["data"]["offset"], final["data"]["partitions"]) == (0, STEPS * BATCH // 2, 2)
+
+
+def test_a_preempted_node_checkpoints_acknowledges_is_drained_and_the_group_goes_on_without_it(tmp_path, corpus):
+    """Each node answers its own 127.0.0.1 (its network namespace), so a fake metadata service inside node 2
+    is that VM's alone: its Preempt reaches only the rank on node 2, and every rank stops at the same step."""
+    if reason := unavailable():
+        pytest.skip(reason)
+    port, trigger, acks = 18080, tmp_path / "announce", tmp_path / "acks"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", scaling={"num_workers": [1, 2]}, run={"max_steps": 60, "log_every": 1},
+        checkpoint={"every_steps": 100}, failure={"max_failures": 1, "scheduled_events": f"http://127.0.0.1:{port}"}))
+    with NetnsCluster(3, tmp_path / "cluster", num_cpus=[0, 1, 1],
+                      env={"GLOO_SOCKET_IFNAME": "eth0", "SHARDRUN_STEP_DELAY": "0.2"}) as cluster:
+        imds = cluster.exec(2, [PYTHON, str(Path(__file__).parents[1] / "fake_imds.py"), "--port", str(port),
+                                "--vm-name", "shardrun-node-2", "--trigger", str(trigger), "--acks", str(acks)],
+                            stdin=subprocess.DEVNULL, stdout=open(tmp_path / "imds.log", "w"), stderr=subprocess.STDOUT)
+        driver = cluster.exec(0, [PYTHON, "-m", "shardrun", "run", str(spec)], env={"RAY_ADDRESS": cluster.address},
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out: list[str] = []
+        deadline = time.monotonic() + 300
+        for line in driver.stdout:
+            out.append(line)
+            if not trigger.exists() and re.search(r"step +5/", line):
+                trigger.touch()
+            assert time.monotonic() < deadline, "".join(out)[-4000:]
+        driver.wait(timeout=60)
+        nodes = {n["node_ip"]: n["state"] for n in cluster.nodes()}
+        imds.kill()
+    text = "".join(out)
+    assert driver.returncode == 0, text[-5000:]
+    stopped = re.search(r"preemption: checkpoint of step (\d+) written", text)
+    assert stopped, text[-5000:]
+    assert re.search(rf"resuming from step {stopped[1]} with 1 worker \(restart 1\)", text), text[-5000:]
+    assert len(acks.read_text().split()) == 1, "the event was not acknowledged"
+    assert nodes[cluster.ips[2]] != "ALIVE", nodes  # drained: the restarted group was placed elsewhere
+    assert json.loads((tmp_path / "runs/tiny/summary.json").read_text())["final_step"] == 60
