@@ -11,12 +11,19 @@ AZURITE := $(TOOLS)/.azurite-$(AZURITE_VERSION)
 # Debian package of this machine's release, unpacked into the repo: no root, no system install.
 PROMETHEUS := $(TOOLS)/prometheus
 PROMETHEUS_STAMP := $(TOOLS)/.prometheus
+# Deploy tests: checkov in its own venv (its boto3 pin conflicts with constraints.txt's), and Debian's
+# cloud-init with python3-configobj unpacked into .tools for `cloud-init schema`: no root, no system install.
+CHECKOV_VERSION := 3.3.30
+CHECKOV := $(TOOLS)/checkov
+CHECKOV_STAMP := $(CHECKOV)/.installed-$(CHECKOV_VERSION)
+CLOUD_INIT := $(TOOLS)/cloud-init
+CLOUD_INIT_STAMP := $(TOOLS)/.cloud-init
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept here between runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/shardrun/torch_extensions
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP)
+setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP) $(CHECKOV_STAMP) $(CLOUD_INIT_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,11 +46,27 @@ $(PROMETHEUS_STAMP):
 	$(PROMETHEUS)/usr/bin/prometheus --version
 	touch $@
 
+$(CHECKOV_STAMP): deploy/azure/checkov-constraints.txt
+	rm -rf $(CHECKOV)
+	$(PYTHON) -m venv $(CHECKOV)
+	$(CHECKOV)/bin/pip install --quiet --disable-pip-version-check -c deploy/azure/checkov-constraints.txt checkov==$(CHECKOV_VERSION)
+	$(CHECKOV)/bin/checkov --version
+	touch $@
+
+$(CLOUD_INIT_STAMP): | $(STAMP)
+	@command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "make: apt-get and dpkg (Debian or Ubuntu) are needed to fetch cloud-init for the tests; elsewhere unpack Debian's cloud-init and python3-configobj packages into $(CLOUD_INIT) and touch $@" >&2; exit 1; }
+	rm -rf $(CLOUD_INIT) $(TOOLS)/deb-cloud-init && mkdir -p $(TOOLS)/deb-cloud-init
+	cd $(TOOLS)/deb-cloud-init && apt-get download -qq cloud-init python3-configobj || { echo "make: apt-get download cloud-init failed: the package index may be stale or lack it (sudo apt-get update)" >&2; exit 1; }
+	for deb in $(TOOLS)/deb-cloud-init/*.deb; do dpkg -x $$deb $(CLOUD_INIT); done
+	rm -rf $(TOOLS)/deb-cloud-init
+	PYTHONPATH=$(CLOUD_INIT)/usr/lib/python3/dist-packages $(BIN)/python $(CLOUD_INIT)/usr/bin/cloud-init --version
+	touch $@
+
 demo: setup
 	$(BIN)/shardrun run examples/gpt-stdlib.yaml --fresh
 
 test: setup
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=25
 
 # CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra. `make bench GPU=1`
 # adds bench/gpu.py on this machine's GPU (on a lent GPU machine, see bench/gpu.py's docstring).
