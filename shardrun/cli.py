@@ -1,4 +1,4 @@
-"""`shardrun run | train | check | data prepare-text`: the command line."""
+"""`shardrun run | train | check | report | data prepare-text | data inspect`: the command line."""
 
 from __future__ import annotations
 
@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a job spec and print it resolved")
     _add_spec_args(p)
+
+    p = sub.add_parser("report", help="plots (PNG) and an HTML page from a run's metrics.jsonl")
+    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where report.html and its PNGs go (default: RUN/report; ./<name>-report for a URI)")
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command",
                                                                    required=True)
@@ -184,7 +189,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check}
+def cmd_report(args: argparse.Namespace) -> int:
+    from shardrun import report
+
+    print(report.format_summary(report.report(args.run, args.out)))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report}
 DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
 
 
