@@ -1,4 +1,4 @@
-"""`shardrun run | train | check | report | data prepare-text | data inspect`: the command line."""
+"""`shardrun run | train | check | checkpoints | export | generate | report | data ...`: the command line."""
 
 from __future__ import annotations
 
@@ -44,6 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a job spec and print it resolved")
     _add_spec_args(p)
+
+    p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
+    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
+
+    p = sub.add_parser("export", help="a checkpoint as one safetensors file (ZeRO shards gathered) + config.json")
+    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
+    p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+
+    p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
+    p.add_argument("source", metavar="RUN_OR_EXPORT", help="a run dir, or a folder written by `shardrun export`")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to sample")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("report", help="plots (PNG) and an HTML page from a run's metrics.jsonl")
     p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")
@@ -189,6 +206,43 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from shardrun.export import checkpoints
+
+    found = checkpoints(args.run)
+    if not found:
+        print(f"{args.run}: no checkpoints")
+    for c in found:
+        state = "complete" if c["complete"] else f"incomplete: {c['why']}"
+        print(f"step {c['step']:>8}  {c['bytes'] / 1e6:>10,.1f} MB  {state}  {c['path']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from shardrun.export import export
+
+    done = export(args.run, args.out, step=args.step, dtype=args.dtype)
+    _emit(f"exported step {done['step']} ({done['dtype']}, {done['bytes'] / 1e6:,.1f} MB) from {done['source']} "
+          f"to {done['out']}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from shardrun import export
+
+    source = args.source
+    with tempfile.TemporaryDirectory() as tmp:
+        if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
+            export.export(source, tmp)
+            source = tmp
+        text = export.generate(export.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
+                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from shardrun import report
 
@@ -196,7 +250,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report,
+            "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate}
 DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
 
 

@@ -143,6 +143,10 @@ class NetnsCluster:
                if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH") and not k.startswith("PYTEST_")}
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0")
+        # Ray's state API (Ray Train's placement-group cleaner uses it) finds the cluster through
+        # /tmp/ray/ray_current_cluster, not under the nodes' --temp-dir: name the dashboard instead, or it
+        # asks a cluster of some earlier run and stalls the end of every Ray Train run
+        env["RAY_API_SERVER_ADDRESS"] = self.dashboard_url
         env.update(HEALTH_CHECK_ENV)
         env.update(self.env)
         return env

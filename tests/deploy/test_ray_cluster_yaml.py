@@ -30,6 +30,11 @@ ARM_TYPES = {"string": str, "securestring": str, "int": int, "bool": bool, "obje
 # Microsoft.Compute/virtualMachines accepts these; the provider's template passes them through unchecked.
 AZURE_PRIORITIES = {"Regular", "Low", "Spot"}
 AZURE_EVICTION_POLICIES = {"Deallocate", "Delete"}
+# How the YAML's commands run the bootstrap scripts, and how the scripts read their settings.
+BOOTSTRAP_SCRIPT = re.compile(r"deploy/bootstrap/([\w-]+\.sh)$")
+ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$", re.DOTALL)
+VARIABLE_USE = re.compile(r"\$\{?([A-Za-z_]\w*)")
+SEPARATORS = {";", "&", "&&", "||", "|"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,46 @@ def ray_start(cluster: dict, section: str) -> str:
     starts = [c for c in cluster[section] if "ray start" in c]
     assert len(starts) == 1, f"{section}: expected one `ray start`, got {starts}"
     return starts[0]
+
+
+def bootstrap_calls(cmds: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """(script, variables set on its command line) for every deploy/bootstrap script that the commands run."""
+    calls = []
+    for cmd in cmds:
+        lexer = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        simple: list[str] = []
+        for word in [*lexer, ";"]:
+            if word in SEPARATORS:
+                calls += [(m.group(1), assignments(simple[:i])) for i, w in enumerate(simple)
+                          if (m := BOOTSTRAP_SCRIPT.search(w))]
+                simple = []
+            else:
+                simple.append(word)
+    return calls
+
+
+def assignments(words: list[str]) -> dict[str, str]:
+    """NAME=value words (`env NAME=value`, or before the command) as a mapping."""
+    return dict(m.groups() for w in words if (m := ASSIGNMENT.match(w)))
+
+
+def script_reads(script: str, seen: set[str] | None = None) -> set[str]:
+    """Variables that a bootstrap script expands, with those of the scripts it sources or runs (not comments)."""
+    seen = set() if seen is None else seen
+    seen.add(script)
+    code = "\n".join(line for line in (BOOTSTRAP / script).read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    names = set(VARIABLE_USE.findall(code))
+    for other in set(re.findall(r"\b([\w-]+\.sh)\b", code)) - seen:
+        if (BOOTSTRAP / other).is_file():
+            names |= script_reads(other, seen)
+    return names
+
+
+def unread_variables(calls: list[tuple[str, dict[str, str]]]) -> list[tuple[str, str]]:
+    """(script, variable) for each variable passed to a script that the script never reads."""
+    return [(script, name) for script, env in calls for name in env if name not in script_reads(script)]
 
 
 # Ray's own checks
@@ -180,12 +225,21 @@ def test_ray_starts_with_token_auth_and_metrics_port(cluster):
 
 def test_token_is_fetched_on_every_node_before_ray_starts(cluster):
     # setup_commands run on the head and on every worker, before the start commands.
-    fetch = [c for c in cluster["setup_commands"] if "fetch-token.sh" in c]
+    fetch = [env for script, env in bootstrap_calls(cluster["setup_commands"]) if script == "fetch-token.sh"]
     assert len(fetch) == 1
-    env = dict(w.split("=", 1) for w in shlex.split(fetch[0]) if re.match(r"^[A-Z_]+=", w))
-    assert env["RAY_AUTH_TOKEN_PATH"] == "$HOME/.ray/auth_token"  # Ray's default token file
-    assert env["KEY_VAULT_NAME"] and env["RAY_TOKEN_SECRET"]
+    env = fetch[0]
+    assert env["SHARDRUN_TOKEN_FILE"] == "$HOME/.ray/auth_token"  # Ray's default token file
+    assert env["SHARDRUN_KEY_VAULT_NAME"] and env["SHARDRUN_TOKEN_SECRET_NAME"]
+    # a Key Vault that cannot be read fails `ray up` after a few minutes instead of hanging it
+    assert int(env["SHARDRUN_TOKEN_ATTEMPTS"]) > 0
     assert any("export RAY_AUTH_MODE=token" in c for c in cluster["setup_commands"]), "login shells need token mode"
+
+
+def test_monitoring_gives_tmp_ray_to_the_user_that_runs_ray(cluster):
+    # Under `ray up` Ray runs as the SSH login user; the scripts' default user would own /tmp/ray instead.
+    monitoring = [env for script, env in bootstrap_calls(cluster["head_setup_commands"]) if script == "monitoring.sh"]
+    assert len(monitoring) == 1
+    assert monitoring[0].get("SHARDRUN_USER") == "$(id -un)"
 
 
 def test_head_installs_the_azure_sdk_of_rays_defaults(cluster):
@@ -211,6 +265,24 @@ def test_bootstrap_scripts_exist(cluster):
         pytest.skip(f"{BOOTSTRAP.relative_to(REPO)} is not in this checkout yet; the YAML calls {scripts}")
     missing = [s for s in scripts if not (REPO / s).is_file()]
     assert not missing, f"the YAML calls {missing}, which deploy/bootstrap does not have"
+
+
+def test_every_variable_passed_to_a_bootstrap_script_is_one_it_reads(cluster):
+    every = commands(cluster, "initialization_commands", "setup_commands", "head_setup_commands",
+                     "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+    calls = bootstrap_calls(every)
+    assert {script for script, _ in calls} >= {"install.sh", "fetch-token.sh", "monitoring.sh"}
+    if not BOOTSTRAP.is_dir():
+        pytest.skip(f"{BOOTSTRAP.relative_to(REPO)} is not in this checkout yet")
+    assert not unread_variables(calls), "the YAML passes variables that deploy/bootstrap does not read"
+
+
+def test_the_variable_check_catches_old_names():
+    # the names deploy/ray used before the bootstrap scripts settled on theirs
+    old = ["sudo env SHARDRUN_SRC=$HOME/shardrun SHARDRUN_VENV=/v bash ~/shardrun/deploy/bootstrap/install.sh",
+           "KEY_VAULT_NAME=kv RAY_AUTH_TOKEN_PATH=$HOME/t bash ~/shardrun/deploy/bootstrap/fetch-token.sh && ls"]
+    assert unread_variables(bootstrap_calls(old)) == [
+        ("install.sh", "SHARDRUN_SRC"), ("fetch-token.sh", "KEY_VAULT_NAME"), ("fetch-token.sh", "RAY_AUTH_TOKEN_PATH")]
 
 
 def test_file_mounts_are_paths_of_this_repo(cluster):
