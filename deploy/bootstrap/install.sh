@@ -2,7 +2,8 @@
 # Installs shardrun into a virtual environment with the exact versions of constraints.txt (the same file CI
 # installs with), unless that environment already has it.
 #
-#   - The venv has a stamp (a hash of SHARDRUN_SOURCE and the constraints) that matches: nothing to do.
+#   - The venv has a stamp (a hash of SHARDRUN_SOURCE and the constraints; for a folder, of its files too, so
+#     that a checkout copied again by `ray up` after a change is installed again) that matches: nothing to do.
 #   - The venv exists without a stamp but has `ray` and `shardrun` (a development venv, a test): used as it is.
 #   - Otherwise: create the venv with SHARDRUN_PYTHON (installed with apt when missing), pip install, stamp.
 #
@@ -29,7 +30,14 @@ if [[ ! -f $stamp && -x $venv/bin/ray && -x $venv/bin/shardrun ]]; then
     exit 0
 fi
 [[ -n ${SHARDRUN_SOURCE:-} ]] || die "SHARDRUN_SOURCE is not set: what should pip install (e.g. git+https://github.com/ORG/shardrun@v0.1.0)?"
-want=$({ printf '%s\n' "$SHARDRUN_SOURCE"; cat "$constraints"; } | sha256sum | cut -d' ' -f1)
+want=$({
+    printf '%s\n' "$SHARDRUN_SOURCE"
+    cat "$constraints"
+    if [[ -d $SHARDRUN_SOURCE ]]; then  # a source folder: what is in it counts too
+        (cd "$SHARDRUN_SOURCE" && find pyproject.toml shardrun -type f -name '*.py' -o -name pyproject.toml |
+            LC_ALL=C sort | xargs sha256sum)
+    fi
+} | sha256sum | cut -d' ' -f1)
 if [[ -f $stamp && $(<"$stamp") == "$want" ]]; then
     log "shardrun ($SHARDRUN_SOURCE) is already installed in $venv"
     exit 0
