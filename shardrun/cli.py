@@ -1,4 +1,5 @@
-"""`shardrun run | train | check | checkpoints | export | generate | report | data ...`: the command line."""
+"""`shardrun run | train | check | submit | status | logs | stop | checkpoints | export | generate | report |
+data ...`: the command line."""
 
 from __future__ import annotations
 
@@ -44,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a job spec and print it resolved")
     _add_spec_args(p)
+
+    p = sub.add_parser("submit", help="validate here, then run the job on a Ray cluster through its Jobs API")
+    _add_spec_args(p)
+    p.add_argument("--address", default=None, help="the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
+    p.add_argument("--working-dir", default=None, help="the folder sent to the cluster (default: this one)")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    for name, what in (("status", "a job's state"), ("logs", "a job's logs"),
+                       ("stop", "stop a job after a checkpoint")):
+        p = sub.add_parser(name, help=f"{what} (by submission id or run name)")
+        p.add_argument("run", metavar="JOB_OR_RUN")
+        p.add_argument("--address", default=None, help="the Ray dashboard (default: RAY_ADDRESS)")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
 
     p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
     p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
@@ -206,6 +220,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from shardrun import jobs
+
+    return jobs.submit(args.spec, args.overrides, at=args.address, working_dir=args.working_dir,
+                       wait=not args.no_wait, emit=_emit)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shardrun import jobs
+
+    return jobs.status(args.run, at=args.address)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from shardrun import jobs
+
+    return jobs.logs(args.run, at=args.address, follow_logs=args.follow)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from shardrun import jobs
+
+    return jobs.stop(args.run, at=args.address)
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from shardrun.export import checkpoints
 
@@ -251,7 +290,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report,
-            "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate}
+            "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate,
+            "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
 DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
 
 

@@ -302,6 +302,16 @@ class FailureSpec(_Section):
         "nothing elsewhere; off; or the metadata service's URL.",
     )
 
+    @field_validator("scheduled_events", mode="before")
+    @classmethod
+    def _on_off(cls, value: Any) -> Any:
+        # YAML reads a bare off/no/false as False (and on/yes/true as True)
+        if isinstance(value, bool):
+            return "auto" if value else "off"
+        if isinstance(value, str) and value not in ("auto", "off") and not value.startswith(("http://", "https://")):
+            raise ValueError("auto, off, or the metadata service's http:// URL")
+        return value
+
 
 class RunSpec(_Section):
     max_steps: int = Field(..., ge=1, description="Optimizer steps to train to.")

@@ -40,6 +40,10 @@ def cluster(tmp_path_factory):
                       env={"GLOO_SOCKET_IFNAME": "eth0", "SHARDRUN_STEP_DELAY": "0.1",
                            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}) as started:
         yield started
+    # the harness leaves nothing behind: no Ray process, no namespace
+    leftover = subprocess.run(["pgrep", "-af", str(started.ray_root)], capture_output=True, text=True).stdout
+    assert not leftover and not any(started.pids(i) for i in range(3)), leftover
+    assert started.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 def both_workers_up(cluster: NetnsCluster) -> None:

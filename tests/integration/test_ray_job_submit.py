@@ -1,5 +1,7 @@
-"""`ray job submit` of the default job to a local `ray start --head` with token authentication on."""
+"""`shardrun submit | status | logs | stop` against a local `ray start --head` with token authentication on:
+the default job runs to the end; a stopped job checkpoints first (the runtime env raises Ray's stop grace)."""
 
+import json
 import secrets
 import subprocess
 import time
@@ -13,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(500)]
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with token auth; yields (dashboard address, env with the token)."""
-    env = child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = child_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), SHARDRUN_STEP_DELAY="0.05")
     dashboard = f"http://127.0.0.1:{(dash_port := free_port())}"
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -37,27 +39,38 @@ def ray_head(tmp_path):
         head.wait(timeout=30)
 
 
-def test_default_job_succeeds_under_ray_job_submit(tmp_path, ray_head):
-    dashboard, env = ray_head
-    wrong = dict(env, RAY_AUTH_TOKEN="not-the-token")
-    refused = run([str(BIN / "ray"), "job", "list", "--address", dashboard], env=wrong,
-                  timeout=60, check=False)
-    assert refused.returncode != 0, "the head accepted a wrong token"
+def shardrun(*args, env, timeout=420, check=False):
+    return run([str(BIN / "shardrun"), *args], env=env, timeout=timeout, check=check, cwd=REPO)
 
-    job_id = f"shardrun-test-{secrets.token_hex(4)}"
-    submit = run([
-        str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id,
-        "--working-dir", str(REPO), "--",
-        "shardrun", "run", "examples/gpt-stdlib.yaml",
-        "--set", "run.max_steps=20", "--set", "run.log_every=10",
-        "--set", f"checkpoint.storage={tmp_path / 'runs'}",
-        "--set", f"data.paths=[{tmp_path / 'data'}]", "--set", "data.prepare.max_mb=1",
-    ], env=env, timeout=420, check=False)
-    assert submit.returncode == 0, submit.stdout[-6000:]
-    assert "step     20/20" in submit.stdout
-    status = run([str(BIN / "python"), "-c",
-                  "import sys; from ray.job_submission import JobSubmissionClient as C; "
-                  "print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)", dashboard, job_id],
-                 env=env, timeout=60)
-    assert status.stdout.strip().splitlines()[-1] == "SUCCEEDED"
+
+def test_submit_follows_the_default_job_to_success_and_stop_checkpoints_first(tmp_path, ray_head):
+    dashboard, env = ray_head
+    refused = shardrun("status", "gpt-stdlib", "--address", dashboard, env=dict(env, RAY_AUTH_TOKEN="not-the-token"))
+    assert refused.returncode == 2 and "refused this client's token" in refused.stdout, refused.stdout
+
+    common = ["--address", dashboard, "--set", f"checkpoint.storage={tmp_path / 'runs'}",
+              "--set", f"data.paths=[{tmp_path / 'data'}]", "--set", "data.prepare.max_mb=1",
+              "--set", "failure.scheduled_events=off"]
+    done = shardrun("submit", "examples/gpt-stdlib.yaml", *common, "--set", "run.max_steps=10",
+                    "--set", "run.log_every=5", env=env)
+    assert done.returncode == 0, done.stdout[-6000:]
+    assert "step     10/10" in done.stdout and "SUCCEEDED" in done.stdout
     assert (tmp_path / "runs" / "gpt-stdlib" / "summary.json").exists()
+    assert "SUCCEEDED" in shardrun("status", "gpt-stdlib", "--address", dashboard, env=env, check=True).stdout
+
+    # a long job, stopped while it runs: `ray job stop` underneath, SIGTERM to the driver
+    queued = shardrun("submit", "examples/gpt-stdlib.yaml", *common, "--set", "run.max_steps=5000",
+                      "--set", "run.log_every=1", "--set", "checkpoint.every_steps=5000", "--no-wait", env=env,
+                      check=True)
+    assert "submitted gpt-stdlib-" in queued.stdout
+    metrics = tmp_path / "runs" / "gpt-stdlib" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not any(json.loads(row)["step"] >= 30 for row in metrics.read_text().splitlines()):
+        assert time.monotonic() < deadline, "the second job did not reach step 30"
+        time.sleep(1)
+    assert "step     30/5000" in shardrun("logs", "gpt-stdlib", "--address", dashboard, env=env).stdout
+    stopped = shardrun("stop", "gpt-stdlib", "--address", dashboard, env=env)
+    assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), stopped.stdout
+    summary = json.loads((tmp_path / "runs" / "gpt-stdlib" / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and summary["final_step"] >= 30, summary
+    assert (tmp_path / "runs" / "gpt-stdlib" / f"checkpoint_{summary['final_step']:08d}" / "shardrun.json").exists()

@@ -1,0 +1,165 @@
+"""Jobs on a Ray cluster through its Jobs API: submit a spec, follow it, ask its status, read its logs, stop it.
+
+The cluster is named by its dashboard address (`--address`, else RAY_ADDRESS when it is an http URL;
+through an SSH tunnel: http://127.0.0.1:8265). The token is taken where Ray takes it: RAY_AUTH_TOKEN,
+the file in RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, and sent as `Authorization: Bearer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shardrun import config
+from shardrun.errors import UserError
+
+STOP_WAIT_S = 300
+"""What `ray job stop` waits after its SIGTERM before a SIGKILL (RAY_JOB_STOP_WAIT_TIME_S): time for the
+workers to write a checkpoint at the next step."""
+
+EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}
+
+
+def token() -> str | None:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if path and os.path.isfile(path):
+            return Path(path).read_text().strip()
+    return None
+
+
+def address(given: str | None) -> str:
+    found = given or os.environ.get("RAY_ADDRESS", "")
+    if not found.startswith(("http://", "https://")):
+        raise UserError("give the Ray dashboard's address: --address http://HEAD:8265 (through an SSH tunnel: "
+                        "http://127.0.0.1:8265), or set RAY_ADDRESS to it")
+    return found.rstrip("/")
+
+
+def client(at: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    url = address(at)
+    secret = token()
+    headers = {"Authorization": f"Bearer {secret}"} if secret else None
+    try:
+        made = JobSubmissionClient(url, headers=headers)
+        made.list_jobs()  # fails here, named, rather than halfway through a command
+    except Exception as e:  # noqa: BLE001 - Ray raises RuntimeError/ConnectionError with the HTTP text inside
+        text = str(e)
+        if "401" in text or "403" in text or "uthentica" in text:
+            how = "no token was found" if not secret else "it refused this client's token"
+            raise UserError(f"the Ray cluster at {url} wants its token and {how}: put it in RAY_AUTH_TOKEN, "
+                            "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (docs/deploy-azure.md says where it "
+                            "lives)") from None
+        raise UserError(f"cannot reach the Ray Jobs API at {url} ({text.splitlines()[0][:300]}); check the address "
+                        "and the SSH tunnel (ssh -L 8265:localhost:8265 HEAD)") from None
+    return made
+
+
+def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir: str | None, wait: bool,
+           emit: Callable[[str], None]) -> int:
+    """Validate the spec here, then submit `shardrun run` with the working dir; follow it unless not wait."""
+    spec = config.load(spec_path, overrides)  # errors before anything reaches the cluster
+    work = Path(working_dir or os.getcwd()).resolve()
+    path = Path(spec_path).resolve()
+    if not path.is_relative_to(work):
+        raise UserError(f"{spec_path} is outside the working dir {work} that goes to the cluster; run from the "
+                        "folder that holds it, or give --working-dir")
+    jobs = client(at)
+    import shardrun
+
+    submission = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
+    entrypoint = " ".join(["python", "-m", "shardrun", "run", _quote(str(path.relative_to(work))),
+                           *(f"--set {_quote(o)}" for o in overrides)])
+    runtime_env = {
+        "working_dir": str(work),
+        # this client's shardrun on the cluster; its dependencies are the cluster's (deploy/bootstrap
+        # installs the same constraints.txt)
+        "py_modules": [str(Path(shardrun.__file__).parent)],
+        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)},
+    }
+    jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
+                    metadata={"shardrun_run": spec.name})
+    emit(f"submitted {submission} to {address(at)}: {entrypoint}")
+    if not wait:
+        emit(f"follow it with: shardrun logs {submission} --follow --address {address(at)}")
+        return 0
+    return follow(jobs, submission, emit)
+
+
+def follow(jobs, submission: str, emit: Callable[[str], None]) -> int:
+    """Print the job's logs as they come, then its end; the exit status says how it ended."""
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(submission):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    status = _wait_final(jobs, submission)
+    emit(f"job {submission}: {status}")
+    return EXIT.get(status, 1)
+
+
+def _wait_final(jobs, submission: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = jobs.get_job_status(submission).value
+        if status in EXIT or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
+def find(jobs, run: str):
+    """A job by its submission id, or the newest one of a run name."""
+    known = jobs.list_jobs()
+    exact = [j for j in known if j.submission_id == run]
+    if exact:
+        return exact[0]
+    mine = [j for j in known if (j.metadata or {}).get("shardrun_run") == run]
+    if not mine:
+        raise UserError(f"no job {run!r} on this cluster (neither a submission id nor a run name shardrun submitted)")
+    return max(mine, key=lambda j: j.start_time or 0)
+
+
+def status(run: str, *, at: str | None) -> int:
+    jobs = client(at)
+    job = find(jobs, run)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((job.start_time or 0) / 1000))
+    print(f"{job.submission_id}: {job.status.value} (started {started} UTC){': ' + job.message if job.message else ''}")
+    return 0
+
+
+def logs(run: str, *, at: str | None, follow_logs: bool) -> int:
+    jobs = client(at)
+    job = find(jobs, run)
+    if follow_logs:
+        return follow(jobs, job.submission_id, lambda line: print(f"[shardrun] {line}", file=sys.stderr))
+    sys.stdout.write(jobs.get_job_logs(job.submission_id))
+    return 0
+
+
+def stop(run: str, *, at: str | None) -> int:
+    jobs = client(at)
+    job = find(jobs, run)
+    if job.status.value in EXIT:
+        print(f"{job.submission_id} has already ended: {job.status.value}")
+        return 0
+    jobs.stop_job(job.submission_id)
+    print(f"stopping {job.submission_id}: its workers checkpoint at the next step and stop "
+          f"(up to {STOP_WAIT_S} s)")
+    final = _wait_final(jobs, job.submission_id, timeout=STOP_WAIT_S + 30)
+    print(f"{job.submission_id}: {final}")
+    return 0 if final in EXIT else 1
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
