@@ -113,10 +113,10 @@ def to_universal(directory: str, manifest: dict, topology: Topology, run_name: s
 
     The first rank of each node converts (`python -m deepspeed.checkpoint.ds_to_universal`) while the
     others wait; every rank then loads from its node's copy. remove_universal cleans it up."""
-    root = universal_root(run_name)
+    root = universal_root(run_name, topology)
     if topology.local_rank == 0:
         shutil.rmtree(root, ignore_errors=True)
-        os.makedirs(root)
+        os.makedirs(root, exist_ok=True)
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", os.path.join(directory, manifest["tag"]),
                "--output_folder", os.path.join(root, manifest["tag"]),
@@ -130,15 +130,18 @@ def to_universal(directory: str, manifest: dict, topology: Topology, run_name: s
     return root
 
 
-def universal_root(run_name: str) -> str:
-    return os.path.join(tempfile.gettempdir(), "shardrun-universal", run_name)
+def universal_root(run_name: str, topology: Topology) -> str:
+    """The node's folder for the converted copy, named after the node's first rank (ranks of a node are
+    consecutive), so that nodes that share a temp folder (one machine, a shared disk) never share it."""
+    first = topology.rank - topology.local_rank
+    return os.path.join(tempfile.gettempdir(), "shardrun-universal", run_name, f"rank{first}")
 
 
 def remove_universal(run_name: str, topology: Topology) -> None:
     if dist.is_initialized():
         dist.barrier()
     if topology.local_rank == 0:
-        shutil.rmtree(universal_root(run_name), ignore_errors=True)
+        shutil.rmtree(universal_root(run_name, topology), ignore_errors=True)
 
 
 def load(engine, directory: str, topology: Topology, manifest: dict, *, universal: str | None = None,

@@ -73,7 +73,7 @@ def test_export_gathers_zero3_shards_and_keeps_the_loss(tmp_path, corpus):
     assert proc.returncode == 0, proc.stderr[-4000:]
     theirs = json.loads(proc.stdout.strip().splitlines()[-1])["loss"]
     assert abs(mine - theirs) < 1e-5, (mine, theirs)
-    assert not os.path.exists(tmp_path / "shardrun-universal/tiny")  # the converted copy is removed
+    assert not os.path.exists(tmp_path / "shardrun-universal/tiny/rank0")  # the converted copy is removed
 
     sampled = run([sys.executable, "-m", "shardrun", "generate", str(tmp_path / "export"), "--prompt", "def ",
                    "--tokens", "20"], timeout=60).stdout
