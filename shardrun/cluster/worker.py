@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 
 import ray
@@ -61,28 +60,6 @@ class RaySession:
 
     def stopped(self) -> None:
         ray.get(self.progress_actor.stopped.remote())
-
-    def leaving(self, deadline_s: float, reason: str) -> str:
-        """This node is about to be taken away: drain it in Ray, so that the restarted group is not placed
-        here (the way Ray's own autoscaler drains a preempted node). Returns what was done, for the log.
-
-        GcsClient.drain_node is what `ray drain-node` calls; Ray marks it as outside its stability
-        guarantees, so a failure here only costs the drain. The head node is never drained."""
-        try:
-            from ray.core.generated import autoscaler_pb2
-
-            node_id = ray.get_runtime_context().get_node_id()
-            head = any(n["NodeID"] == node_id and "node:__internal_head__" in n.get("Resources", {})
-                       for n in ray.nodes())
-            if head:
-                return "the head node is not drained"
-            gcs = ray._private.worker.global_worker.gcs_client
-            accepted, why = gcs.drain_node(
-                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), reason,
-                int(time.time() * 1000 + max(0.0, deadline_s) * 1000))
-        except Exception as e:  # noqa: BLE001 - an internal API: drain if it works, train on if not
-            return f"Ray could not drain this node: {e!r}"
-        return f"Ray drains node {node_id[:12]}" if accepted else f"Ray refused to drain this node: {why}"
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())

@@ -213,12 +213,8 @@ class Trainer:
         if self._saved_step != self.state.step:
             self.save_checkpoint()
         seconds = time.perf_counter() - t0
-        notice = self.watcher.notice if self.watcher is not None else None
-        if notice is not None:
+        if self.watcher is not None and self.watcher.notice is not None:
             self.watcher.acknowledge()
-            left = (notice.not_before - datetime.datetime.now(datetime.timezone.utc)).total_seconds() \
-                if notice.not_before else 0.0
-            _log(f"preemption: {self.session.leaving(left, f'{notice.event_type} {notice.event_id}')}")
         step = self.state.step
         if preempt:
             if self.topology.is_main:

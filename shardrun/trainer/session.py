@@ -43,9 +43,6 @@ class Session(Protocol):
     def stopped(self) -> None:
         """Rank 0: the group checkpointed and stopped on request before max_steps."""
 
-    def leaving(self, deadline_s: float, reason: str) -> str:
-        """A rank whose machine is about to be taken away: keep new work off it; says what was done."""
-
     def finished(self) -> None:
         """Rank 0: training reached max_steps."""
 
@@ -120,9 +117,6 @@ class LocalSession:
 
     def stop_requested(self) -> bool:
         return TERMINATED.is_set()
-
-    def leaving(self, deadline_s: float, reason: str) -> str:
-        return "torchrun places nothing: start the run again on other machines"
 
     def finished(self) -> None:
         self._write_summary(finished=True)
