@@ -280,6 +280,11 @@ class FailureSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
     )
+    max_preemptions: int = Field(
+        -1, ge=-1,
+        description="Restarts after a node was taken away (a drained, preempted node), counted apart from "
+        "max_failures (-1: no limit).",
+    )
     nonfinite_loss: Literal["skip", "stop"] = Field(
         "skip",
         description="A step whose loss is NaN or infinite on any rank: skip leaves it out (DeepSpeed does "
@@ -297,9 +302,9 @@ class FailureSpec(_Section):
     scheduled_events: str = Field(
         "auto",
         description="Azure Scheduled Events: on a Preempt or Terminate event for its VM, every rank "
-        "checkpoints at the next step, the event is acknowledged and the group stops, to resume "
-        "elsewhere. auto: watch http://169.254.169.254 on Azure VMs (known by their DMI asset tag), "
-        "nothing elsewhere; off; or the metadata service's URL.",
+        "checkpoints at the next step, the event is acknowledged, the VM's Ray node is drained, and the "
+        "group resumes on the nodes left once it is gone. auto: watch http://169.254.169.254 on Azure VMs "
+        "(known by their DMI asset tag), nothing elsewhere; off; or the metadata service's URL.",
     )
 
     @field_validator("scheduled_events", mode="before")

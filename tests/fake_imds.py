@@ -7,8 +7,11 @@ grows on every change, and an approved event (POST StartRequests) taken off the 
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import threading
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -166,3 +169,31 @@ def _handler_for(imds: FakeMetadataServer) -> type[BaseHTTPRequestHandler]:
 
     return Handler
 
+
+def main() -> None:
+    """Serve as one VM's metadata service, e.g. inside a test node's network namespace, where each node
+    has a loopback of its own: once --trigger exists, announce --event for --vm-name; write every
+    acknowledged event id to --acks."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--vm-name", required=True)
+    parser.add_argument("--event", default="Preempt")
+    parser.add_argument("--not-before", type=float, default=30.0, help="seconds of notice")
+    parser.add_argument("--trigger", required=True)
+    parser.add_argument("--acks", required=True)
+    args = parser.parse_args()
+    with FakeMetadataServer(args.vm_name, args.port) as imds:
+        print(f"fake metadata service for {args.vm_name} at {imds.endpoint}", flush=True)
+        while not os.path.exists(args.trigger):
+            time.sleep(0.2)
+        print(f"announced {args.event}: {imds.announce(args.event, [args.vm_name], not_before_s=args.not_before)}",
+              flush=True)
+        while True:
+            with open(args.acks + ".tmp", "w") as f:
+                f.write("".join(f"{event_id}\n" for event_id in imds.acknowledged))
+            os.replace(args.acks + ".tmp", args.acks)
+            time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    main()

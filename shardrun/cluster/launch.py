@@ -9,6 +9,7 @@ from collections.abc import Callable
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from shardrun import storage
 from shardrun.cluster.connect import connect
@@ -17,6 +18,7 @@ from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec, join
 from shardrun.datasets.index import filesystem
 from shardrun.metrics.observer import RunObserver
+from shardrun.trainer.loop import PREEMPTION_WAIT_MARGIN_S
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -41,7 +43,12 @@ def run_config(spec: JobSpec) -> RunConfig:
         name=spec.name,
         storage_path=path,
         storage_filesystem=fs if "://" in spec.checkpoint.storage else None,
-        failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+        failure_config=FailureConfig(
+            max_failures=spec.failure.max_failures, max_preemption_failures=spec.failure.max_preemptions,
+            # The ranks end the group themselves once a drained node is gone, or PREEMPTION_WAIT_MARGIN_S
+            # after the event's NotBefore (at most 15 minutes away): Ray Train's own limit, counted from the
+            # drain's deadline (now), must not come first.
+            preemption_grace_s=15 * 60 + PREEMPTION_WAIT_MARGIN_S + 60),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
     )
 
@@ -56,7 +63,9 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     t0 = time.time()
     emit(f"connecting to {connect()}")
     storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
-    actor = ProgressActor.remote(spec.run.max_steps, spec.model.byte_level)
+    # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ProgressActor.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level)
     observer = RunObserver(spec, emit)
     trainer = TorchTrainer(
         train_fn,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 import ray
@@ -60,6 +61,43 @@ class RaySession:
 
     def stopped(self) -> None:
         ray.get(self.progress_actor.stopped.remote())
+
+    def leaving(self, reason: str) -> tuple[str | None, str]:
+        """Drain this node in Ray (reason preemption), as Ray's autoscaler does for a preempted node: nothing
+        new is placed here, Ray Train's own watcher sees the drain, and the actors that die with the node
+        count as preempted (failure.max_preemptions), not failed. The drain's deadline is now: once the event
+        is acknowledged Azure may take the VM at any moment, and the GCS counts a drained node's death as a
+        preemption only after the deadline (before it, as an unexpected failure).
+
+        GcsClient.drain_node is what `ray drain-node` calls; Ray keeps it outside its stability guarantees,
+        so a failure here only costs the drain. The head node is never drained (the cluster goes with it)."""
+        try:
+            from ray.core.generated import autoscaler_pb2
+
+            node_id = ray.get_runtime_context().get_node_id()
+            head = any(n["NodeID"] == node_id and "node:__internal_head__" in n.get("Resources", {})
+                       for n in ray.nodes())
+            if head:
+                return None, "this is the head node, which is not drained: the whole cluster goes with it"
+            gcs = ray._private.worker.global_worker.gcs_client
+            accepted, why = gcs.drain_node(
+                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), reason,
+                int(time.time() * 1000))
+        except Exception as e:  # noqa: BLE001 - an internal API: drain if it works, stop without if not
+            return None, f"Ray could not drain this node: {e!r}"
+        if not accepted:
+            return None, f"Ray refused to drain this node: {why}"
+        return node_id, f"Ray drains node {node_id[:12]} (nothing new is placed there)"
+
+    def wait_gone(self, nodes: list[str], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+            if not alive.intersection(nodes):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())

@@ -23,6 +23,9 @@ from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 
+PREEMPTION_WAIT_MARGIN_S = 60.0
+"""How long past an event's NotBefore the ranks wait for a drained node to go before they stop anyway."""
+
 
 def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | None = None, *,
                 data_index: dict | None = None) -> TrainState:
@@ -208,23 +211,52 @@ class Trainer:
                 return
 
     def stop_here(self, preempt: bool) -> None:
-        """Checkpoint this step (unless just saved), acknowledge a noticed event, and end the group."""
+        """Checkpoint this step (unless just saved); on a preemption, acknowledge the event, drain the VM's
+        node and wait for it to go before the group ends; on a stop request, end the run."""
         t0 = time.perf_counter()
         if self._saved_step != self.state.step:
             self.save_checkpoint()
         seconds = time.perf_counter() - t0
-        if self.watcher is not None and self.watcher.notice is not None:
-            self.watcher.acknowledge()
         step = self.state.step
-        if preempt:
+        if not preempt:
             if self.topology.is_main:
-                self.session.note(f"preemption: checkpoint of step {step} written in {seconds:.2f} s; this worker "
-                                  "group stops and the run resumes from it")
-            raise Preempted(f"a VM of this run is being taken away (Azure Scheduled Events); checkpointed step {step}")
+                self.session.note(f"stop requested: checkpoint of step {step} written in {seconds:.2f} s; "
+                                  "start the run again (same name) to resume")
+                self.session.stopped()
+            return
+        drained, left = None, 0.0
+        notice = self.watcher.notice if self.watcher is not None else None
+        if notice is not None:
+            self.watcher.acknowledge()
+            if notice.not_before is not None:
+                left = (notice.not_before - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            drained, what = self.session.leaving(f"{notice.event_type} {notice.event_id}")
+            _log(f"preemption: {what}")
+        nodes, left = self._gather_leaving(drained, left)
         if self.topology.is_main:
-            self.session.note(f"stop requested: checkpoint of step {step} written in {seconds:.2f} s; "
-                              "start the run again (same name) to resume")
-            self.session.stopped()
+            self.session.note(f"preemption: checkpoint of step {step} written in {seconds:.2f} s; "
+                              + (f"waiting for {len(nodes)} drained node(s) to go, then the run resumes from it "
+                                 "on the nodes left" if nodes else "this worker group stops and the run resumes "
+                                 "from it"))
+        if nodes:
+            # Ray Train's controller restarts the group once the drained nodes' actors die with them (counted
+            # as preempted). Ending the group before they are gone would have Ray Train count the draining
+            # node's resources and try to start the whole group there again.
+            wait = max(left, 0.0) + PREEMPTION_WAIT_MARGIN_S
+            if not self.session.wait_gone(nodes, timeout=wait):
+                _log(f"preemption: the drained node(s) were still there {wait:.0f} s later; the group stops anyway")
+        raise Preempted(f"a VM of this run is being taken away (Azure Scheduled Events); checkpointed step {step}")
+
+    def _gather_leaving(self, drained: str | None, left: float) -> tuple[list[str], float]:
+        """Every rank learns which nodes were drained and the earliest notice left (one gather, on a
+        preemption only)."""
+        if not (dist.is_initialized() and self.topology.world_size > 1):
+            return ([drained] if drained else []), left
+        everyone: list = [None] * self.topology.world_size
+        dist.all_gather_object(everyone, (drained, left if drained else None), group=self.control)
+        nodes = sorted({node for node, _ in everyone if node})
+        lefts = [seconds for node, seconds in everyone if node and seconds is not None]
+        return nodes, (min(lefts) if lefts else 0.0)
 
     def _check_nonfinite_policy(self) -> None:
         d = self.spec.deepspeed

@@ -43,6 +43,13 @@ class Session(Protocol):
     def stopped(self) -> None:
         """Rank 0: the group checkpointed and stopped on request before max_steps."""
 
+    def leaving(self, reason: str) -> tuple[str | None, str]:
+        """A rank whose machine is about to be taken away: keep new work off it. Returns the id of the node
+        that the launcher drains (None when it drains none) and what was done, for the log."""
+
+    def wait_gone(self, nodes: list[str], timeout: float) -> bool:
+        """Wait until the launcher sees every one of `nodes` gone (at most timeout seconds); True if so."""
+
     def finished(self) -> None:
         """Rank 0: training reached max_steps."""
 
@@ -117,6 +124,12 @@ class LocalSession:
 
     def stop_requested(self) -> bool:
         return TERMINATED.is_set()
+
+    def leaving(self, reason: str) -> tuple[str | None, str]:
+        return None, "torchrun places nothing: start the run again on other machines"
+
+    def wait_gone(self, nodes: list[str], timeout: float) -> bool:
+        return not nodes
 
     def finished(self) -> None:
         self._write_summary(finished=True)

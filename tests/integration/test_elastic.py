@@ -4,12 +4,17 @@ CPUs for workers, one worker slot on each other node, num_workers [1, 2].
 - A worker node dies: the run goes on with 1 worker from the latest checkpoint (converted to DeepSpeed's
   universal format); the node comes back and the group grows to 2 again; the run finishes with the global
   batch kept, its loss falling, and its data position exactly where an uninterrupted run's would be.
+- A worker node is preempted (Azure Scheduled Events): every rank checkpoints within the notice, the event
+  is acknowledged, the node is drained in Ray; when the node goes (the test takes it, as Azure would), the
+  group restarts without it, counted as a preemption; then SIGTERM to the driver (what `ray job stop`
+  sends) checkpoints and stops the run, exit 143.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -98,3 +103,64 @@ def test_two_workers_then_one_then_two_again(cluster, tmp_path, corpus):
     final = torch.load(run / f"checkpoint_{STEPS:08d}/rank_0.pt", weights_only=False)
     assert final["train"]["samples"] == STEPS * BATCH
     assert (final["data"]["epoch"], final["data"]["offset"], final["data"]["partitions"]) == (0, STEPS * BATCH // 2, 2)
+
+
+def test_a_preempted_node_is_drained_and_left_behind_then_sigterm_stops_the_run(cluster, tmp_path, corpus):
+    """Each node answers its own 127.0.0.1 (its network namespace), so a fake metadata service inside node 2
+    is that VM's alone: its Preempt reaches only the rank on node 2, and every rank stops at the same step."""
+    both_workers_up(cluster)
+    port, trigger, acks = 18080, tmp_path / "announce", tmp_path / "acks"
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", scaling={"num_workers": [1, 2]}, run={"max_steps": 1000, "log_every": 1},
+        checkpoint={"every_steps": 1000},
+        failure={"max_failures": 0, "max_preemptions": 1, "scheduled_events": f"http://127.0.0.1:{port}"}))
+    imds = cluster.exec(2, [PYTHON, str(Path(__file__).parents[1] / "fake_imds.py"), "--port", str(port),
+                            "--vm-name", "shardrun-node-2", "--trigger", str(trigger), "--acks", str(acks),
+                            "--not-before", "30"],
+                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    times: dict = {}
+
+    def on_line(line, driver):
+        if "announced" not in times and re.search(r"step +5/", line):
+            trigger.touch()
+            times["announced"] = time.monotonic()
+        if "saved" not in times and "preemption: checkpoint of step" in line:
+            times["saved"] = time.monotonic()
+            deadline = time.monotonic() + 10
+            while not (acks.exists() and acks.read_text().strip()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            times["acks"] = acks.read_text().split() if acks.exists() else []
+            cluster.kill_node(2)  # Azure takes the VM once the event is acknowledged
+        resumed = re.search(r"resuming from step (\d+) with 1 worker \(restart 1\)", line)
+        if resumed:
+            times["resumed_step"] = int(resumed[1])
+        step = re.search(r"step +(\d+)/", line)
+        if "resumed_step" in times and "stop" not in times and step and int(step[1]) >= times["resumed_step"] + 3:
+            driver.send_signal(signal.SIGTERM)  # the driver: what `ray job stop` does first
+            times["stop"] = time.monotonic()
+
+    try:
+        driver, text = drive(cluster, spec, on_line)
+        table = cluster.nodes()
+    finally:
+        imds.kill()
+    stopped = re.search(r"preemption: checkpoint of step (\d+) written in [0-9.]+ s; waiting for 1 drained node", text)
+    assert stopped and times["saved"] - times["announced"] < 30, text[-5000:]  # within the Preempt notice
+    assert len(times["acks"]) == 1, "the event was not acknowledged"
+    drained = re.search(r"Ray drains node ([0-9a-f]{12})", text)
+    assert drained, text[-5000:]
+    # (node 2's earlier incarnations, killed by another test, have rows of their own, with its address)
+    [gone] = [n for n in table if n["node_id"].startswith(drained[1])]
+    assert gone["node_ip"] == cluster.ips[2], gone
+    assert times.get("resumed_step") == int(stopped[1]), text[-6000:]
+    # Ray knew the node was drained for that event: its death counted as a preemption (max_failures is 0)
+    why = f"Terminated due to preemption: Preempt {times['acks'][0]}"
+    assert (gone["state"], gone["state_message"]) == ("DEAD", why), gone
+
+    assert "stop" in times and "stop requested (SIGTERM)" in text and driver.returncode == 143, text[-5000:]
+    last = re.search(r"stop requested: checkpoint of step (\d+) written", text)
+    assert last and int(last[1]) >= times["resumed_step"] + 3, text[-5000:]
+    summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and summary["restarts"] == 1 and not summary["finished"]
+    assert summary["final_step"] == int(last[1])
+    assert (tmp_path / f"runs/tiny/checkpoint_{int(last[1]):08d}/shardrun.json").exists()
