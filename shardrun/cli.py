@@ -1,5 +1,5 @@
-"""`shardrun run | train | check | submit | status | logs | stop | checkpoints | export | generate | report |
-data ...`: the command line."""
+"""`shardrun run | train | check | submit | status | logs | stop | runs | checkpoints | export | generate |
+report | data ...`: the command line."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default=None, help="the Ray dashboard (default: RAY_ADDRESS)")
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+
+    p = sub.add_parser(
+        "runs", help="the runs in a storage location: state, step, loss, newest complete checkpoint, age",
+        description="The run dirs in STORAGE. state: finished, stopped (SIGTERM), failed: ERROR (from summary.json); "
+        "without a summary.json newer than metrics.jsonl: running (files changed in the last 5 minutes) or "
+        "interrupted; unreadable: WHY. Runs that --fresh moved aside (NAME.replaced-TIME) are listed too, "
+        "marked 'moved aside'. Checkpoints are looked at on local disk only (? on a URI).")
+    p.add_argument("storage", metavar="STORAGE", nargs="?", default=config.CheckpointSpec().storage,
+                   help="checkpoint.storage: a path or URI (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON")
 
     p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
     p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
@@ -245,6 +255,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return jobs.stop(args.run, at=args.address)
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from shardrun import runs
+
+    found = runs.list_runs(args.storage)
+    if args.json:
+        print(json.dumps(found, indent=2))
+    else:
+        print(runs.format_table(found) if found else f"{redact(args.storage)}: no runs")
+    return 0
+
+
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from shardrun.export import checkpoints
 
@@ -290,7 +311,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report,
-            "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate,
+            "runs": cmd_runs, "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate,
             "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
 DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
 

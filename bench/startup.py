@@ -1,0 +1,510 @@
+"""Start-up: seconds from the command to the first training step, 2 workers on this machine, three ways.
+
+  torchrun     `torchrun --nproc-per-node 2 bare_train.py`: a bare DeepSpeed script (written by the bench)
+  TorchTrainer a plain Ray Train TorchTrainer running the same script's function (a local ray.init)
+  shardrun     `shardrun run job.yaml`: the CLI, a local Ray, Ray Train V2, shardrun's worker loop
+All three train the built-in GPT with the DeepSpeed config shardrun builds for the job (ZeRO-2, fp32,
+gloo) on the same Parquet shards. The clock starts when the bench starts the command and stops when
+rank 0's second forward begins: a forward pre-hook on the model, the same in all three, so the first
+step's optimizer update and whatever the loop does after it count. The bare script and shardrun's
+workers also note when the model is built, DeepSpeed is up, the data is open and the first forward
+begins; the driver's lines (spec, data index, Ray up) are timed as they arrive.
+
+    python bench/startup.py                    # 3 repetitions of each way, medians and phases
+    python bench/startup.py --record           # the same, appended to docs/benchmarks.md
+    python bench/startup.py --quick            # tiny model, one repetition: checks that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from common import DOC, REPO, append_record, git_revision, machine, versions
+from gpu import write_tokens
+from overhead import torch_extensions_dir, warm_extensions
+
+from shardrun.config import parse
+from shardrun.trainer.ds_config import build_ds_config
+
+SECTION = "## Start-up"
+WAYS = ("torchrun", "ray", "shardrun")
+NAMES = {"torchrun": "torchrun", "ray": "TorchTrainer", "shardrun": "shardrun run"}
+SIZES = {
+    "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "seq_len": 128, "micro_batch": 16},
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "seq_len": 32, "micro_batch": 4},
+}
+WORKERS = 2
+STEPS = 3
+VOCAB = 256
+RUN_TIMEOUT_S = 300
+VERSIONS = ("torch", "deepspeed", "ray", "pyarrow")
+IMPORTS = {
+    "python -c pass": None,
+    "torch": "torch",
+    "deepspeed (with torch)": "deepspeed",
+    "ray.train.torch (a TorchTrainer driver)": "ray.train.torch",
+    "shardrun.cli (the CLI up to the spec)": "shardrun.cli",
+    "shardrun.cluster.launch (shardrun's driver, then)": "shardrun.cluster.launch",
+    "shardrun.cluster.worker (a shardrun worker's train_fn)": "shardrun.cluster.worker",
+}
+"""Import times measured apart, each in a fresh process: what the phases below contain."""
+
+# (label, {way: (from mark, to mark)}): a way that lacks a phase leaves it out; "" is the command's start
+PHASES = [
+    ("driver or launcher: Python, imports, spec", {"torchrun": ("", "script start"), "ray": ("", "driver imports"),
+                                                   "shardrun": ("", "spec")}),
+    ("driver: data index (file footers)", {"shardrun": ("spec", "data index")}),
+    ("driver: Ray up (shardrun: also importing its launcher, which imports deepspeed)",
+     {"ray": ("driver imports", "ray up"), "shardrun": ("data index", "ray up")}),
+    ("worker group up (Ray Train: controller, placement group, actors, torch process group)",
+     {"ray": ("ray up", "worker start")}),
+    ("worker imports (torch, deepspeed)", {"torchrun": ("script start", "imports"),
+                                           "ray": ("worker start", "imports")}),
+    ("process group (deepspeed.init_distributed)", {"torchrun": ("imports", "process group"),
+                                                    "ray": ("imports", "process group")}),
+    ("shardrun: worker group up, imports, process group, metrics endpoints, checkpoint lookup",
+     {"shardrun": ("ray up", "model")}),
+    ("model built", {"torchrun": ("process group", "model"), "ray": ("process group", "model")}),
+    ("DeepSpeed init (deepspeed.initialize)", {w: ("model", "deepspeed init") for w in WAYS}),
+    ("data open", {w: ("deepspeed init", "data open") for w in WAYS}),
+    ("first batch, to the first forward", {w: ("data open", "first forward") for w in WAYS}),
+    ("first step (forward, backward, step, then the loop's own work)", {w: ("first forward", "first step")
+                                                                         for w in WAYS}),
+]
+
+# -- what the bench writes into its directory: the same for every way --------------------------------
+
+MARKS_PY = '''"""Timestamps for bench/startup.py: one JSON line per mark, in $SHARDRUN_BENCH_MARKS/<pid>.jsonl."""
+import json
+import os
+import time
+
+
+def mark(name, rank=None):
+    rank = os.environ.get("RANK", "driver") if rank is None else rank
+    with open(os.path.join(os.environ["SHARDRUN_BENCH_MARKS"], f"{os.getpid()}.jsonl"), "a") as f:
+        f.write(json.dumps({"name": name, "time": time.time(), "rank": str(rank)}) + "\\n")
+
+
+def hook(model):
+    """Mark the first forward and the second (the first step is then done): a forward pre-hook."""
+    calls = []
+
+    def pre_hook(module, inputs):
+        calls.append(1)
+        if len(calls) <= 2:
+            mark("first forward" if len(calls) == 1 else "first step")
+
+    model.register_forward_pre_hook(pre_hook)
+'''
+
+BARE_TRAIN_PY = '''"""A bare DeepSpeed training script: torchrun runs it; a plain Ray TorchTrainer calls train()."""
+import marks
+
+marks.mark("script start")
+import json
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import deepspeed
+import pyarrow.parquet as pq
+import torch
+
+marks.mark("imports")
+from gpt import GPT, GPTConfig
+
+
+def train(job):
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    marks.mark("process group")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**job["model"]))
+    marks.hook(model)
+    marks.mark("model")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=job["ds_config"])
+    marks.mark("deepspeed init")
+    column = pq.read_table(job["data"], columns=["tokens"])["tokens"].combine_chunks()
+    rows = torch.from_numpy(column.values.to_numpy().astype("int64").reshape(len(column), -1))
+    mb = job["micro_batch"]
+    batches = [rows[i * mb:(i + 1) * mb] for i in range(rank, job["steps"] * world, world)]
+    marks.mark("data open")
+    for batch in batches:
+        loss = engine(batch[:, :-1], batch[:, 1:])
+        engine.backward(loss)
+        engine.step()
+
+
+if __name__ == "__main__":
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "job.json")) as f:
+        train(json.load(f))
+'''
+
+RAY_DRIVER_PY = '''"""A plain Ray Train TorchTrainer that runs bare_train.train on 2 CPU workers (gloo)."""
+import marks
+
+marks.mark("driver start")
+import json
+import logging
+import os
+import sys
+
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+marks.mark("driver imports")
+
+
+def train_loop(job):
+    import marks
+
+    marks.mark("worker start")
+    import bare_train
+
+    bare_train.train(job)
+
+
+if __name__ == "__main__":
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "job.json")) as f:
+        job = json.load(f)
+    ray.init(address="local", logging_level=logging.WARNING)  # as shardrun's driver starts a local Ray
+    marks.mark("ray up")
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=job, torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=job["workers"], use_gpu=False, resources_per_worker={"CPU": 1},
+                                     placement_strategy="PACK"),
+        run_config=RunConfig(name="bare", storage_path=sys.argv[1]),
+    )
+    trainer.fit()
+'''
+
+SHARDRUN_MODEL_PY = '''"""shardrun's built-in GPT through a model entrypoint, so that its worker marks its phases."""
+import marks
+
+
+def build(**config):
+    marks.mark("model")
+    import shardrun.datasets
+    from shardrun.trainer.models.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(**config))
+    marks.hook(model)
+    # the loop opens the data right after DeepSpeed is up (Trainer.__init__): mark both ends
+    open_data = shardrun.datasets.open
+
+    def timed_open(*args, **kwargs):
+        marks.mark("deepspeed init")
+        stream = open_data(*args, **kwargs)
+        marks.mark("data open")
+        return stream
+
+    shardrun.datasets.open = timed_open
+    return model
+'''
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="shardrun-startup-") as work:
+        work = Path(work)
+        prepare(work, SIZES[args.size])
+        env = bench_env(work)
+        results = {w: [] for w in args.ways}
+        for rep in range(args.reps):
+            order = args.ways[rep % len(args.ways):] + args.ways[:rep % len(args.ways)]
+            for way in order:
+                res = RUNNERS[way](work, env, rep)
+                results[way].append(res)
+                print(f"  rep {rep + 1}/{args.reps} {NAMES[way]:13s} first step after {res['first step']:.2f} s",
+                      flush=True)
+        imports = measure_imports(env, args.reps, quick=args.quick)
+    table, phase_table, import_table = format_tables(results, imports)
+    found = findings(results)
+    print("\n" + table + "\n\n" + phase_table + "\n\n" + import_table)
+    for line in found:
+        print(line)
+    if args.record:
+        record(args, table, phase_table, import_table, found, load)
+        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=3, help="repetitions of each way (default 3)")
+    p.add_argument("--size", choices=SIZES, default="demo", help="model and micro-batch (default demo, "
+                   "examples/gpt-stdlib.yaml's)")
+    p.add_argument("--only", help=f"comma list of ways (default all: {','.join(WAYS)})")
+    p.add_argument("--quick", action="store_true", help="tiny model, one repetition: checks that it all runs")
+    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
+    args = p.parse_args(argv)
+    args.ways = list(WAYS)
+    if args.only:
+        args.ways = [w.strip() for w in args.only.split(",") if w.strip()]
+        unknown = [w for w in args.ways if w not in WAYS]
+        if unknown or not args.ways:
+            p.error(f"--only {args.only}: unknown way {', '.join(unknown)} (ways: {', '.join(WAYS)})")
+    if args.quick:
+        if args.record:
+            p.error("--quick numbers say nothing about start-up; run without --quick to --record")
+        args.size, args.reps = "tiny", 1
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    return args
+
+
+def prepare(work: Path, size: dict) -> None:
+    """Data, the model's source, the scripts, and the job every way runs (as job.json and job.yaml)."""
+    data = write_tokens(work / "data", {**size, "micro_batch": size["micro_batch"] * WORKERS, "vocab_size": VOCAB},
+                        max(4 * STEPS, -(-16 * 256 // (size["micro_batch"] * WORKERS))))
+    shutil.copy(REPO / "shardrun" / "trainer" / "models" / "gpt.py", work / "gpt.py")
+    for name, text in (("marks.py", MARKS_PY), ("bare_train.py", BARE_TRAIN_PY), ("ray_train.py", RAY_DRIVER_PY),
+                       ("shardrun_model.py", SHARDRUN_MODEL_PY)):
+        (work / name).write_text(text)
+    model = {"n_layer": size["n_layer"], "n_head": size["n_head"], "n_embd": size["n_embd"],
+             "block_size": size["seq_len"], "vocab_size": VOCAB}
+    spec = {
+        "name": "startup",
+        "model": {"entrypoint": "shardrun_model:build", "args": model},
+        "data": {"paths": [data], "seq_len": size["seq_len"], "seed": 0},
+        "deepspeed": {"zero_stage": 2, "precision": "fp32", "micro_batch_size": size["micro_batch"],
+                      "optimizer": {"type": "adamw", "lr": 1e-3, "weight_decay": 0.1},
+                      "schedule": {"warmup_steps": 1, "decay": "constant"}},
+        "scaling": {"num_workers": WORKERS, "use_gpu": False, "cpus_per_worker": 1},
+        "checkpoint": {"storage": str(work / "runs"), "every_steps": STEPS, "keep": 1},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "targets_dir": str(work / "targets")},
+        "failure": {"scheduled_events": "off"},
+        "run": {"max_steps": STEPS, "seed": 0},
+    }
+    resolved = parse(spec, source="bench/startup.py")
+    ds_config = build_ds_config(resolved.deepspeed, max_steps=STEPS, on_gpu=False,
+                                grad_accum_steps=resolved.grad_accum_for(WORKERS))
+    job = {"model": model, "ds_config": ds_config, "data": data, "micro_batch": size["micro_batch"], "steps": STEPS,
+           "workers": WORKERS}
+    (work / "job.json").write_text(json.dumps(job))
+    (work / "job.yaml").write_text(yaml.safe_dump(spec))
+
+
+def bench_env(work: Path) -> dict[str, str]:
+    """One environment for every way: the scripts importable, DeepSpeed on CPU with its compiled comm op ready
+    (bench/overhead.py's torch_extensions_dir: its build is not start-up), and a fresh local Ray with a token of its
+    own (none is written to ~/.ray)."""
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(work), env.get("PYTHONPATH")])), DS_ACCELERATOR="cpu",
+               CUDA_VISIBLE_DEVICES="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    env["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
+    warm_extensions(env)
+    return env
+
+
+# -- running one way --------------------------------------------------------------------------------------
+
+
+def timed_run(cmd: list[str], env: dict, work: Path, what: str) -> tuple[float, list[tuple[float, str]], dict]:
+    """Run cmd until rank 0 marks its first step, then end it (the rest is not timed); its start time, its output
+    lines with their arrival times, and the marks it wrote."""
+    marks_dir = Path(tempfile.mkdtemp(prefix="marks-", dir=work))
+    env = {**env, "SHARDRUN_BENCH_MARKS": str(marks_dir)}
+    lines: list[tuple[float, str]] = []
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
+                            start_new_session=True)
+    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stdout), daemon=True)
+    reader.start()
+    marks: dict[str, float] = {}
+    try:
+        while "first step" not in marks and proc.poll() is None and time.time() - start < RUN_TIMEOUT_S:
+            time.sleep(0.1)
+            marks = read_marks(marks_dir)
+        time.sleep(0.5)  # the driver's line of step 1 (shardrun's progress is polled every second)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the command, torchrun's ranks, Ray's processes
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    reader.join(timeout=10)
+    marks = read_marks(marks_dir)
+    if "first step" not in marks:
+        why = "timed out" if proc.returncode == -signal.SIGKILL else f"exit {proc.returncode}"
+        sys.exit(f"bench: {what} ended before its first step ({why}):\n" + "".join(line for _, line in lines[-40:]))
+    return start, lines, marks
+
+
+def read_marks(marks_dir: Path) -> dict[str, float]:
+    """The first time of each mark on rank 0 (or the driver)."""
+    out: dict[str, float] = {}
+    for path in marks_dir.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            m = json.loads(line)
+            if m["rank"] in ("0", "driver"):
+                out[m["name"]] = min(out.get(m["name"], m["time"]), m["time"])
+    return out
+
+
+def relative(start: float, marks: dict[str, float]) -> dict[str, float]:
+    return {name: t - start for name, t in marks.items()}
+
+
+def run_torchrun(work: Path, env: dict, rep: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORKERS}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(work / "bare_train.py")]
+    start, _, marks = timed_run(cmd, env, work, "torchrun with the bare script")
+    return relative(start, marks)
+
+
+def run_ray(work: Path, env: dict, rep: int) -> dict:
+    storage = work / f"ray-results-{rep}"
+    start, _, marks = timed_run([sys.executable, str(work / "ray_train.py"), str(storage)], env, work,
+                                "the plain TorchTrainer")
+    return relative(start, marks)
+
+
+DRIVER_LINES = {"spec": "[shardrun] job spec, resolved", "data index": "[shardrun] data: ",
+                "ray up": "[shardrun] connecting to ", "driver saw step 1": "[shardrun] step      1/"}
+"""shardrun's own driver lines, timed as they arrive (each is printed and flushed when its phase is done)."""
+
+
+def run_shardrun(work: Path, env: dict, rep: int) -> dict:
+    cmd = [sys.executable, "-m", "shardrun", "run", str(work / "job.yaml"),
+           "--set", f"checkpoint.storage={work / f'runs-{rep}'}"]
+    start, lines, marks = timed_run(cmd, env, work, "shardrun run")
+    for name, prefix in DRIVER_LINES.items():
+        seen = [t for t, line in lines if line.startswith(prefix)]
+        if seen:
+            marks[name] = seen[0]
+    return relative(start, marks)
+
+
+RUNNERS = {"torchrun": run_torchrun, "ray": run_ray, "shardrun": run_shardrun}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_imports(env: dict, reps: int, *, quick: bool = False) -> dict[str, list[float]]:
+    """Seconds to import each module in a fresh Python (after the interpreter's own start); --quick: the light ones."""
+    out = {}
+    for label, module in IMPORTS.items():
+        if quick and module not in (None, "shardrun.cli"):
+            continue
+        code = ("import time; t = time.perf_counter()" + (f"; import {module}" if module else "")
+                + "; print(time.perf_counter() - t)")
+        if module is None:  # the interpreter's start itself, from outside
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+                times.append(time.perf_counter() - t0)
+        else:
+            times = [float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                          text=True).stdout.split()[-1]) for _ in range(reps)]
+        out[label] = times
+    return out
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f}"
+
+
+def format_tables(results: dict[str, list[dict]], imports: dict[str, list[float]]) -> tuple[str, str, str]:
+    ways = list(results)
+    ray = statistics.median(r["first step"] for r in results["ray"]) if results.get("ray") else None
+    lines = ["| way | command to first step (s), median | min - max | vs TorchTrainer |", "|---|---:|---:|---:|"]
+    for way in ways:
+        firsts = [r["first step"] for r in results[way]]
+        vs = f"{statistics.median(firsts) / ray:.2f}" if ray else "-"
+        lines.append(f"| {NAMES[way]} | {med(firsts)} | {min(firsts):.2f} - {max(firsts):.2f} | {vs} |")
+    table = "\n".join(lines)
+
+    phases = ["| phase (s, medians) | " + " | ".join(NAMES[w] for w in ways) + " |",
+              "|---|" + "---:|" * len(ways)]
+    for label, spans in PHASES:
+        cells = []
+        for way in ways:
+            span = spans.get(way)
+            runs = [r for r in results[way] if span and (not span[0] or span[0] in r) and span[1] in r]
+            cells.append(med([r[span[1]] - (r[span[0]] if span[0] else 0.0) for r in runs]) if runs else "")
+        if any(cells):
+            phases.append(f"| {label} | " + " | ".join(cells) + " |")
+    phases.append("| **command to first step** | " + " | ".join(med([r["first step"] for r in results[w]])
+                                                       for w in ways) + " |")
+    if "shardrun" in results and all("driver saw step 1" in r for r in results["shardrun"]):
+        late = [r["driver saw step 1"] - r["first step"] for r in results["shardrun"]]
+        phases.append("| shardrun's driver prints step 1 this much later (progress is polled every 1 s) | "
+                      + " | ".join(med(late) if w == "shardrun" else "" for w in ways) + " |")
+    phase_table = "\n".join(phases)
+
+    imp = ["| import, in a fresh Python (s) | median | min - max |", "|---|---:|---:|"]
+    for label, times in imports.items():
+        imp.append(f"| {label} | {med(times)} | {min(times):.2f} - {max(times):.2f} |")
+    return table, phase_table, "\n".join(imp)
+
+
+def findings(results: dict[str, list[dict]]) -> list[str]:
+    """The issue's goal: shardrun no slower than a plain TorchTrainer; and how far from torchrun."""
+    first = {w: statistics.median(r["first step"] for r in rs) for w, rs in results.items()}
+    out = []
+    if "shardrun" in first and "ray" in first:
+        diff = first["shardrun"] - first["ray"]
+        verdict = "meets" if diff <= 0 else "misses"
+        out.append(f"shardrun run - TorchTrainer = {diff:+.2f} s to the first step: {verdict} the goal "
+                   "(no slower than a plain TorchTrainer)")
+    if "shardrun" in first and "torchrun" in first:
+        out.append(f"shardrun run - torchrun = {first['shardrun'] - first['torchrun']:+.2f} s to the first step")
+    return out
+
+
+def record(args, table: str, phase_table: str, import_table: str, found: list[str], load: tuple) -> None:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    s = SIZES[args.size]
+    append_record(SECTION, "\n".join([
+        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
+        "",
+        f"- Command: `{shlex.join(['python', 'bench/startup.py', *sys.argv[1:]])}`",
+        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
+        f"- Versions: {versions(VERSIONS)}",
+        f"- Setup: {WORKERS} CPU workers (gloo), GPT {s['n_layer']} x {s['n_embd']}, seq {s['seq_len']}, micro-batch "
+        f"{s['micro_batch']}, ZeRO-2 fp32, {STEPS} steps; medians of {args.reps} repetitions, the ways taking turns",
+        "",
+        table,
+        "",
+        phase_table,
+        "",
+        import_table,
+        "",
+        *[f"{line}." for line in found],
+        "",
+    ]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

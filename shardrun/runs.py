@@ -1,0 +1,206 @@
+"""`shardrun runs STORAGE`: the runs in a storage location, each with its state, last step and loss,
+newest complete checkpoint and when it last changed.
+
+A run dir is `<checkpoint.storage>/<name>`, on local disk or behind a URI (abfs://, s3://). The state
+comes from the files alone: summary.json is written when a run ends (finished, stopped or failed). A run
+without one newer than its metrics.jsonl is still going, or was cut off (its driver killed, its machine
+lost): only the age of its files tells the two apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import pyarrow.fs as pafs
+
+from shardrun.config import join
+from shardrun.datasets.index import filesystem
+from shardrun.errors import UserError, redact
+
+RECENT_SECONDS = 300
+"""A run with no current summary.json whose files changed this recently counts as running (the help of
+`shardrun runs` says 5 minutes)."""
+TAIL_BYTES = 64 * 1024
+"""How much of the end of metrics.jsonl is read for its last record."""
+MOVED_ASIDE = re.compile(r"\.replaced-\d{8}-\d{6}$")
+"""The suffix storage.move_aside gives the earlier run that `--fresh` moved out of the way."""
+_CHECKPOINTS = re.compile(r"^(checkpoint_\d+|checkpoints)$")
+"""Ray Train's checkpoint_<step> folders, or the folder of `shardrun train`'s."""
+_RUN_FILES = ("job.yaml", "metrics.jsonl", "summary.json")
+
+
+class Unreadable(Exception):
+    """A run file that is there but cannot be parsed; the message says why."""
+
+
+def list_runs(storage: str) -> list[dict]:
+    """Every run dir directly under `storage`, by name (fields: see `describe`)."""
+    location = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    fs, root = filesystem(location)
+    kind = fs.get_file_info(root).type
+    if kind == pafs.FileType.NotFound:
+        raise UserError(f"{redact(storage)} does not exist: STORAGE is where runs live (checkpoint.storage "
+                        "of the job spec, e.g. ~/shardrun/runs), a path or a URI")
+    if kind != pafs.FileType.Directory:
+        raise UserError(f"{redact(storage)} is a file: STORAGE is the folder that holds the run dirs")
+    if fs.get_file_info(f"{root.rstrip('/')}/job.yaml").type == pafs.FileType.File:
+        raise UserError(f"{redact(storage)} is a run dir: STORAGE is the folder above it")
+    runs = []
+    for entry in sorted(fs.get_file_info(pafs.FileSelector(root)), key=lambda e: e.base_name):
+        if entry.type == pafs.FileType.Directory:
+            run = describe(fs, entry.path, join(location, entry.base_name))
+            if run is not None:
+                runs.append(run)
+    return runs
+
+
+def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
+    """A run dir's name, run_dir, state, moved_aside, step, loss, checkpoint (the newest complete one's step;
+    None on a URI, whose checkpoints are not listed) and modified (ISO 8601, UTC); None if it is no run."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    try:
+        entries = {e.base_name: e for e in fs.get_file_info(pafs.FileSelector(path))}
+    except OSError as e:
+        return _run(name, run_dir, state=f"unreadable: cannot list the folder ({e})")
+    checkpointed = any(_CHECKPOINTS.match(n) for n in entries)
+    if not checkpointed and "job.yaml" not in entries and "metrics.jsonl" not in entries:
+        return None
+    summary_info, metrics_info = entries.get("summary.json"), entries.get("metrics.jsonl")
+    problems: list[str] = []
+    summary = _read(problems, "summary.json", lambda: _summary(fs, summary_info)) if summary_info else None
+    last = _read(problems, "metrics.jsonl", lambda: _last_record(fs, metrics_info)) if metrics_info else None
+    checkpoint = None
+    if checkpointed and "://" not in run_dir:
+        checkpoint = _read(problems, "checkpoints", lambda: _latest_checkpoint(run_dir))
+    modified = max((e.mtime for n, e in entries.items() if (n in _RUN_FILES or _CHECKPOINTS.match(n))
+                    and e.mtime is not None), default=None)
+    if problems:
+        state = "unreadable: " + "; ".join(problems)
+    else:
+        state = _state(summary, summary_info, metrics_info, modified)
+    if last:
+        step, loss = last["step"], last["loss"]
+    else:
+        step, loss = (summary.get("final_step"), summary.get("last_loss")) if summary else (None, None)
+    return _run(name, run_dir, state=state, step=step, loss=loss, checkpoint=checkpoint,
+                modified=modified.astimezone(timezone.utc).isoformat(timespec="seconds") if modified else None)
+
+
+def _run(name: str, run_dir: str, *, state: str, step=None, loss=None, checkpoint=None, modified=None) -> dict:
+    return {"name": name, "run_dir": redact(run_dir), "state": state, "moved_aside": bool(MOVED_ASIDE.search(name)),
+            "step": step, "loss": loss, "checkpoint": checkpoint, "modified": modified}
+
+
+def _read(problems: list[str], what: str, reader: Callable[[], object]):
+    """reader(), or None with "what: why" added to problems when it fails."""
+    try:
+        return reader()
+    except (Unreadable, OSError, UserError) as e:
+        problems.append(f"{what}: {e}")
+        return None
+
+
+def _summary(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict:
+    with fs.open_input_stream(info.path) as f:
+        text = f.read().decode(errors="replace")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Unreadable(f"not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise Unreadable(f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
+    """The last step record, read from the file's end (a last line still being written is left out);
+    None for a file with no lines yet."""
+    with fs.open_input_file(info.path) as f:
+        size = f.size()
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read().decode(errors="replace")
+    lines = tail.split("\n")[:-1]  # what follows the last newline is empty or still being written
+    if size > TAIL_BYTES:
+        lines = lines[1:]  # the first may be cut
+    for line in reversed(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Unreadable(f"the last line is not JSON ({e})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or "loss" not in rec:
+            raise Unreadable("the last line is no step record (it needs step and loss)")
+        return rec
+    if size > TAIL_BYTES:
+        raise Unreadable(f"no complete line in the last {TAIL_BYTES} bytes")
+    return None
+
+
+def _latest_checkpoint(run_dir: str) -> int | None:
+    """The newest complete checkpoint's step, by `shardrun checkpoints`'s rules (a local run dir)."""
+    from shardrun.export import checkpoints  # imports torch: only for runs that have checkpoints
+
+    complete = [c["step"] for c in checkpoints(run_dir) if c["complete"]]
+    return complete[-1] if complete else None
+
+
+def _state(summary: dict | None, summary_info: pafs.FileInfo | None, metrics_info: pafs.FileInfo | None,
+           modified: datetime | None) -> str:
+    """From a current summary.json: finished, stopped (REASON), stopped or failed: ERROR. Without one
+    (none, or one older than the last metrics row, left by an earlier invocation): running, if the run's
+    files changed in the last RECENT_SECONDS, else interrupted."""
+    current = summary is not None and not (metrics_info and metrics_info.mtime and summary_info.mtime
+                                           and metrics_info.mtime > summary_info.mtime)
+    if current:
+        if summary.get("error"):
+            return f"failed: {str(summary['error']).splitlines()[0]}"
+        if summary.get("stopped"):
+            return f"stopped ({summary['stopped']})"
+        return "finished" if summary.get("finished") else "stopped"
+    if modified is not None and time.time() - modified.timestamp() < RECENT_SECONDS:
+        return "running"
+    return "interrupted"
+
+
+STATE_WIDTH = 60
+"""The table cuts longer states (a failed run's error); --json gives them whole."""
+
+
+def format_table(runs: list[dict], now: float | None = None) -> str:
+    """Aligned columns: name, state, step, loss, checkpoint, age."""
+    now = time.time() if now is None else now
+    header = ("NAME", "STATE", "STEP", "LOSS", "CHECKPOINT", "AGE")
+    rows = [header] + [_row(run, now) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:  # name and state to the left, the numbers to the right
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _row(run: dict, now: float) -> tuple[str, ...]:
+    state = run["state"] + (", moved aside" if run["moved_aside"] else "")
+    if len(state) > STATE_WIDTH:
+        state = state[:STATE_WIDTH - 3] + "..."
+    loss = run["loss"]
+    checkpoint = run["checkpoint"]
+    modified = run["modified"]
+    return (run["name"], state, "-" if run["step"] is None else str(run["step"]),
+            f"{loss:.4f}" if isinstance(loss, int | float) else "-",
+            "?" if checkpoint is None and "://" in run["run_dir"] else "-" if checkpoint is None else str(checkpoint),
+            "-" if modified is None else _age(now - datetime.fromisoformat(modified).timestamp()))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
