@@ -5,19 +5,27 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from shardrun import storage
 from shardrun.config import JobSpec, join
+from shardrun.progressbar import Console
 
 
 class RunObserver:
-    """Told when a worker group starts and at every log step; closed when the run ends."""
+    """Told when a worker group starts and at every log step; closed when the run ends.
 
-    def __init__(self, spec: JobSpec, emit: Callable[[str], None], *, serve: bool = True):
+    Lines go out through `emit`, which writes to `stream` (default sys.stdout): on a terminal a progress bar
+    is kept there below them (shardrun.progressbar)."""
+
+    def __init__(self, spec: JobSpec, emit: Callable[[str], None], *, serve: bool = True,
+                 stream: TextIO | None = None):
         self.spec = spec
-        self.emit = emit
+        self.console = Console(emit, sys.stdout if stream is None else stream, max_steps=spec.run.max_steps)
+        self.emit = self.console.line
         self.job = None
         self.targets_path = os.path.join(spec.metrics.targets_dir, f"{spec.name}.json")
         self.jsonl_path = join(spec.run_dir, "metrics.jsonl")
@@ -39,7 +47,7 @@ class RunObserver:
             self.emit(f"metrics: {len(endpoints)} ranks{driver} listed for Prometheus in {self.targets_path}")
 
     def record(self, record: dict, line: str) -> None:
-        self.emit(line)
+        self.console.update(record, line)
         if self.spec.metrics.jsonl:
             row = {"time": round(time.time(), 3), **record}
             storage.append_text(self.jsonl_path, json.dumps(row) + "\n")
@@ -61,7 +69,8 @@ class RunObserver:
         os.replace(tmp, self.targets_path)
 
     def close(self, state: str) -> None:
-        """The run ended (succeeded or failed): its targets leave Prometheus's discovery."""
+        """The run ended (succeeded or failed): the bar ends, its targets leave Prometheus's discovery."""
+        self.console.close()
         if self.job is not None:
             self.job.set_state(state)
         try:

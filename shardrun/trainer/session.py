@@ -140,6 +140,8 @@ class LocalSession:
     def _write_summary(self, *, finished: bool) -> None:
         summary = self.progress_log.summary(checkpoint=self._latest_path(), finished=finished)
         storage.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        if self.observer is not None:
+            self.observer.console.close()  # the progress bar ends above the summary
         self._print(f"{'done' if finished else 'stopped'}: {summary}")
 
     @staticmethod
