@@ -65,13 +65,19 @@ $(CLOUD_INIT_STAMP): | $(STAMP)
 demo: setup
 	$(BIN)/shardrun run examples/gpt-stdlib.yaml --fresh
 
+# Everything but the benchmark scripts' own end-to-end checks (marker bench), which `make bench` runs.
 test: setup
-	$(BIN)/pytest -ra --durations=25
+	$(BIN)/pytest -ra --durations=25 -m "not bench"
 
-# CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra. `make bench GPU=1`
-# adds bench/gpu.py on this machine's GPU (on a lent GPU machine, see bench/gpu.py's docstring).
+# CPU benchmarks (results appended to docs/benchmarks.md); they need the bench extra. First the scripts'
+# quick end-to-end checks. `make bench GPU=1` adds bench/gpu.py on this machine's GPU (on a lent GPU
+# machine, see bench/gpu.py's docstring). Each prints its table; run one alone with --help for its options.
 bench: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/pytest -q -m bench tests/integration/test_bench_cpu.py
+	$(BIN)/python bench/overhead.py --record
+	$(BIN)/python bench/startup.py --record
+	$(BIN)/python bench/checkpoint.py --record
 	$(BIN)/python bench/data.py --record
 	$(BIN)/python bench/metrics.py --record
 	$(if $(GPU),$(BIN)/python bench/gpu.py --zero-stage 0,1 --compile both --record)

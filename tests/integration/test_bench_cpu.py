@@ -1,5 +1,9 @@
 """bench/overhead.py, bench/startup.py and bench/checkpoint.py run end to end at their tiny --quick sizes (their
-numbers are not checked: benchmarks are not tests)."""
+numbers are not checked: benchmarks are not tests).
+
+`make test` runs the one-rank overhead check (the benchmark that leans most on shardrun's internals); the
+others are marked `bench` and run first in `make bench`, which runs the benchmarks themselves anyway: they
+would add about two minutes to every test run."""
 
 import re
 import sys
@@ -17,13 +21,16 @@ def table_rows(out: str, first_cell: str) -> list[list[str]]:
 
 
 @pytest.mark.distributed
-def test_overhead_pairs_both_loops_on_one_rank_and_profiles_two():
+def test_overhead_pairs_both_loops_on_one_rank():
     out = run([sys.executable, "bench/overhead.py", "--quick", "--ranks", "1"], timeout=180, cwd=REPO).stdout
     [row] = table_rows(out, "1")
     bare, ours, ratio = float(row[1]), float(row[3]), float(row[5])
     assert bare > 0 and ours > 0 and ratio == pytest.approx(ours / bare, rel=1e-2)
     assert "1 rank: shardrun / bare = " in out
 
+
+@pytest.mark.bench
+def test_overhead_profiles_two_ranks():
     out = run([sys.executable, "bench/overhead.py", "--quick", "--ranks", "2", "--profile"], timeout=180,
               cwd=REPO).stdout
     assert re.search(r"\| trainer\.loop:\d+ train_step \| 6 \|", out), out  # rank 0's 6 timed steps, profiled
@@ -31,7 +38,7 @@ def test_overhead_pairs_both_loops_on_one_rank_and_profiles_two():
     assert "in what train_step calls outside shardrun" in out
 
 
-@pytest.mark.integration
+@pytest.mark.bench
 def test_startup_times_torchrun_and_shardrun_run_to_their_first_step():
     out = run([sys.executable, "bench/startup.py", "--quick", "--only", "torchrun,shardrun"], timeout=280,
               cwd=REPO).stdout
@@ -44,7 +51,7 @@ def test_startup_times_torchrun_and_shardrun_run_to_their_first_step():
     assert "shardrun run - torchrun = " in out
 
 
-@pytest.mark.distributed
+@pytest.mark.bench
 def test_checkpoint_saves_and_loads_zero_3_on_two_ranks():
     out = run([sys.executable, "bench/checkpoint.py", "--quick", "--ranks", "2", "--stages", "3"], timeout=240,
               cwd=REPO).stdout
