@@ -208,8 +208,8 @@ def torch_extensions_dir() -> str:
     DeepSpeed.
 
     deepspeed.init_distributed loads the op on CPU (`deepspeed_shm_comm`). torch rebuilds it whenever its build
-    command changes, and the command names the venv's include paths: two venvs that share a directory (shardrun's
-    default, ~/.cache/shardrun/torch_extensions) rebuild it in turn, 25-40 s each time on 2 cores."""
+    command changes, and the command names the venv's include paths: two venvs that share a directory rebuild it
+    in turn, 25-40 s each time on 2 cores (shardrun's own default keeps one per environment too)."""
     versions = "|".join(importlib.metadata.version(name) for name in ("torch", "deepspeed"))
     key = hashlib.sha1(f"{sys.prefix}|{versions}".encode()).hexdigest()[:12]
     return str(Path.home() / ".cache" / "shardrun" / "bench-torch-extensions" / key)

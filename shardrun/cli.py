@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
     p.add_argument("--working-dir", default=None, help="the folder sent to the cluster (default: this one)")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the job's driver and workers, e.g. NCCL_SOCKET_IFNAME=eth0 "
+                        "(repeatable)")
     for name, what in (("status", "a job's state"), ("logs", "a job's logs"),
                        ("stop", "stop a job after a checkpoint")):
         p = sub.add_parser(name, help=f"{what} (by submission id or run name)")
@@ -234,7 +237,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardrun import jobs
 
     return jobs.submit(args.spec, args.overrides, at=args.address, working_dir=args.working_dir,
-                       wait=not args.no_wait, emit=_emit)
+                       wait=not args.no_wait, emit=_emit, env=args.env)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

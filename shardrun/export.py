@@ -25,8 +25,8 @@ _STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
 
 def _local(run_dir: str) -> Path:
     if "://" in run_dir:
-        raise UserError(f"{run_dir}: export and generate read a run dir on this machine; copy the run (or the "
-                        "checkpoint you want, with its job.yaml) to local disk first, e.g. with azcopy")
+        raise UserError(f"{run_dir}: checkpoints, export and generate read a run dir on this machine; copy the run "
+                        "(or the checkpoint you want, with its job.yaml) to local disk first, e.g. with azcopy")
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         raise UserError(f"{run_dir} is no run dir: RUN is <checkpoint.storage>/<name>, e.g. ~/shardrun/runs/gpt-stdlib")

@@ -28,10 +28,14 @@ EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}
 def token() -> str | None:
     if os.environ.get("RAY_AUTH_TOKEN"):
         return os.environ["RAY_AUTH_TOKEN"].strip()
-    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
-        if path and os.path.isfile(path):
-            return Path(path).read_text().strip()
-    return None
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:  # as Ray does: a path that names no file is an error, not a reason to send another token
+        if not os.path.isfile(named):
+            raise UserError(f"RAY_AUTH_TOKEN_PATH={named} names no file: point it at the cluster's token file, "
+                            "or unset it")
+        return Path(named).read_text().strip()
+    default = Path.home() / ".ray" / "auth_token"
+    return default.read_text().strip() if default.is_file() else None
 
 
 def address(given: str | None) -> str:
@@ -63,10 +67,25 @@ def client(at: str | None):
     return made
 
 
+def env_vars(pairs: list[str]) -> dict[str, str]:
+    """--env KEY=VALUE options as the job's environment variables, with RAY_JOB_STOP_WAIT_TIME_S raised
+    (a value given here wins)."""
+    found = {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise UserError(f"--env {pair}: give KEY=VALUE, a variable's name and its value "
+                            "(e.g. --env NCCL_SOCKET_IFNAME=eth0)")
+        found[key] = value
+    return found
+
+
 def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir: str | None, wait: bool,
-           emit: Callable[[str], None]) -> int:
-    """Validate the spec here, then submit `shardrun run` with the working dir; follow it unless not wait."""
+           emit: Callable[[str], None], env: list[str] = ()) -> int:
+    """Validate the spec here, then submit `shardrun run` with the working dir; follow it unless not wait.
+    env: KEY=VALUE pairs for the job's driver and every one of its workers (Ray's runtime_env env_vars)."""
     spec = config.load(spec_path, overrides)  # errors before anything reaches the cluster
+    variables = env_vars(list(env))
     work = Path(working_dir or os.getcwd()).resolve()
     path = Path(spec_path).resolve()
     if not path.is_relative_to(work):
@@ -83,7 +102,7 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
         # this client's shardrun on the cluster; its dependencies are the cluster's (deploy/bootstrap
         # installs the same constraints.txt)
         "py_modules": [str(Path(shardrun.__file__).parent)],
-        "env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)},
+        "env_vars": variables,
     }
     jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
                     metadata={"shardrun_run": spec.name})

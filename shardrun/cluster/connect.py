@@ -28,6 +28,7 @@ def connect() -> str:
     except ray.exceptions.AuthenticationError as e:
         raise UserError(
             f"the Ray cluster at {address} refused this client's token ({e}); put the cluster's "
-            "token in RAY_AUTH_TOKEN or ~/.ray/auth_token"
+            "token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, and set RAY_AUTH_MODE=token "
+            "(Ray's client sends a token to a given address only then)"
         ) from None
     return "a local Ray instance"
