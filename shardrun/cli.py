@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The run dirs in STORAGE. state: finished, stopped (SIGTERM), failed: ERROR (from summary.json); "
         "without a summary.json newer than metrics.jsonl: running (files changed in the last 5 minutes) or "
         "interrupted; unreadable: WHY. Runs that --fresh moved aside (NAME.replaced-TIME) are listed too, "
-        "marked 'moved aside'. Checkpoints are looked at on local disk only (? on a URI).")
+        "marked 'moved aside'.")
     p.add_argument("storage", metavar="STORAGE", nargs="?", default=config.CheckpointSpec().storage,
                    help="checkpoint.storage: a path or URI (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the runs as JSON")

@@ -13,11 +13,13 @@ import os
 import re
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 import yaml
 
 from shardrun.config import ModelSpec
-from shardrun.errors import UserError
+from shardrun.datasets.index import display_path, filesystem
+from shardrun.errors import UserError, redact
 
 MANIFEST = "shardrun.json"
 _STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
@@ -34,31 +36,41 @@ def _local(run_dir: str) -> Path:
 
 
 def checkpoints(run_dir: str) -> list[dict]:
-    """Every checkpoint folder of the run, oldest first: step, path, bytes, complete, and why not."""
-    root = _local(run_dir)
+    """Every checkpoint folder of the run, oldest first: step, path, bytes, complete, and why not. The run dir
+    may be local or behind a URI (abfs://, s3://): only file listings and the manifests are read."""
+    if "://" in run_dir:
+        fs, root = filesystem(run_dir)
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            raise UserError(f"{redact(run_dir)} is no run dir: RUN is <checkpoint.storage>/<name>")
+    else:
+        fs, root = pafs.LocalFileSystem(), str(_local(run_dir).resolve())
     found = []
-    for parent in (root, root / "checkpoints"):
-        if not parent.is_dir():
+    for parent in (root, f"{root.rstrip('/')}/checkpoints"):
+        if fs.get_file_info(parent).type != pafs.FileType.Directory:
             continue
-        for entry in parent.iterdir():
-            match = _STEP_DIR.match(entry.name)
-            if entry.is_dir() and match:
-                found.append(_describe(entry, int(match[1])))
+        for entry in fs.get_file_info(pafs.FileSelector(parent)):
+            match = _STEP_DIR.match(entry.base_name)
+            if entry.type == pafs.FileType.Directory and match:
+                found.append(_describe(fs, entry.path, int(match[1]), run_dir))
     return sorted(found, key=lambda c: c["step"])
 
 
-def _describe(path: Path, step: int) -> dict:
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    info = {"step": step, "path": str(path), "bytes": size, "complete": False, "why": ""}
+def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
+    files = {f.path[len(path):].lstrip("/"): f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    size = sum(f.size for f in files.values() if f.type == pafs.FileType.File)
+    shown = redact(display_path(source, path)) if "://" in source else path
+    info = {"step": step, "path": shown, "bytes": size, "complete": False, "why": ""}
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            manifest = json.loads(f.read())
     except (OSError, ValueError):
         info["why"] = f"no readable {MANIFEST} (rank 0 had not finished)"
         return info
-    missing = [r for r in range(manifest["world_size"]) if not (path / f"rank_{r}.pt").exists()]
+    missing = [r for r in range(manifest["world_size"]) if f"rank_{r}.pt" not in files]
     if missing:
         info["why"] = f"rank files missing: {missing}"
-    elif not (path / manifest["tag"]).is_dir():
+    elif not (manifest["tag"] in files or any(name.startswith(f"{manifest['tag']}/") for name in files)):
+        # (object stores have no folders, only names with slashes)
         info["why"] = f"DeepSpeed's {manifest['tag']} folder is missing"
     else:
         info.update(complete=True, world_size=manifest["world_size"], zero_stage=manifest.get("zero_stage"),

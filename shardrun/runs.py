@@ -60,8 +60,8 @@ def list_runs(storage: str) -> list[dict]:
 
 
 def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
-    """A run dir's name, run_dir, state, moved_aside, step, loss, checkpoint (the newest complete one's step;
-    None on a URI, whose checkpoints are not listed) and modified (ISO 8601, UTC); None if it is no run."""
+    """A run dir's name, run_dir, state, moved_aside, step, loss, checkpoint (the newest complete one's step, or
+    None) and modified (ISO 8601, UTC); None if it is no run."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     try:
         entries = {e.base_name: e for e in fs.get_file_info(pafs.FileSelector(path))}
@@ -75,7 +75,7 @@ def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
     summary = _read(problems, "summary.json", lambda: _summary(fs, summary_info)) if summary_info else None
     last = _read(problems, "metrics.jsonl", lambda: _last_record(fs, metrics_info)) if metrics_info else None
     checkpoint = None
-    if checkpointed and "://" not in run_dir:
+    if checkpointed:
         checkpoint = _read(problems, "checkpoints", lambda: _latest_checkpoint(run_dir))
     modified = max((e.mtime for n, e in entries.items() if (n in _RUN_FILES or _CHECKPOINTS.match(n))
                     and e.mtime is not None), default=None)
@@ -143,7 +143,7 @@ def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
 
 
 def _latest_checkpoint(run_dir: str) -> int | None:
-    """The newest complete checkpoint's step, by `shardrun checkpoints`'s rules (a local run dir)."""
+    """The newest complete checkpoint's step, by `shardrun checkpoints`'s rules."""
     from shardrun.export import checkpoints  # imports torch: only for runs that have checkpoints
 
     complete = [c["step"] for c in checkpoints(run_dir) if c["complete"]]
@@ -194,7 +194,7 @@ def _row(run: dict, now: float) -> tuple[str, ...]:
     modified = run["modified"]
     return (run["name"], state, "-" if run["step"] is None else str(run["step"]),
             f"{loss:.4f}" if isinstance(loss, int | float) else "-",
-            "?" if checkpoint is None and "://" in run["run_dir"] else "-" if checkpoint is None else str(checkpoint),
+            "-" if checkpoint is None else str(checkpoint),
             "-" if modified is None else _age(now - datetime.fromisoformat(modified).timestamp()))
 
 

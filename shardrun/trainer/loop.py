@@ -59,9 +59,12 @@ class Trainer:
         """That checkpoint went through DeepSpeed's universal format."""
         engine.init_distributed(topology)
         self.control = None
-        """A gloo group for the per-step flags when the training group is NCCL: no device sync for them."""
-        if dist.is_initialized() and topology.world_size > 1 and dist.get_backend() != "gloo":
+        """A gloo group of its own for the per-step flags: on the host beside NCCL (no device sync), and
+        apart from the training's collectives, which their background reduction must not race."""
+        if dist.is_initialized() and topology.world_size > 1:
             self.control = dist.new_group(backend="gloo")
+        self.flags = preemption.StepFlags(2, group=self.control)
+        """preemption notice, stop request: agreed one step behind, in the background"""
         self.metrics = self.start_metrics()
         self.state, position = self.restore()
         self.stream = datasets.open(
@@ -169,10 +172,9 @@ class Trainer:
             if self.state.step == start + 1:  # the slow first step (allocations, compiles) is behind us
                 self.collective_timeout(self.spec.failure.collective_timeout_s)
             self._window_steps += 1
-            # one host-side collective per step (no device sync): preemption notice, stop request
-            preempt, stop = preemption.any_rank(
-                [self.watcher is not None and self.watcher.notice is not None, self._stop_request.is_set()],
-                group=self.control)
+            # one host-side collective per step, in the background: preemption notice, stop request
+            preempt, stop = self.flags.exchange(
+                [self.watcher is not None and self.watcher.notice is not None, self._stop_request.is_set()])
             if self.update_was_skipped():
                 self.on_nonfinite()
             else:
@@ -185,8 +187,10 @@ class Trainer:
             if step % self.spec.checkpoint.every_steps == 0 or self.done:
                 self.save_checkpoint()
             if preempt or stop:
+                self.flags.settle()  # nothing left in flight on the control group
                 self.stop_here(preempt)
                 return
+        self.flags.settle()  # the last step's reduction, before the process group goes
         if self.topology.is_main:
             self.session.finished()
 

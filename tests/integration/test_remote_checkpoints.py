@@ -1,14 +1,18 @@
 """Checkpoints on abfs:// (Azurite): a rank killed while writing checkpoint 8 leaves checkpoint 4 in use; the
 group resumes from it by itself; the run's spec, summary, metrics and checkpoints are in the container, and no
-SAS signature reaches the driver's output (Ray's own log lines included)."""
+SAS signature reaches the driver's output (Ray's own log lines included); `shardrun checkpoints` and `shardrun
+runs` list them from the container."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from helpers import child_env, run, tiny_spec, write_spec
 from pyarrow import fs
+
+from shardrun.config import join
 
 pytestmark = [pytest.mark.integration, pytest.mark.object_store, pytest.mark.timeout(300)]
 
@@ -38,3 +42,11 @@ def test_checkpoints_on_azure_blob_survive_a_rank_killed_while_saving(tmp_path, 
         assert json.loads(f.read())["step"] == 12
     ranks = blob.get_file_info(fs.FileSelector(f"{run_dir}/checkpoint_00000012"))
     assert {"rank_0.pt", "rank_1.pt"} <= {info.base_name for info in ranks}
+
+    # the listing commands read the container too, and print no signature
+    listed = run(["shardrun", "checkpoints", join(storage, "tiny")], timeout=60, env=child_env()).stdout
+    rows = dict(re.findall(r"step +(\d+) .* (complete|incomplete: [^/]+) ", listed))
+    assert {"8": "complete", "12": "complete"}.items() <= rows.items(), listed
+    [tiny] = json.loads(run(["shardrun", "runs", storage, "--json"], timeout=60, env=child_env()).stdout)
+    assert (tiny["name"], tiny["state"], tiny["step"], tiny["checkpoint"]) == ("tiny", "finished", 12, 12), tiny
+    assert "sig=" not in listed.replace("sig=***", "") + json.dumps(tiny).replace("sig=***", "")

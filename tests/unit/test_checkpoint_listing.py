@@ -5,7 +5,7 @@ import json
 import pytest
 
 from shardrun.errors import UserError
-from shardrun.export import checkpoints, pick
+from shardrun.export import checkpoints, model_spec, pick
 
 
 def _checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True):
@@ -36,8 +36,9 @@ def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
         pick(str(tmp_path), 8)
 
 
-def test_not_a_run_dir_or_a_uri_is_named(tmp_path):
+def test_not_a_run_dir_is_named_and_export_wants_a_local_copy(tmp_path):
+    # (listing a URI run dir is tested against Azurite in tests/integration/test_remote_checkpoints.py)
     with pytest.raises(UserError, match="is no run dir"):
         checkpoints(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="copy the run"):
-        checkpoints("abfs://c@acct/runs/x")
+        model_spec("abfs://c@acct/runs/x")

@@ -1,4 +1,4 @@
-"""The Azure Scheduled Events watcher against a fake metadata service, and any_rank() across 2 gloo ranks."""
+"""The Azure Scheduled Events watcher against a fake metadata service, and StepFlags across 2 gloo ranks."""
 
 import os
 import time
@@ -18,7 +18,7 @@ from shardrun.trainer.preemption import (
     MetadataUnavailable,
     PreemptionWatcher,
     ScheduledEvents,
-    any_rank,
+    StepFlags,
 )
 
 VM = "shardrun_3"
@@ -181,17 +181,23 @@ def test_an_event_parses_from_the_documented_json_and_matches_names_exactly():
         Event.from_json({"EventId": "a", "EventType": "Preempt", "Resources": "vmss_3"})
 
 
-def test_any_rank_without_a_group_of_two_is_the_local_flags():
+def test_step_flags_without_a_group_of_two_are_the_local_flags():
     # other tests in this process may have left a 1-rank group (DeepSpeed needs one): same answer
     assert not dist.is_initialized() or dist.get_world_size() == 1
-    assert any_rank([True, False]) == [True, False]
+    flags = StepFlags(2)
+    assert flags.exchange([True, False]) == [True, False] and flags.settle() == [False, False]
+    with pytest.raises(ValueError, match="1 flags given, 2 expected"):
+        flags.exchange([True])
 
 
 def _agree_rank(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=30))
     try:
-        results = [*any_rank([rank == 1, False]), *any_rank([False])]  # only rank 1 has a notice, then nobody
+        flags = StepFlags(2, group=dist.new_group(backend="gloo"))
+        # only rank 1 has a notice at step 2; each step returns the step before's, reduced
+        steps = [[False, rank == 0], [rank == 1, False], [False, False]]
+        results = [flag for step in steps for flag in flags.exchange(step)] + flags.settle()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}"), "w") as f:
@@ -199,7 +205,7 @@ def _agree_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_any_rank_makes_every_rank_see_one_ranks_notice(tmp_path):
+def test_step_flags_make_every_rank_see_one_ranks_flag_a_step_later(tmp_path):
     context = mp.start_processes(_agree_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=False,
                                  start_method="spawn")
     try:
@@ -211,4 +217,5 @@ def test_any_rank_makes_every_rank_see_one_ranks_notice(tmp_path):
             if process.is_alive():
                 process.kill()
                 process.join(5)
-    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["True False False"] * 2
+    expected = [False, False, False, True, True, False, False, False]
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == [" ".join(map(str, expected))] * 2
