@@ -384,7 +384,8 @@ class Trainer:
     def collective_timeout(self, seconds: float) -> None:
         """How long a collective may wait for the other ranks before it fails the group."""
         if dist.is_initialized() and self.topology.world_size > 1:
-            distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+            for group in (None, self.control):  # the training's group, and the flags' own
+                distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
         self._timeout = seconds
 
     def save_checkpoint(self) -> None:
