@@ -18,7 +18,7 @@ from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec, join
 from shardrun.datasets.index import filesystem
 from shardrun.metrics.observer import RunObserver
-from shardrun.trainer.loop import PREEMPTION_WAIT_MARGIN_S
+from shardrun.trainer.preemption import WAIT_MARGIN_S
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -45,10 +45,10 @@ def run_config(spec: JobSpec) -> RunConfig:
         storage_filesystem=fs if "://" in spec.checkpoint.storage else None,
         failure_config=FailureConfig(
             max_failures=spec.failure.max_failures, max_preemption_failures=spec.failure.max_preemptions,
-            # The ranks end the group themselves once a drained node is gone, or PREEMPTION_WAIT_MARGIN_S
+            # The ranks end the group themselves once a drained node is gone, or WAIT_MARGIN_S
             # after the event's NotBefore (at most 15 minutes away): Ray Train's own limit, counted from the
             # drain's deadline (now), must not come first.
-            preemption_grace_s=15 * 60 + PREEMPTION_WAIT_MARGIN_S + 60),
+            preemption_grace_s=15 * 60 + WAIT_MARGIN_S + 60),
         checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
     )
 

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 import ray
 import ray.train
 
-from shardrun.trainer.loop import worker_main
-
 
 class RaySession:
     """Checkpoints through ray.train.report (merged per rank into storage); progress to an actor."""
@@ -105,4 +103,7 @@ class RaySession:
 
 def train_fn(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
+    from shardrun.trainer.loop import worker_main  # here: the driver, which pickles this function, needs no
+    # DeepSpeed (about 0.3 s of its start-up, bench/startup.py)
+
     worker_main(config["spec"], RaySession(config["progress"]), data_index=config.get("data_index"))

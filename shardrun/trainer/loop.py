@@ -23,9 +23,6 @@ from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 
-PREEMPTION_WAIT_MARGIN_S = 60.0
-"""How long past an event's NotBefore the ranks wait for a drained node to go before they stop anyway."""
-
 
 def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | None = None, *,
                 data_index: dict | None = None) -> TrainState:
@@ -246,7 +243,7 @@ class Trainer:
             # Ray Train's controller restarts the group once the drained nodes' actors die with them (counted
             # as preempted). Ending the group before they are gone would have Ray Train count the draining
             # node's resources and try to start the whole group there again.
-            wait = max(left, 0.0) + PREEMPTION_WAIT_MARGIN_S
+            wait = max(left, 0.0) + preemption.WAIT_MARGIN_S
             if not self.session.wait_gone(nodes, timeout=wait):
                 _log(f"preemption: the drained node(s) were still there {wait:.0f} s later; the group stops anyway")
         raise Preempted(f"a VM of this run is being taken away (Azure Scheduled Events); checkpointed step {step}")

@@ -331,6 +331,9 @@ class StepFlags:
         return [bool(v) for v in tensor.tolist()]
 
 
+WAIT_MARGIN_S = 60.0
+"""How long past an event's NotBefore the ranks wait for a drained node to go before they stop anyway."""
+
 AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
 """The DMI chassis asset tag of every Azure VM: tells Azure apart with no request sent."""
 
