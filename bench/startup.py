@@ -70,7 +70,7 @@ PHASES = [
     ("driver or launcher: Python, imports, spec", {"torchrun": ("", "script start"), "ray": ("", "driver imports"),
                                                    "shardrun": ("", "spec")}),
     ("driver: data index (file footers)", {"shardrun": ("spec", "data index")}),
-    ("driver: Ray up (shardrun: also importing its launcher, and its progress actor)",
+    ("driver: Ray up (shardrun: also importing its launcher)",
      {"ray": ("driver imports", "ray up"), "shardrun": ("data index", "ray up")}),
     ("worker group up (Ray Train: controller, placement group, actors, torch process group)",
      {"ray": ("ray up", "worker start")}),
