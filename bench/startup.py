@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 from common import DOC, REPO, append_record, git_revision, machine, versions
 from gpu import write_tokens
-from overhead import torch_extensions_dir, warm_extensions
+from overhead import SIZES, VOCAB, torch_extensions_dir, warm_extensions
 
 from shardrun.config import parse
 from shardrun.trainer.ds_config import build_ds_config
@@ -45,13 +45,8 @@ from shardrun.trainer.ds_config import build_ds_config
 SECTION = "## Start-up"
 WAYS = ("torchrun", "ray", "shardrun")
 NAMES = {"torchrun": "torchrun", "ray": "TorchTrainer", "shardrun": "shardrun run"}
-SIZES = {
-    "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "seq_len": 128, "micro_batch": 16},
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "seq_len": 32, "micro_batch": 4},
-}
 WORKERS = 2
 STEPS = 3
-VOCAB = 256
 RUN_TIMEOUT_S = 300
 VERSIONS = ("torch", "deepspeed", "ray", "pyarrow")
 IMPORTS = {
