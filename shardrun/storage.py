@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
@@ -18,8 +19,10 @@ if TYPE_CHECKING:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file, creating its folder; never half a file: on local disk through a rename, on
-    object stores by their own rule (a blob or object appears only once its upload is complete)."""
+    """Write a whole file, creating its folder; never half a file: on local disk through a rename of a
+    file already on the disk (fsync before, and of the folder after: a host that goes down keeps the old
+    file or the new one), on object stores by their own rule (a blob or object appears only once its
+    upload is complete)."""
     fs, p = filesystem(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     if not isinstance(fs, pafs.LocalFileSystem):
@@ -27,9 +30,43 @@ def write_text(path: str, text: str) -> None:
             f.write(text.encode())
         return
     tmp = f"{p}.tmp-{time.monotonic_ns()}"
-    with fs.open_output_stream(tmp) as f:
+    with open(tmp, "wb") as f:
         f.write(text.encode())
-    fs.move(tmp, p)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    sync_dir(os.path.dirname(p) or ".")
+
+
+def sync_dir(path: str) -> None:
+    """fsync a local folder: the names created, renamed or removed in it reach the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str, names: Iterable[str] | None = None) -> int:
+    """fsync files under a local folder (names: relative paths; None: every file), then their folders up
+    to root, so that a rename of root into place commits data that is on the disk. Returns the bytes."""
+    folders, total = {root}, 0
+    if names is None:
+        walk = list(os.walk(root))
+        folders.update(d for d, _, _ in walk)
+        names = [os.path.relpath(os.path.join(d, f), root) for d, _, files in walk for f in files]
+    for name in names:
+        path = os.path.join(root, name)
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+            total += os.fstat(f.fileno()).st_size
+        folder = os.path.dirname(path)
+        while len(folder) > len(root) and folder not in folders:  # each folder between root and the file
+            folders.add(folder)
+            folder = os.path.dirname(folder)
+    for folder in sorted(folders, key=len, reverse=True):
+        sync_dir(folder)
+    return total
 
 
 def read_text(path: str) -> str | None:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
+
+from shardrun import storage
 
 
 class RaySession:
@@ -36,6 +40,7 @@ class RaySession:
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(staging),
                 checkpoint_dir_name=f"checkpoint_{step:08d}",
+                checkpoint_upload_fn=_upload_and_sync,
             )
             # Wait until the controller has committed it. Reports queue on the workers until the
             # controller polls them: a group that dies before then would restart from an older
@@ -99,6 +104,20 @@ class RaySession:
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())
+
+
+def _upload_and_sync(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+    """Ray Train's own upload (pyarrow copy_files into the run's storage), then, on a local or shared disk,
+    an fsync of the files this rank copied. It runs inside ray.train.report, before the report reaches the
+    controller, so the checkpoint Ray commits as the latest is on the disk. Object stores keep their own
+    promise (an object exists once its upload is complete)."""
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
+    if isinstance(persisted.filesystem, pafs.LocalFileSystem):
+        mine = [os.path.relpath(os.path.join(d, f), checkpoint.path)
+                for d, _, files in os.walk(checkpoint.path) for f in files]
+        storage.sync_tree(persisted.path, mine)
+        storage.sync_dir(os.path.dirname(persisted.path))
+    return persisted
 
 
 def train_fn(config: dict) -> None:

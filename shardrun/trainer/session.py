@@ -92,7 +92,11 @@ class LocalSession:
         if self.topology.is_main:
             final = os.path.join(self.root, name)
             shutil.rmtree(final, ignore_errors=True)
+            # on the disk before it is renamed into place: after a host crash `latest` never names a folder
+            # whose pages were lost (on a shared disk the writers' close already sent them to the server)
+            storage.sync_tree(staging)
             os.rename(staging, final)
+            storage.sync_dir(self.root)
             storage.write_text(os.path.join(self.root, "latest"), name)
             self._prune()
         _barrier()
