@@ -172,10 +172,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args)
     _emit(f"job spec, resolved:\n{spec.to_yaml()}")
     data_index = ensure_data(spec)
-    from shardrun.cluster.launch import launch
+    from shardrun.cluster.connect import connect
 
     # Ray prints its workers' logs here, storage URLs with their SAS signatures among them
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    connect(preload="shardrun.cluster.launch")  # the launcher's imports (Ray Train, torch) ride on ray.init
+    from shardrun.cluster.launch import launch
+
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index)
     _emit(f"summary ({config.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
     return EXIT_STOPPED if summary.get("stopped") else 0

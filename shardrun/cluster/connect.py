@@ -2,21 +2,78 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import socket
+import threading
 
 import ray
 
 from shardrun.errors import UserError
 
+SHARED_WITH_RAY_INIT = ("ray.autoscaler._private.cli_logger", "ray._common.usage.usage_lib", "ray.dashboard",
+                        "prometheus_client")
+"""Modules that both ray.init and Ray Train's import pull in (measured with sys.modules, ray 2.60): imported
+before the preload starts (about 25 ms), so that the two threads never import one module at once."""
 
-def connect() -> str:
-    """ray.init for the driver; returns a few words on where it is connected."""
+PROBE_TIMEOUT_S = 10.0
+_where: str | None = None
+
+
+def connect(preload: str | None = None) -> str:
+    """ray.init for the driver; returns a few words on where it is connected.
+
+    preload: a module to import in a thread meanwhile. ray.init mostly waits for Ray's processes to start
+    (or for the cluster to answer), so Ray Train's modules and torch under them (about 2 s) come nearly
+    free then (bench/startup.py, the driver's "Ray up" phase). An import that fails there fails again,
+    with its traceback, where the caller imports the module itself.
+    """
+    global _where
     if ray.is_initialized():
-        return "the Ray cluster this process joined already"
+        return _where or "the Ray cluster this process joined already"
+    thread = None
+    if preload:
+        for name in SHARED_WITH_RAY_INIT:
+            importlib.import_module(name)
+        thread = threading.Thread(target=_import_quietly, args=(preload,), name="shardrun-preload", daemon=True)
+        thread.start()
+    try:
+        _where = _init()
+    finally:
+        if thread is not None:
+            thread.join()
+    return _where
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except BaseException:  # noqa: BLE001 - the caller's own import raises it again
+        pass
+
+
+def _probe(address: str) -> None:
+    """A TCP connect to RAY_ADDRESS's host:port ("auto" and other forms are left to Ray). Ray's own client
+    retries an address where nothing answers for good, printing GCS warnings every few seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserError(
+            f"nothing answers at RAY_ADDRESS={address!r} ({e or type(e).__name__}): check the address (the head "
+            "node's GCS port, 6379 unless `ray start --port` said otherwise) and that the head node is up, or "
+            "unset RAY_ADDRESS to train on a local Ray instance"
+        ) from None
+
+
+def _init() -> str:
     address = os.environ.get("RAY_ADDRESS")
     try:
         if address:
+            _probe(address)
             ray.init(address=address, logging_level=logging.WARNING)
             return f"the Ray cluster at {address}"
         ray.init(address="local", logging_level=logging.WARNING)

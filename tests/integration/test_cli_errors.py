@@ -75,6 +75,20 @@ def test_missing_data_is_reported_before_ray(tmp_path, ray_stand_in):
     assert ray_stand_in.connections == 0
 
 
+def test_a_ray_address_where_nothing_answers_is_an_error_not_a_wait(tmp_path, corpus):
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    path = write_spec(tmp_path / "job.yaml", tiny_spec(corpus, tmp_path / "runs"))
+    # Ray's client alone retries such an address for good (GCS warnings every 5 s)
+    result = run([sys.executable, "-m", "shardrun", "run", str(path)], timeout=60, check=False,
+                 env=child_env(RAY_ADDRESS=address))
+    assert result.returncode == 2
+    assert (f"shardrun: error: nothing answers at RAY_ADDRESS='{address}' ([Errno 111] Connection refused): "
+            "check the address") in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
 def test_prepare_text_cli(tmp_path):
     (tmp_path / "a.txt").write_text("some text to learn from\n" * 50)
     out = tmp_path / "shards"
