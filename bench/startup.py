@@ -65,7 +65,7 @@ PHASES = [
     ("driver or launcher: Python, imports, spec", {"torchrun": ("", "script start"), "ray": ("", "driver imports"),
                                                    "shardrun": ("", "spec")}),
     ("driver: data index (file footers)", {"shardrun": ("spec", "data index")}),
-    ("driver: Ray up (shardrun: also importing its launcher)",
+    ("driver: Ray up (shardrun: importing its launcher meanwhile, in a thread)",
      {"ray": ("driver imports", "ray up"), "shardrun": ("data index", "ray up")}),
     ("worker group up (Ray Train: controller, placement group, actors, torch process group)",
      {"ray": ("ray up", "worker start")}),
