@@ -73,16 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
 
     p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
-    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
+    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name> (a path, abfs:// or s3://)")
 
     p = sub.add_parser("export", help="a checkpoint as one safetensors file (ZeRO shards gathered) + config.json")
-    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>")
+    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name> (a path, abfs:// or s3://)")
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
     p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
 
     p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
-    p.add_argument("source", metavar="RUN_OR_EXPORT", help="a run dir, or a folder written by `shardrun export`")
+    p.add_argument("source", metavar="RUN_OR_EXPORT",
+                   help="a run dir (a path, abfs:// or s3://), or a folder written by `shardrun export`")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--tokens", type=int, default=200, help="bytes to sample")
     p.add_argument("--temperature", type=float, default=0.8)
@@ -287,7 +288,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from shardrun.export import export
 
-    done = export(args.run, args.out, step=args.step, dtype=args.dtype)
+    done = export(args.run, args.out, step=args.step, dtype=args.dtype, emit=_emit)
     _emit(f"exported step {done['step']} ({done['dtype']}, {done['bytes'] / 1e6:,.1f} MB) from {done['source']} "
           f"to {done['out']}")
     return 0
@@ -301,7 +302,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.source
     with tempfile.TemporaryDirectory() as tmp:
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            export.export(source, tmp)
+            export.export(source, tmp, emit=_emit)
             source = tmp
         text = export.generate(export.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)

@@ -8,16 +8,20 @@ DeepSpeed: `model.safetensors` (the whole model, fp32 or bf16, ZeRO shards gathe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
 import yaml
 
-from shardrun.config import ModelSpec
+from shardrun import storage
+from shardrun.config import ModelSpec, join
 from shardrun.datasets.index import display_path, filesystem
 from shardrun.errors import UserError, redact
 
@@ -26,9 +30,6 @@ _STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
 
 
 def _local(run_dir: str) -> Path:
-    if "://" in run_dir:
-        raise UserError(f"{run_dir}: checkpoints, export and generate read a run dir on this machine; copy the run "
-                        "(or the checkpoint you want, with its job.yaml) to local disk first, e.g. with azcopy")
     path = Path(run_dir).expanduser()
     if not path.is_dir():
         raise UserError(f"{run_dir} is no run dir: RUN is <checkpoint.storage>/<name>, e.g. ~/shardrun/runs/gpt-stdlib")
@@ -59,7 +60,7 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
     files = {f.path[len(path):].lstrip("/"): f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
     size = sum(f.size for f in files.values() if f.type == pafs.FileType.File)
     shown = redact(display_path(source, path)) if "://" in source else path
-    info = {"step": step, "path": shown, "bytes": size, "complete": False, "why": ""}
+    info = {"step": step, "path": shown, "bytes": size, "complete": False, "why": "", "fs_path": path}
     try:
         with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
             manifest = json.loads(f.read())
@@ -93,13 +94,20 @@ def pick(run_dir: str, step: int | None = None) -> dict:
 
 
 def model_spec(run_dir: str) -> ModelSpec:
-    """The model section of the run's resolved spec (job.yaml in the run dir)."""
-    path = _local(run_dir) / "job.yaml"
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError:
-        raise UserError(f"{path} is missing: it is written when a run starts; is {run_dir} a run dir?") from None
-    spec = ModelSpec.model_validate(raw["model"])
+    """The model section of the run's resolved spec (job.yaml in the run dir, local or behind a URI)."""
+    if "://" in run_dir:
+        path = join(run_dir, "job.yaml")
+        try:
+            text = storage.read_text(path)
+        except OSError as e:
+            raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
+    else:
+        path = _local(run_dir) / "job.yaml"
+        text = path.read_text() if path.is_file() else None
+    if text is None:
+        raise UserError(f"{redact(str(path))} is missing: it is written when a run starts; is {redact(run_dir)} "
+                        "a run dir?")
+    spec = ModelSpec.model_validate(yaml.safe_load(text)["model"])
     if spec.entrypoint is not None:
         raise UserError(f"{run_dir} trains {spec.entrypoint}: export writes the built-in GPT; for your own model, "
                         "use DeepSpeed's zero_to_fp32.py in the checkpoint folder")
@@ -119,8 +127,30 @@ def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 
-def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32") -> dict:
-    """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint."""
+@contextlib.contextmanager
+def local_folder(run_dir: str, chosen: dict, emit: Callable[[str], None] = print) -> Iterator[str]:
+    """The chosen checkpoint as a folder on this machine: itself, or, behind a URI, a download of it into a
+    temporary folder (in TMPDIR; the whole checkpoint, optimizer state included: ZeRO keeps the fp32 weights
+    there), removed afterwards."""
+    if "://" not in run_dir:
+        yield chosen["path"]
+        return
+    fs, _ = filesystem(run_dir)
+    with tempfile.TemporaryDirectory(prefix=f"shardrun-step{chosen['step']}-") as tmp:
+        emit(f"downloading checkpoint {chosen['step']} ({chosen['bytes'] / 1e6:,.1f} MB) from {chosen['path']} "
+             f"to {tmp}")
+        try:
+            pafs.copy_files(chosen["fs_path"], tmp, source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
+        except OSError as e:
+            raise UserError(f"{chosen['path']}: cannot download it ({redact(str(e))})") from None
+        yield tmp
+
+
+def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32",
+           emit: Callable[[str], None] = print) -> dict:
+    """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint; the run
+    dir may be local or behind a URI (abfs://, s3://)."""
     from safetensors.torch import save_model
 
     from shardrun.trainer.models import gpt_config
@@ -131,7 +161,8 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
     spec = model_spec(run_dir)
     chosen = pick(run_dir, step)
     model = GPT(gpt_config(spec))
-    model.load_state_dict(consolidated_state(chosen["path"]))
+    with local_folder(run_dir, chosen, emit) as folder:
+        model.load_state_dict(consolidated_state(folder))
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     os.makedirs(out, exist_ok=True)

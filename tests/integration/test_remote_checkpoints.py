@@ -1,7 +1,7 @@
 """Checkpoints on abfs:// (Azurite): a rank killed while writing checkpoint 8 leaves checkpoint 4 in use; the
 group resumes from it by itself; the run's spec, summary, metrics and checkpoints are in the container, and no
 SAS signature reaches the driver's output (Ray's own log lines included); `shardrun checkpoints` and `shardrun
-runs` list them from the container."""
+runs` list them from the container, and `shardrun export` and `generate` read a checkpoint from it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from helpers import child_env, run, tiny_spec, write_spec
 from pyarrow import fs
 
 from shardrun.config import join
+from shardrun.export import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.object_store, pytest.mark.timeout(300)]
 
@@ -50,3 +51,19 @@ def test_checkpoints_on_azure_blob_survive_a_rank_killed_while_saving(tmp_path, 
     [tiny] = json.loads(run(["shardrun", "runs", storage, "--json"], timeout=60, env=child_env()).stdout)
     assert (tiny["name"], tiny["state"], tiny["step"], tiny["checkpoint"]) == ("tiny", "finished", 12, 12), tiny
     assert "sig=" not in listed.replace("sig=***", "") + json.dumps(tiny).replace("sig=***", "")
+
+    # export and generate download a checkpoint from the container into a temporary folder, then remove it
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    exported = run(["shardrun", "export", join(storage, "tiny"), "--step", "8", "--out", str(tmp_path / "export")],
+                   timeout=120, env=child_env(TMPDIR=str(tmp))).stdout
+    assert re.search(r"downloading checkpoint 8 \([\d.,]+ MB\) from .*/runs/tiny/checkpoint_00000008", exported)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["step"] == 8 and config["source"].endswith("/runs/tiny/checkpoint_00000008"), config
+    model = load(str(tmp_path / "export"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    sampled = run(["shardrun", "generate", join(storage, "tiny"), "--prompt", "def ", "--tokens", "20",
+                   "--seed", "1"], timeout=120, env=child_env(TMPDIR=str(tmp))).stdout
+    assert "downloading checkpoint 12 " in sampled and sampled.rstrip("\n").split("\n")[-1].startswith("def ")
+    assert "sig=" not in (exported + sampled + json.dumps(config)).replace("sig=***", "")
+    assert list(tmp.iterdir()) == []
