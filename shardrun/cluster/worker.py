@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import tempfile
@@ -101,6 +102,25 @@ class RaySession:
             if time.monotonic() > deadline:
                 return False
             time.sleep(1.0)
+
+    def drain_notice(self) -> str | None:
+        """Ray Train's own preemption watcher (a drain of one of this group's nodes: `ray drain-node`, an
+        autoscaler, a spot reclaim) marks every worker; this reads the mark where ray.train.get_preemption_info
+        reads it, without that call's barrier across the workers (the loop agrees on it in its step flags)."""
+        try:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            info = get_train_context().preemption_context.preemption_info
+        except Exception:  # noqa: BLE001 - an internal of Ray Train's: without it, no early checkpoint
+            return None
+        if info is None:
+            return None
+        deadline = ""
+        if info.deadline_ms:
+            deadline = ", to go by " + datetime.datetime.fromtimestamp(
+                info.deadline_ms / 1000, datetime.timezone.utc).strftime("%H:%M:%S UTC")
+        nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
+        return f"Ray drains node(s) {nodes} of this run (ranks {list(info.preempted_ranks)}){deadline}"
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())

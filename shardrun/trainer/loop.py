@@ -60,8 +60,10 @@ class Trainer:
         apart from the training's collectives, which their background reduction must not race."""
         if dist.is_initialized() and topology.world_size > 1:
             self.control = dist.new_group(backend="gloo")
-        self.flags = preemption.StepFlags(2, group=self.control)
-        """preemption notice, stop request: agreed one step behind, in the background"""
+        self.flags = preemption.StepFlags(3, group=self.control)
+        """preemption notice, stop request, a node drained by others: agreed one step behind, in the background"""
+        self._drain_saved = False
+        """The group checkpointed for a drain announced by the launcher (once per group)."""
         self.metrics = self.start_metrics()
         self.state, position = self.restore()
         self.stream = datasets.open(
@@ -169,9 +171,10 @@ class Trainer:
             if self.state.step == start + 1:  # the slow first step (allocations, compiles) is behind us
                 self.collective_timeout(self.spec.failure.collective_timeout_s)
             self._window_steps += 1
-            # one host-side collective per step, in the background: preemption notice, stop request
-            preempt, stop = self.flags.exchange(
-                [self.watcher is not None and self.watcher.notice is not None, self._stop_request.is_set()])
+            # one host-side collective per step, in the background: preemption notice, stop request, drain
+            preempt, stop, drained = self.flags.exchange(
+                [self.watcher is not None and self.watcher.notice is not None, self._stop_request.is_set(),
+                 not self._drain_saved and self.session.drain_notice() is not None])
             if self.update_was_skipped():
                 self.on_nonfinite()
             else:
@@ -183,6 +186,8 @@ class Trainer:
                 self.log_progress()
             if step % self.spec.checkpoint.every_steps == 0 or self.done:
                 self.save_checkpoint()
+            if drained and not self._drain_saved and not (preempt or stop):
+                self.checkpoint_for_drain()
             if preempt or stop:
                 self.flags.settle()  # nothing left in flight on the control group
                 self.stop_here(preempt)
@@ -247,6 +252,21 @@ class Trainer:
             if not self.session.wait_gone(nodes, timeout=wait):
                 _log(f"preemption: the drained node(s) were still there {wait:.0f} s later; the group stops anyway")
         raise Preempted(f"a VM of this run is being taken away (Azure Scheduled Events); checkpointed step {step}")
+
+    def checkpoint_for_drain(self) -> None:
+        """A node of this group is being drained by someone else (Ray's preemption watcher told every worker):
+        checkpoint now, once, and go on training. When the node goes, Ray Train restarts the group on the nodes
+        left, from this checkpoint or a later one, and counts it against failure.max_preemptions; a drain that
+        is cancelled costs only the save."""
+        self._drain_saved = True
+        t0 = time.perf_counter()
+        if self._saved_step != self.state.step:
+            self.save_checkpoint()
+        if self.topology.is_main:
+            what = self.session.drain_notice() or "a node of this run is being drained"
+            self.session.note(f"{what}: checkpoint of step {self.state.step} written in "
+                              f"{time.perf_counter() - t0:.2f} s; training goes on until the node goes, then "
+                              "the run resumes from its latest checkpoint on the nodes left")
 
     def _gather_leaving(self, drained: str | None, left: float) -> tuple[list[str], float]:
         """Every rank learns which nodes were drained and the earliest notice left (one gather, on a

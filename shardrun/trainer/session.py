@@ -50,6 +50,10 @@ class Session(Protocol):
     def wait_gone(self, nodes: list[str], timeout: float) -> bool:
         """Wait until the launcher sees every one of `nodes` gone (at most timeout seconds); True if so."""
 
+    def drain_notice(self) -> str | None:
+        """Every step, on every rank, cheap: what the launcher knows of a node of this group being drained
+        (and so about to go) by someone else, or None."""
+
     def finished(self) -> None:
         """Rank 0: training reached max_steps."""
 
@@ -134,6 +138,9 @@ class LocalSession:
 
     def wait_gone(self, nodes: list[str], timeout: float) -> bool:
         return not nodes
+
+    def drain_notice(self) -> str | None:
+        return None
 
     def finished(self) -> None:
         self._write_summary(finished=True)

@@ -8,6 +8,8 @@ CPUs for workers, one worker slot on each other node, num_workers [1, 2].
   is acknowledged, the node is drained in Ray; when the node goes (the test takes it, as Azure would), the
   group restarts without it, counted as a preemption; then SIGTERM to the driver (what `ray job stop`
   sends) checkpoints and stops the run, exit 143.
+- A worker node is drained by someone else (`ray drain-node`, as Ray's autoscaler does): the ranks
+  checkpoint at once and train on; when the node goes, the group resumes from that checkpoint.
 """
 
 from __future__ import annotations
@@ -51,6 +53,23 @@ def both_workers_up(cluster: NetnsCluster) -> None:
     if len([n for n in cluster.nodes() if n["state"] == "ALIVE"]) < 3:
         cluster.start_node(2)
         cluster.wait_nodes(alive=3, timeout=90)
+
+
+FREE_CPUS = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+deadline = time.monotonic() + float(sys.argv[3])
+while ray.available_resources().get("CPU", 0) < float(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.5)
+print(ray.available_resources().get("CPU", 0))
+"""
+
+
+def wait_free_cpus(cluster: NetnsCluster, cpus: int, timeout: float = 60) -> None:
+    """Until the cluster has `cpus` CPUs free: a node that restarted is ALIVE in the node table a moment before
+    Ray Train sees its resources, and an earlier run's workers may still be letting theirs go."""
+    out = cluster.run(0, [PYTHON, "-c", FREE_CPUS, cluster.address, str(cpus), str(timeout)], timeout=timeout + 30)
+    assert float(out.stdout.strip().splitlines()[-1]) >= cpus, out.stdout[-2000:]
 
 
 def drive(cluster: NetnsCluster, spec: Path, on_line, timeout: float = 360) -> tuple[subprocess.Popen, str]:
@@ -164,3 +183,58 @@ def test_a_preempted_node_is_drained_and_left_behind_then_sigterm_stops_the_run(
     assert summary["stopped"] == "SIGTERM" and summary["restarts"] == 1 and not summary["finished"]
     assert summary["final_step"] == int(last[1])
     assert (tmp_path / f"runs/tiny/checkpoint_{int(last[1]):08d}/shardrun.json").exists()
+
+
+def test_a_node_drained_by_ray_gets_a_checkpoint_before_it_goes(cluster, tmp_path, corpus):
+    """Someone else drains node 2 (`ray drain-node`, as Ray's autoscaler does for a spot reclaim): Ray Train's
+    preemption watcher marks every worker, the ranks agree on it in their step flags, checkpoint at once and
+    train on; the node goes after the drain's deadline and the group resumes from that checkpoint."""
+    both_workers_up(cluster)
+    wait_free_cpus(cluster, 2)
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", scaling={"num_workers": [1, 2], "resize_check_seconds": 3},
+        run={"max_steps": 1000, "log_every": 1}, checkpoint={"every_steps": 1000},
+        failure={"max_failures": 2, "scheduled_events": "off"}))
+    [node] = [n for n in cluster.nodes() if n["node_ip"] == cluster.ips[2] and n["state"] == "ALIVE"]
+    times: dict = {"steps_with_2": 0}
+
+    def on_line(line, driver):
+        # (a node back from an earlier test may join the group only at the next resize check)
+        if re.search(r"(starting|resuming from step \d+) with 2 workers", line):
+            times["two"] = True
+        if "two" in times and "drained" not in times and re.search(r"step +\d+/", line):
+            times["steps_with_2"] += 1
+        if "drained" not in times and times["steps_with_2"] == 3:  # one rank on node 2
+            cluster.run(0, [str(Path(PYTHON).parent / "ray"), "drain-node", "--address", cluster.address,
+                            "--node-id", node["node_id"], "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                            "--reason-message", "spot reclaim (test)", "--deadline-remaining-seconds", "8"],
+                        timeout=60)
+            times["drained"] = time.monotonic()
+        saved = re.search(r"Ray drains node\(s\) (\w+) of this run .*: checkpoint of step (\d+) written", line)
+        if saved and "saved" not in times:
+            times["saved"], times["saved_step"] = time.monotonic(), int(saved[2])
+            assert node["node_id"].startswith(saved[1]), line
+        step = re.search(r"step +(\d+)/", line)
+        if "saved" in times and "killed" not in times and step and int(step[1]) >= times["saved_step"] + 3:
+            time.sleep(max(0.0, times["drained"] + 9 - time.monotonic()))  # past the drain's deadline
+            cluster.kill_node(2)
+            times["killed"] = int(step[1])
+        resumed = re.search(r"resuming from step (\d+) with 1 worker \(restart \d+\)", line)
+        if resumed and "killed" in times:
+            times["resumed_step"] = int(resumed[1])
+        if "resumed_step" in times and "stop" not in times and step and int(step[1]) >= times["resumed_step"] + 2:
+            driver.send_signal(signal.SIGTERM)
+            times["stop"] = True
+
+    try:
+        driver, text = drive(cluster, spec, on_line)
+    finally:
+        if "killed" in times:
+            cluster.start_node(2)  # for the tests after this one
+    (tmp_path / "driver.log").write_text(text)
+    assert "saved" in times and times["saved"] - times["drained"] < 8, text[-5000:]  # before the deadline
+    assert times["killed"] >= times["saved_step"] + 3  # training went on after the checkpoint
+    # nothing later was saved (checkpoint.every_steps is 1000): the restart took the drain's checkpoint
+    assert times.get("resumed_step") == times["saved_step"], text[-6000:]
+    assert "Source: preemption" in text, text[-6000:]  # Ray Train counted the restart as a preemption
+    assert driver.returncode == 143 and "stop requested: checkpoint of step" in text, text[-4000:]
