@@ -177,10 +177,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Ray prints its workers' logs here, storage URLs with their SAS signatures among them
     sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    started = time.time()
     connect(preload="shardrun.cluster.launch")  # the launcher's imports (Ray Train, torch) ride on ray.init
     from shardrun.cluster.launch import launch
 
-    summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index)
+    summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index, started=started)
     _emit(f"summary ({config.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
     return EXIT_STOPPED if summary.get("stopped") else 0
 

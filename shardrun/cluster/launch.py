@@ -54,13 +54,14 @@ def run_config(spec: JobSpec) -> RunConfig:
 
 
 def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = print,
-           data_index: dict | None = None) -> dict:
+           data_index: dict | None = None, started: float | None = None) -> dict:
     """Train spec on Ray to run.max_steps (resuming the run of the same name); returns the summary.
 
     data_index: the run's data index (datasets.build_index(...).to_dict()), read once here for every
     worker and every restart; None lets each worker read the file footers itself.
+    started: time.time() when the caller began connecting to Ray (the summary's wall_seconds count from it).
     """
-    t0 = time.time()
+    t0 = started or time.time()
     emit(f"connecting to {connect()}")
     storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
     # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
