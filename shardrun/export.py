@@ -85,11 +85,12 @@ def pick(run_dir: str, step: int | None = None) -> dict:
     if step is not None:
         chosen = [c for c in complete if c["step"] == step]
         if not chosen:
-            raise UserError(f"{run_dir} has no complete checkpoint of step {step}; complete ones: "
+            raise UserError(f"{redact(run_dir)} has no complete checkpoint of step {step}; complete ones: "
                             f"{[c['step'] for c in complete] or 'none'}")
         return chosen[0]
     if not complete:
-        raise UserError(f"{run_dir} has no complete checkpoint yet (checkpoint.every_steps decides when one is saved)")
+        raise UserError(f"{redact(run_dir)} has no complete checkpoint yet (checkpoint.every_steps decides when one "
+                        "is saved)")
     return complete[-1]
 
 
@@ -109,8 +110,8 @@ def model_spec(run_dir: str) -> ModelSpec:
                         "a run dir?")
     spec = ModelSpec.model_validate(yaml.safe_load(text)["model"])
     if spec.entrypoint is not None:
-        raise UserError(f"{run_dir} trains {spec.entrypoint}: export writes the built-in GPT; for your own model, "
-                        "use DeepSpeed's zero_to_fp32.py in the checkpoint folder")
+        raise UserError(f"{redact(run_dir)} trains {spec.entrypoint}: export writes the built-in GPT; for your own "
+                        "model, use DeepSpeed's zero_to_fp32.py in the checkpoint folder")
     return spec
 
 
