@@ -22,6 +22,7 @@ class RaySession:
 
     def __init__(self, progress_actor):
         self.progress_actor = progress_actor
+        self._preemption = _preemption_context()
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -107,12 +108,7 @@ class RaySession:
         """Ray Train's own preemption watcher (a drain of one of this group's nodes: `ray drain-node`, an
         autoscaler, a spot reclaim) marks every worker; this reads the mark where ray.train.get_preemption_info
         reads it, without that call's barrier across the workers (the loop agrees on it in its step flags)."""
-        try:
-            from ray.train.v2._internal.execution.context import get_train_context
-
-            info = get_train_context().preemption_context.preemption_info
-        except Exception:  # noqa: BLE001 - an internal of Ray Train's: without it, no early checkpoint
-            return None
+        info = getattr(self._preemption, "preemption_info", None)
         if info is None:
             return None
         deadline = ""
@@ -124,6 +120,18 @@ class RaySession:
 
     def finished(self) -> None:
         ray.get(self.progress_actor.finished.remote())
+
+
+def _preemption_context():
+    """This worker's PreemptionContext: made once per worker actor, its preemption_info set in place by the
+    controller's mark_preempt. Looked up once here, not on every step; None if Ray Train moved it (then
+    drains by others only reach Ray Train's own handling)."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        return get_train_context().preemption_context
+    except Exception:  # noqa: BLE001 - an internal of Ray Train's: without it, no early checkpoint
+        return None
 
 
 def _upload_and_sync(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
