@@ -19,7 +19,7 @@ CHECKOV_STAMP := $(CHECKOV)/.installed-$(CHECKOV_VERSION)
 CLOUD_INIT := $(TOOLS)/cloud-init
 CLOUD_INIT_STAMP := $(TOOLS)/.cloud-init
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept between runs in
-# ~/.cache/shardrun/torch_extensions/<this environment> (shardrun/trainer/engine.py).
+# ~/.cache/shardrun/torch_extensions/<this environment> (shardrun/trainer/extensions.py); the benches use it too.
 
 .PHONY: setup demo test lint bench clean
 
@@ -62,10 +62,12 @@ $(CLOUD_INIT_STAMP): | $(STAMP)
 	PYTHONPATH=$(CLOUD_INIT)/usr/lib/python3/dist-packages $(BIN)/python $(CLOUD_INIT)/usr/bin/cloud-init --version
 	touch $@
 
-demo: setup
+# The demo needs only the venv: no Azurite, Prometheus or checkov, so no npm or apt-get either.
+demo: $(STAMP)
 	$(BIN)/shardrun run examples/gpt-stdlib.yaml --fresh
 
 # Everything but the benchmark scripts' own end-to-end checks (marker bench), which `make bench` runs.
+# (Its setup steps side by side, make -j4, took as long as one after the other on 2 cores.)
 test: setup
 	$(BIN)/pytest -ra --durations=25 -m "not bench"
 

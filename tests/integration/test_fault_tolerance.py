@@ -30,19 +30,41 @@ def _ray_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, stage):
-    sections = dict(deepspeed={"zero_stage": stage, "grad_accum_steps": 2,
-                               "schedule": {"decay": "constant", "warmup_steps": 3}},
-                    model={"dropout": 0.1}, run={"max_steps": STEPS, "log_every": 1},
-                    checkpoint={"every_steps": EVERY, "keep": 2}, failure={"max_failures": 1})
-    # the uninterrupted reference, without Ray: the same ranks, data, seeds and gloo collectives
-    whole = write_spec(tmp_path / "whole.yaml", tiny_spec(corpus, tmp_path / "a", **sections))
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-         f"--master-port={free_port()}", "-m", "shardrun", "train", str(whole)], timeout=300)
+def sections(stage: int) -> dict:
+    return dict(deepspeed={"zero_stage": stage, "grad_accum_steps": 2,
+                           "schedule": {"decay": "constant", "warmup_steps": 3}},
+                model={"dropout": 0.1}, run={"max_steps": STEPS, "log_every": 1},
+                checkpoint={"every_steps": EVERY, "keep": 2}, failure={"max_failures": 1})
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, corpus):
+    """uninterrupted(stage): the final weights of a run without Ray and without faults: the same ranks, data, seeds
+    and gloo collectives (torchrun). Run once per stage for the module's tests."""
+    done: dict[int, dict] = {}
+
+    def weights(stage: int) -> dict:
+        if stage not in done:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{stage}")
+            spec = write_spec(out / "job.yaml", tiny_spec(corpus, out, **sections(stage)))
+            run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                 f"--master-port={free_port()}", "-m", "shardrun", "train", str(spec)], timeout=300)
+            done[stage] = _weights(out / f"tiny/checkpoints/step_{STEPS:08d}")
+        return done[stage]
+
+    return weights
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, uninterrupted, stage):
     kill_at = random.Random(stage).randint(EVERY + 1, STEPS - 2)  # between checkpoints, after the first
-    spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections))
+    spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections(stage)))
     proc = subprocess.Popen([sys.executable, "-m", "shardrun", "run", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=child_env(), start_new_session=True)
     out, killed = [], None
@@ -67,32 +89,18 @@ def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corp
     summary = json.loads((tmp_path / "b/tiny/summary.json").read_text())
     assert summary["restarts"] == 1 and summary["final_step"] == STEPS
 
-    a = _weights(tmp_path / f"a/tiny/checkpoints/step_{STEPS:08d}")
-    b = _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_bitwise_equal(uninterrupted(stage), _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}"))
 
 
-def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, corpus):
+def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, corpus, uninterrupted):
     """Under Ray. (torchrun --max-restarts is not tested here: with the static rendezvous the restarted
     ranks may dial the dead ranks' gloo addresses left in the store; with c10d the survivor can sit in a
     gloo collective for gloo's 30-minute default timeout. Short collective timeouts are issue 5.)"""
-    sections = dict(deepspeed={"zero_stage": 2, "schedule": {"decay": "constant", "warmup_steps": 3}},
-                    run={"max_steps": STEPS, "log_every": 2}, checkpoint={"every_steps": EVERY, "keep": 2},
-                    failure={"max_failures": 1})
-    whole = write_spec(tmp_path / "whole.yaml", tiny_spec(corpus, tmp_path / "a", **sections))
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-         f"--master-port={free_port()}", "-m", "shardrun", "train", str(whole)], timeout=300)
-
     # rank 1 dies by SIGKILL after writing its DeepSpeed files of step 8, before the checkpoint is complete
     env = child_env(SHARDRUN_FAULT=f"checkpoint-save:step={2 * EVERY}:rank=1",
                     SHARDRUN_FAULT_MARKER=str(tmp_path / "fault-fired"))
-    spec = write_spec(tmp_path / "b.yaml", tiny_spec(corpus, tmp_path / "b", **sections))
+    spec = write_spec(tmp_path / "b.yaml", tiny_spec(corpus, tmp_path / "b", **sections(2)))
     out = run([sys.executable, "-m", "shardrun", "run", str(spec)], timeout=360, env=env).stdout
     assert (tmp_path / "fault-fired").exists()
     assert f"resuming from step {EVERY} with 2 workers" in out, out[-4000:]
-    a = _weights(tmp_path / f"a/tiny/checkpoints/step_{STEPS:08d}")
-    b = _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}")
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_bitwise_equal(uninterrupted(2), _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}"))
