@@ -24,6 +24,8 @@ import argparse
 import cProfile
 import datetime
 import gc
+import hashlib
+import importlib.metadata
 import json
 import os
 import pstats
@@ -42,8 +44,6 @@ from pathlib import Path
 
 from common import DOC, REPO, append_record, git_revision, machine, versions
 from gpu import pinned_batches, write_tokens
-
-from shardrun.trainer.extensions import default_dir
 
 SECTION = "## Runner overhead"
 SIZES = {
@@ -204,11 +204,15 @@ def child_env(threads: int | None) -> dict[str, str]:
 
 
 def torch_extensions_dir() -> str:
-    """Where DeepSpeed's JIT-compiled CPU comm op is kept: the runner's own folder for this environment.
+    """Where the benches keep DeepSpeed's JIT-compiled CPU comm op: one directory per interpreter, torch and
+    DeepSpeed.
 
-    deepspeed.init_distributed loads the op on CPU (`deepspeed_shm_comm`); a build takes 25-100 s on 2 cores, and a
-    folder of the benches' own would build it once more on every fresh checkout."""
-    return str(default_dir())
+    deepspeed.init_distributed loads the op on CPU (`deepspeed_shm_comm`). torch rebuilds it whenever its build
+    command changes, and the command names the venv's include paths: two venvs that share a directory rebuild it
+    in turn, 25-40 s each time on 2 cores (shardrun's own default keeps one per environment too)."""
+    versions = "|".join(importlib.metadata.version(name) for name in ("torch", "deepspeed"))
+    key = hashlib.sha1(f"{sys.prefix}|{versions}".encode()).hexdigest()[:12]
+    return str(Path.home() / ".cache" / "shardrun" / "bench-torch-extensions" / key)
 
 
 def warm_extensions(env: dict[str, str]) -> None:
