@@ -69,6 +69,27 @@ def _probe(address: str) -> None:
         ) from None
 
 
+def _local_dashboard() -> dict:
+    """ray.init's arguments that put a local instance's dashboard on a port chosen here, and that port in
+    RAY_API_SERVER_ADDRESS, which the instance's processes inherit from this one (a job-wide runtime_env would
+    keep Ray from using the workers it starts ahead).
+
+    Ray Train's PlacementGroupCleaner, a detached actor, asks Ray's state API every second whether the run's
+    controller still lives. Without an address in its environment the state API takes the cluster named in
+    /tmp/ray/ray_current_cluster, which only `ray start` writes: on a machine where one ran before, a cluster
+    that is gone (each check then waits on a GCS that never answers, and the end of every run waits 12 s for
+    the cleaner to stop) or another live cluster, which does not know this run's controller.
+    RAY_API_SERVER_ADDRESS comes first in Ray's lookup. One set already is left as it is.
+    """
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):
+        return {}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    return {"dashboard_port": port}
+
+
 def _init() -> str:
     address = os.environ.get("RAY_ADDRESS")
     try:
@@ -76,7 +97,7 @@ def _init() -> str:
             _probe(address)
             ray.init(address=address, logging_level=logging.WARNING)
             return f"the Ray cluster at {address}"
-        ray.init(address="local", logging_level=logging.WARNING)
+        ray.init(address="local", logging_level=logging.WARNING, **_local_dashboard())
     except ConnectionError as e:
         raise UserError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={address!r} ({e}); "
