@@ -59,6 +59,11 @@ run_foreground() {
         export RAY_PROMETHEUS_HOST=${RAY_PROMETHEUS_HOST:-http://127.0.0.1:9090}
         export RAY_GRAFANA_HOST=${RAY_GRAFANA_HOST:-http://127.0.0.1:3000}
         export RAY_GRAFANA_IFRAME_HOST=${RAY_GRAFANA_IFRAME_HOST:-http://localhost:3000}
+        # Ray Train's placement group cleaner runs here and asks the state API about the run's controller: name
+        # this head's dashboard, not Ray's address file, which a --temp-dir in SHARDRUN_RAY_ARGS leaves elsewhere.
+        local dashboard_host=${SHARDRUN_DASHBOARD_HOST:-0.0.0.0}
+        [[ $dashboard_host == 0.0.0.0 ]] && dashboard_host=127.0.0.1
+        export RAY_API_SERVER_ADDRESS=${RAY_API_SERVER_ADDRESS:-http://$dashboard_host:${SHARDRUN_DASHBOARD_PORT:-8265}}
     fi
     ip=$(node_ip)
     read -r -a extra <<<"${SHARDRUN_RAY_ARGS:-}"

@@ -276,7 +276,8 @@ python3 -c 'import json, os, sys
 token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read() if os.environ.get("RAY_AUTH_TOKEN_PATH") else None
 print(json.dumps({"argv": sys.argv[1:], "mode": os.environ.get("RAY_AUTH_MODE"), "token": token,
                   "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH"),
-                  "prometheus": os.environ.get("RAY_PROMETHEUS_HOST")}))' "$@"
+                  "prometheus": os.environ.get("RAY_PROMETHEUS_HOST"),
+                  "api_server": os.environ.get("RAY_API_SERVER_ADDRESS")}))' "$@"
 """
 
 
@@ -310,11 +311,16 @@ def test_ray_node_head_runs_ray_start_in_the_foreground_with_token_auth(tmp_path
             "--dashboard-port=8265", "--metrics-export-port=8080", "--num-cpus=1", "--temp-dir=/tmp/x"} <= set(argv)
     assert not any(a.startswith("--num-gpus") for a in argv)  # Ray counts the GPUs itself
     assert started["prometheus"] == "http://127.0.0.1:9090"
+    # Ray Train's placement group cleaner finds this head through its dashboard, not the --temp-dir address file
+    assert started["api_server"] == "http://127.0.0.1:8265"
+    bound = ray_start("head", tmp_path, fake_venv, SHARDRUN_DASHBOARD_HOST="10.1.0.4", SHARDRUN_DASHBOARD_PORT="8300")
+    assert bound["api_server"] == "http://10.1.0.4:8300"
 
 
 def test_ray_node_worker_joins_the_head(tmp_path, fake_venv):
     started = ray_start("worker", tmp_path, fake_venv, SHARDRUN_HEAD_ADDRESS="198.18.0.1")
     assert "--address=198.18.0.1:6379" in started["argv"] and "--head" not in started["argv"]
+    assert started["api_server"] is None
     assert started["mode"] == "token" and started["token"] == TOKEN
 
 
