@@ -19,7 +19,7 @@ CHECKOV_STAMP := $(CHECKOV)/.installed-$(CHECKOV_VERSION)
 CLOUD_INIT := $(TOOLS)/cloud-init
 CLOUD_INIT_STAMP := $(TOOLS)/.cloud-init
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept between runs in
-# ~/.cache/shardrun/torch_extensions/<this environment> (shardrun/trainer/engine.py).
+# ~/.cache/shardrun/torch_extensions/<this environment> (shardrun/trainer/extensions.py); bench/ uses it too.
 
 .PHONY: setup demo test lint bench clean
 

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from common import DOC, REPO, append_record, git_revision, machine, versions
-from overhead import torch_extensions_dir, warm_extensions
+from overhead import path_with_our_ninja, torch_extensions_dir, warm_extensions
 
 SECTION = "## Checkpoints"
 CHUNK = 8 << 20
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         evict = "drop_caches" if args.drop_caches else "fadvise"
         print(f"checkpoints in {work} ({where}); cold reads after {EVICTION[evict]}", flush=True)
         env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
-                   TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+                   TORCH_EXTENSIONS_DIR=torch_extensions_dir(), PATH=path_with_our_ninja())
         warm_extensions(env)
         results = []
         for world in args.ranks:

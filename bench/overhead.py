@@ -24,8 +24,6 @@ import argparse
 import cProfile
 import datetime
 import gc
-import hashlib
-import importlib.metadata
 import json
 import os
 import pstats
@@ -44,6 +42,8 @@ from pathlib import Path
 
 from common import DOC, REPO, append_record, git_revision, machine, versions
 from gpu import pinned_batches, write_tokens
+
+from shardrun.trainer import extensions
 
 SECTION = "## Runner overhead"
 SIZES = {
@@ -196,23 +196,23 @@ def child_command(args: argparse.Namespace, loop: str, world: int, data: str, ou
 
 def child_env(threads: int | None) -> dict[str, str]:
     """DeepSpeed's CPU accelerator for both loops (shardrun's engine module sets it too), its compiled op from the
-    bench's own directory, and the torch threads asked for."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", TORCH_EXTENSIONS_DIR=torch_extensions_dir())
+    runner's folder, built with the runner's ninja, and the torch threads asked for."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", TORCH_EXTENSIONS_DIR=torch_extensions_dir(),
+               PATH=path_with_our_ninja())
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)  # torchrun keeps a value it finds
     return env
 
 
 def torch_extensions_dir() -> str:
-    """Where the benches keep DeepSpeed's JIT-compiled CPU comm op: one directory per interpreter, torch and
-    DeepSpeed.
+    """Where DeepSpeed's CPU comm op is built: the runner's folder for this environment (one build per checkout)."""
+    return str(extensions.default_dir())
 
-    deepspeed.init_distributed loads the op on CPU (`deepspeed_shm_comm`). torch rebuilds it whenever its build
-    command changes, and the command names the venv's include paths: two venvs that share a directory rebuild it
-    in turn, 25-40 s each time on 2 cores (shardrun's own default keeps one per environment too)."""
-    versions = "|".join(importlib.metadata.version(name) for name in ("torch", "deepspeed"))
-    key = hashlib.sha1(f"{sys.prefix}|{versions}".encode()).hexdigest()[:12]
-    return str(Path.home() / ".cache" / "shardrun" / "bench-torch-extensions" / key)
+
+def path_with_our_ninja() -> str:
+    """PATH for the children: the bare loops import DeepSpeed without shardrun's engine, which would put this
+    environment's ninja first (two ninja versions take each other's build of the op for a stale one)."""
+    return extensions.path_with_our_ninja(os.environ.get("PATH")) or ""
 
 
 def warm_extensions(env: dict[str, str]) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 from common import DOC, REPO, append_record, git_revision, machine, versions
 from gpu import write_tokens
-from overhead import SIZES, VOCAB, torch_extensions_dir, warm_extensions
+from overhead import SIZES, VOCAB, path_with_our_ninja, torch_extensions_dir, warm_extensions
 
 from shardrun.config import parse
 from shardrun.trainer.ds_config import build_ds_config
@@ -309,7 +309,7 @@ def bench_env(work: Path) -> dict[str, str]:
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(work), env.get("PYTHONPATH")])), DS_ACCELERATOR="cpu",
                CUDA_VISIBLE_DEVICES="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()
+    env["TORCH_EXTENSIONS_DIR"], env["PATH"] = torch_extensions_dir(), path_with_our_ninja()
     warm_extensions(env)
     return env
 

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
-import sys
 import warnings
-from pathlib import Path
 
 import torch
+
+from shardrun.trainer import extensions
 
 if not torch.cuda.is_available():
     # Must be set before deepspeed is imported: it picks its accelerator at import time.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# DeepSpeed compiles its CPU shared-memory comm op on first use (~100 s); keep the build, one per
-# environment: two venvs sharing one folder rebuild it in turn (the build command names the venv).
-_ENVIRONMENT = hashlib.sha256(f"{sys.prefix} {torch.__version__}".encode()).hexdigest()[:12]
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "shardrun" / "torch_extensions" / _ENVIRONMENT)
-)
+# DeepSpeed compiles its CPU shared-memory comm op on first use: where, and with which ninja.
+extensions.prepare()
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402

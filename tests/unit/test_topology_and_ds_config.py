@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from shardrun.config import DeepSpeedSpec
@@ -71,3 +75,15 @@ def test_deep_merge_leaves_inputs_alone():
     base, over = {"a": {"b": 1}}, {"a": {"c": 2}}
     assert deep_merge(base, over) == {"a": {"b": 1, "c": 2}}
     assert base == {"a": {"b": 1}} and over == {"a": {"c": 2}}
+
+
+@pytest.mark.parametrize("path", ["/usr/bin:/bin", "{bin}:/usr/bin:/bin"])
+def test_the_engine_builds_deepspeeds_ops_with_this_environments_ninja(path):
+    """Two ninja versions take each other's build of DeepSpeed's CPU op for a stale one: whatever PATH a worker
+    starts with, the engine puts the ninja beside its Python first, once."""
+    here = str(Path(sys.executable).parent)
+    assert (Path(here) / "ninja").exists()  # DeepSpeed depends on the ninja package
+    code = "import os, shardrun.trainer.engine; print(os.environ['PATH'])"
+    out = subprocess.run([sys.executable, "-c", code], env={"PATH": path.format(bin=here), "HOME": str(Path.home())},
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == f"{here}:/usr/bin:/bin"
