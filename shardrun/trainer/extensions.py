@@ -19,7 +19,9 @@ from pathlib import Path
 
 def default_dir() -> Path:
     """~/.cache/shardrun/torch_extensions/<a hash of this interpreter's prefix and torch version>."""
-    key = hashlib.sha256(f"{sys.prefix} {importlib.metadata.version('torch')}".encode()).hexdigest()[:12]
+    torch = sys.modules.get("torch")  # (a torch built from source may have no package metadata)
+    version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
+    key = hashlib.sha256(f"{sys.prefix} {version}".encode()).hexdigest()[:12]
     return Path.home() / ".cache" / "shardrun" / "torch_extensions" / key
 
 
