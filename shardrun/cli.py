@@ -11,7 +11,7 @@ import time
 import traceback
 from pathlib import Path
 
-from shardrun import config
+from shardrun import config, fs
 from shardrun.errors import RedactingStream, UserError, redact
 
 EXIT_USER_ERROR = 2
@@ -20,7 +20,7 @@ EXIT_STOPPED = 143
 
 
 def _emit(line: str) -> None:
-    print(f"[shardrun] {redact(line)}", flush=True)
+    fs.log(line, file=sys.stdout)
 
 
 def _add_spec_args(p: argparse.ArgumentParser, *, fresh: bool = False) -> None:
@@ -182,7 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from shardrun.cluster.launch import launch
 
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index, started=started)
-    _emit(f"summary ({config.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
+    _emit(f"summary ({fs.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
     return EXIT_STOPPED if summary.get("stopped") else 0
 
 
@@ -190,16 +190,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args)
     data_index = None  # other ranks read the footers themselves once rank 0 has made the data
     if os.environ.get("RANK", "0") == "0":
-        from shardrun import storage
+        from shardrun.driver.run_dir import prepare_run_dir
 
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")
         data_index = ensure_data(spec)
-        storage.prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
-    from shardrun.trainer.local import run_local
-    from shardrun.trainer.session import TERMINATED
+        prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
+    from shardrun.driver.local import run_local
+    from shardrun.trainer.faults import FaultInjector
 
-    run_local(spec, data_index)
-    return EXIT_STOPPED if TERMINATED.is_set() else 0
+    return EXIT_STOPPED if run_local(spec, data_index, faults=FaultInjector.from_env()) else 0
 
 
 def cmd_prepare_text(args: argparse.Namespace) -> int:
@@ -275,9 +274,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from shardrun.export import checkpoints
+    from shardrun.checkpoint_format import list_checkpoints
 
-    found = checkpoints(args.run)
+    found = list_checkpoints(args.run)
     if not found:
         print(f"{args.run}: no checkpoints")
     for c in found:
@@ -298,14 +297,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from shardrun import export
+    from shardrun import generate
+    from shardrun.export import export
 
     source = args.source
     with tempfile.TemporaryDirectory() as tmp:
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            export.export(source, tmp, emit=_emit)
+            export(source, tmp, emit=_emit)
             source = tmp
-        text = export.generate(export.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
+        text = generate.generate(generate.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
     return 0

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shardrun.errors import UserError
+from shardrun.fs import is_uri, join
 
 
 class _Section(BaseModel):
@@ -141,7 +142,7 @@ class DataSpec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> DataSpec:
-        if self.prepare and _is_uri(self.paths[0]):
+        if self.prepare and is_uri(self.paths[0]):
             raise ValueError(
                 f"data.prepare writes to a local path, and data.paths[0] is {self.paths[0]!r}; "
                 "prepare locally, copy the shards there, and drop data.prepare"
@@ -394,12 +395,6 @@ class JobSpec(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def join(location: str, *parts: str) -> str:
-    """A path or URI with parts added to its path; a URI's query (?enable_tls=false&sig=...) stays last."""
-    base, mark, query = location.partition("?") if "://" in location else (location, "", "")
-    return "/".join([base.rstrip("/"), *parts]) + mark + query
-
-
 def check_partitions(partitions: int, world_size: int, global_batch: int,
                      error: type[Exception] = UserError) -> None:
     """Every rank owns as many partitions, and every partition gives as many samples to a step."""
@@ -489,15 +484,11 @@ def _did_you_mean(loc: tuple) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
 def _resolve_paths(spec: JobSpec) -> JobSpec:
     """Local paths become absolute here, so workers (other cwd, other node) see the same ones."""
 
     def resolve(p: str) -> str:
-        return p if _is_uri(p) else os.path.abspath(os.path.expanduser(p))
+        return p if is_uri(p) else os.path.abspath(os.path.expanduser(p))
 
     spec.data.paths = [resolve(p) for p in spec.data.paths]
     spec.checkpoint.storage = resolve(spec.checkpoint.storage)

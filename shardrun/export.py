@@ -1,9 +1,8 @@
-"""A run's checkpoints: list them, consolidate one into a single safetensors file, sample text from it.
+"""`shardrun export`: consolidate a run's checkpoint into a single safetensors file.
 
-Checkpoints live in the run dir: `checkpoint_<step>` (written through Ray Train) or
-`checkpoints/step_<step>` (`shardrun train`). An export is a folder of two files that need no
-DeepSpeed: `model.safetensors` (the whole model, fp32 or bf16, ZeRO shards gathered) and
-`config.json` (the model section of the run's spec, the step, the dtype).
+An export is a folder of two files that need no DeepSpeed: `model.safetensors` (the whole model, fp32 or
+bf16, ZeRO shards gathered) and `config.json` (the model section of the run's spec, the step, the dtype).
+Which checkpoints a run has, and which are complete, is the checkpoint format's (checkpoint_format.py).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,91 +18,19 @@ import pyarrow.fs as pafs
 import torch
 import yaml
 
-from shardrun import storage
-from shardrun.config import ModelSpec, join
-from shardrun.datasets.index import display_path, filesystem
+from shardrun import fs
+from shardrun.checkpoint_format import MANIFEST, local_run_dir, pick
+from shardrun.config import ModelSpec
 from shardrun.errors import UserError, redact
-
-MANIFEST = "shardrun.json"
-_STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
-
-
-def _local(run_dir: str) -> Path:
-    path = Path(run_dir).expanduser()
-    if not path.is_dir():
-        raise UserError(f"{run_dir} is no run dir: RUN is <checkpoint.storage>/<name>, e.g. ~/shardrun/runs/gpt-stdlib")
-    return path
-
-
-def checkpoints(run_dir: str) -> list[dict]:
-    """Every checkpoint folder of the run, oldest first: step, path, bytes, complete, and why not. The run dir
-    may be local or behind a URI (abfs://, s3://): only file listings and the manifests are read."""
-    if "://" in run_dir:
-        fs, root = filesystem(run_dir)
-        if fs.get_file_info(root).type != pafs.FileType.Directory:
-            raise UserError(f"{redact(run_dir)} is no run dir: RUN is <checkpoint.storage>/<name>")
-    else:
-        fs, root = pafs.LocalFileSystem(), str(_local(run_dir).resolve())
-    found = []
-    for parent in (root, f"{root.rstrip('/')}/checkpoints"):
-        if fs.get_file_info(parent).type != pafs.FileType.Directory:
-            continue
-        for entry in fs.get_file_info(pafs.FileSelector(parent)):
-            match = _STEP_DIR.match(entry.base_name)
-            if entry.type == pafs.FileType.Directory and match:
-                found.append(_describe(fs, entry.path, int(match[1]), run_dir))
-    return sorted(found, key=lambda c: c["step"])
-
-
-def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
-    files = {f.path[len(path):].lstrip("/"): f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
-    size = sum(f.size for f in files.values() if f.type == pafs.FileType.File)
-    shown = redact(display_path(source, path)) if "://" in source else path
-    info = {"step": step, "path": shown, "bytes": size, "complete": False, "why": "", "fs_path": path}
-    try:
-        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
-            manifest = json.loads(f.read())
-    except (OSError, ValueError):
-        info["why"] = f"no readable {MANIFEST} (rank 0 had not finished)"
-        return info
-    missing = [r for r in range(manifest["world_size"]) if f"rank_{r}.pt" not in files]
-    if missing:
-        info["why"] = f"rank files missing: {missing}"
-    elif not (manifest["tag"] in files or any(name.startswith(f"{manifest['tag']}/") for name in files)):
-        # (object stores have no folders, only names with slashes)
-        info["why"] = f"DeepSpeed's {manifest['tag']} folder is missing"
-    else:
-        info.update(complete=True, world_size=manifest["world_size"], zero_stage=manifest.get("zero_stage"),
-                    precision=manifest.get("precision"))
-    return info
-
-
-def pick(run_dir: str, step: int | None = None) -> dict:
-    """The newest complete checkpoint, or the one of `step`."""
-    complete = [c for c in checkpoints(run_dir) if c["complete"]]
-    if step is not None:
-        chosen = [c for c in complete if c["step"] == step]
-        if not chosen:
-            raise UserError(f"{redact(run_dir)} has no complete checkpoint of step {step}; complete ones: "
-                            f"{[c['step'] for c in complete] or 'none'}")
-        return chosen[0]
-    if not complete:
-        raise UserError(f"{redact(run_dir)} has no complete checkpoint yet (checkpoint.every_steps decides when one "
-                        "is saved)")
-    return complete[-1]
 
 
 def model_spec(run_dir: str) -> ModelSpec:
     """The model section of the run's resolved spec (job.yaml in the run dir, local or behind a URI)."""
-    if "://" in run_dir:
-        path = join(run_dir, "job.yaml")
-        try:
-            text = storage.read_text(path)
-        except OSError as e:
-            raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
-    else:
-        path = _local(run_dir) / "job.yaml"
-        text = path.read_text() if path.is_file() else None
+    path = fs.join(run_dir if fs.is_uri(run_dir) else local_run_dir(run_dir), "job.yaml")
+    try:
+        text = fs.read_text(path)
+    except OSError as e:
+        raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
     if text is None:
         raise UserError(f"{redact(str(path))} is missing: it is written when a run starts; is {redact(run_dir)} "
                         "a run dir?")
@@ -133,15 +59,15 @@ def local_folder(run_dir: str, chosen: dict, emit: Callable[[str], None] = print
     """The chosen checkpoint as a folder on this machine: itself, or, behind a URI, a download of it into a
     temporary folder (in TMPDIR; the whole checkpoint, optimizer state included: ZeRO keeps the fp32 weights
     there), removed afterwards."""
-    if "://" not in run_dir:
+    if not fs.is_uri(run_dir):
         yield chosen["path"]
         return
-    fs, _ = filesystem(run_dir)
+    source, _ = fs.filesystem(run_dir)
     with tempfile.TemporaryDirectory(prefix=f"shardrun-step{chosen['step']}-") as tmp:
         emit(f"downloading checkpoint {chosen['step']} ({chosen['bytes'] / 1e6:,.1f} MB) from {chosen['path']} "
              f"to {tmp}")
         try:
-            pafs.copy_files(chosen["fs_path"], tmp, source_filesystem=fs,
+            pafs.copy_files(chosen["fs_path"], tmp, source_filesystem=source,
                             destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
         except OSError as e:
             raise UserError(f"{chosen['path']}: cannot download it ({redact(str(e))})") from None
@@ -172,39 +98,3 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
               "source": chosen["path"]}
     Path(out, "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {**config, "out": out, "bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
-
-
-def load(export_dir: str, device: str = "cpu"):
-    """The built-in GPT from an export folder, in eval mode."""
-    from safetensors.torch import load_model
-
-    from shardrun.trainer.models import gpt_config
-    from shardrun.trainer.models.gpt import GPT
-
-    config = json.loads(Path(export_dir, "config.json").read_text())
-    model = GPT(gpt_config(ModelSpec.model_validate(config["model"])))
-    if config["dtype"] == "bf16":
-        model = model.to(torch.bfloat16)
-    load_model(model, os.path.join(export_dir, "model.safetensors"), device=device)
-    return model.eval()
-
-
-@torch.no_grad()
-def generate(model, prompt: bytes, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
-             seed: int = 0) -> bytes:
-    """Sample bytes after a byte-level prompt (the built-in GPT with vocab 256)."""
-    if model.config.vocab_size != 256:
-        raise UserError(f"generate samples byte-level models (vocab_size 256); this one has "
-                        f"{model.config.vocab_size} tokens and its tokenizer is not part of the export")
-    if temperature <= 0:
-        raise UserError(f"--temperature must be positive (got {temperature})")
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.tensor([list(prompt) or [10]], dtype=torch.long)
-    for _ in range(max_new_tokens):
-        logits = model.logits(idx[:, -model.config.block_size:])[:, -1, :].float() / temperature
-        if top_k:
-            cut = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-            logits = logits.masked_fill(logits < cut, float("-inf"))
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, nxt], dim=1)
-    return bytes(idx[0, len(prompt):].tolist())

@@ -18,10 +18,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from shardrun import storage
-from shardrun.config import ModelSpec, join
+from shardrun import fs
+from shardrun.config import ModelSpec
+from shardrun.driver.run_log import format_duration, plural
 from shardrun.errors import UserError, redact
-from shardrun.trainer.progress import format_duration, plural
+from shardrun.fs import is_uri, join, split_query
 
 HOW_TO_GET_METRICS = ("RUN is a run dir, <checkpoint.storage>/<name> (e.g. ~/shardrun/runs/gpt-stdlib), of a run "
                       "with metrics.jsonl: true (the default), which appends a record every run.log_every steps")
@@ -55,10 +56,10 @@ class Plot:
 
 def report(run_dir: str, out_dir: str | None = None) -> dict:
     """Write `report.html` and its PNGs into out_dir; return the run's summary (see `summarize`)."""
-    run_dir = run_dir if "://" in run_dir else os.path.abspath(os.path.expanduser(run_dir))
+    run_dir = run_dir if is_uri(run_dir) else os.path.abspath(os.path.expanduser(run_dir))
     run = read_run(run_dir)
     if out_dir is None:
-        out_dir = os.path.join(run_dir, "report") if "://" not in run_dir else f"{run.name}-report"
+        out_dir = os.path.join(run_dir, "report") if not is_uri(run_dir) else f"{run.name}-report"
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(run)
@@ -70,9 +71,9 @@ def report(run_dir: str, out_dir: str | None = None) -> dict:
 def read_run(run_dir: str) -> RunMetrics:
     """metrics.jsonl (required), job.yaml and summary.json (when there) of a run dir."""
     path = join(run_dir, "metrics.jsonl")
-    text = storage.read_text(path)
+    text = fs.read_text(path)
     if text is None:
-        what = "does not exist" if storage.exists(run_dir) else "does not exist (nor does the run dir)"
+        what = "does not exist" if fs.exists(run_dir) else "does not exist (nor does the run dir)"
         raise UserError(f"{redact(path)} {what}; {HOW_TO_GET_METRICS}")
     records = parse_records(text, redact(path))
     spec = _read_yaml(join(run_dir, "job.yaml"))
@@ -83,7 +84,7 @@ def read_run(run_dir: str) -> RunMetrics:
         while curve and curve[-1]["step"] >= rec["step"]:  # work lost to the restart
             curve.pop()
         curve.append(rec)
-    base = run_dir.partition("?")[0] if "://" in run_dir else run_dir
+    base = split_query(run_dir)[0]
     name = (spec or {}).get("name") or base.rstrip("/").rsplit("/", 1)[-1]
     return RunMetrics(
         name=str(name), location=redact(run_dir), records=records, curve=curve, restarts=restarts,
@@ -247,7 +248,7 @@ def _show(value: object) -> str:
 
 
 def _read_yaml(path: str) -> dict | None:
-    text = storage.read_text(path)
+    text = fs.read_text(path)
     try:
         data = yaml.safe_load(text) if text is not None else None
     except yaml.YAMLError:
@@ -256,7 +257,7 @@ def _read_yaml(path: str) -> dict | None:
 
 
 def _read_json(path: str) -> dict | None:
-    text = storage.read_text(path)
+    text = fs.read_text(path)
     try:
         data = json.loads(text) if text is not None else None
     except json.JSONDecodeError:

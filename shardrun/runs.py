@@ -18,9 +18,9 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from shardrun.config import join
-from shardrun.datasets.index import filesystem
+from shardrun.checkpoint_format import RUN_CHECKPOINTS, newest_complete_step
 from shardrun.errors import UserError, redact
+from shardrun.fs import filesystem, is_uri, join
 
 RECENT_SECONDS = 300
 """A run with no current summary.json whose files changed this recently counts as running (the help of
@@ -28,9 +28,7 @@ RECENT_SECONDS = 300
 TAIL_BYTES = 64 * 1024
 """How much of the end of metrics.jsonl is read for its last record."""
 MOVED_ASIDE = re.compile(r"\.replaced-\d{8}-\d{6}$")
-"""The suffix storage.move_aside gives the earlier run that `--fresh` moved out of the way."""
-_CHECKPOINTS = re.compile(r"^(checkpoint_\d+|checkpoints)$")
-"""Ray Train's checkpoint_<step> folders, or the folder of `shardrun train`'s."""
+"""The suffix fs.move_aside gives the earlier run that `--fresh` moved out of the way."""
 _RUN_FILES = ("job.yaml", "metrics.jsonl", "summary.json")
 
 
@@ -40,7 +38,7 @@ class Unreadable(Exception):
 
 def list_runs(storage: str) -> list[dict]:
     """Every run dir directly under `storage`, by name (fields: see `describe`)."""
-    location = storage if "://" in storage else os.path.abspath(os.path.expanduser(storage))
+    location = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
     fs, root = filesystem(location)
     kind = fs.get_file_info(root).type
     if kind == pafs.FileType.NotFound:
@@ -67,7 +65,7 @@ def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
         entries = {e.base_name: e for e in fs.get_file_info(pafs.FileSelector(path))}
     except OSError as e:
         return _run(name, run_dir, state=f"unreadable: cannot list the folder ({e})")
-    checkpointed = any(_CHECKPOINTS.match(n) for n in entries)
+    checkpointed = any(RUN_CHECKPOINTS.match(n) for n in entries)
     if not checkpointed and "job.yaml" not in entries and "metrics.jsonl" not in entries:
         return None
     summary_info, metrics_info = entries.get("summary.json"), entries.get("metrics.jsonl")
@@ -76,8 +74,8 @@ def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
     last = _read(problems, "metrics.jsonl", lambda: _last_record(fs, metrics_info)) if metrics_info else None
     checkpoint = None
     if checkpointed:
-        checkpoint = _read(problems, "checkpoints", lambda: _latest_checkpoint(run_dir))
-    modified = max((e.mtime for n, e in entries.items() if (n in _RUN_FILES or _CHECKPOINTS.match(n))
+        checkpoint = _read(problems, "checkpoints", lambda: newest_complete_step(run_dir))
+    modified = max((e.mtime for n, e in entries.items() if (n in _RUN_FILES or RUN_CHECKPOINTS.match(n))
                     and e.mtime is not None), default=None)
     if problems:
         state = "unreadable: " + "; ".join(problems)
@@ -140,14 +138,6 @@ def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
     if size > TAIL_BYTES:
         raise Unreadable(f"no complete line in the last {TAIL_BYTES} bytes")
     return None
-
-
-def _latest_checkpoint(run_dir: str) -> int | None:
-    """The newest complete checkpoint's step, by `shardrun checkpoints`'s rules."""
-    from shardrun.export import checkpoints  # imports torch: only for runs that have checkpoints
-
-    complete = [c["step"] for c in checkpoints(run_dir) if c["complete"]]
-    return complete[-1] if complete else None
 
 
 def _state(summary: dict | None, summary_info: pafs.FileInfo | None, metrics_info: pafs.FileInfo | None,

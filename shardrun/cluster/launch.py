@@ -11,14 +11,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from shardrun import storage
+from shardrun import fs
 from shardrun.cluster.connect import connect
-from shardrun.cluster.progress import ProgressActor, ProgressPrinter
+from shardrun.cluster.events import EventChannel, EventForwarder
 from shardrun.cluster.worker import train_fn
-from shardrun.config import JobSpec, join
-from shardrun.datasets.index import filesystem
-from shardrun.metrics.observer import RunObserver
-from shardrun.trainer.preemption import WAIT_MARGIN_S
+from shardrun.config import JobSpec
+from shardrun.driver.observer import RunObserver
+from shardrun.driver.run_dir import prepare_run_dir
+from shardrun.trainer.azure_events import WAIT_MARGIN_S
 
 
 def scaling_config(spec: JobSpec) -> ScalingConfig:
@@ -38,11 +38,11 @@ def scaling_config(spec: JobSpec) -> ScalingConfig:
 def run_config(spec: JobSpec) -> RunConfig:
     """Checkpoints under checkpoint.storage/<name>: a path, or a URI opened by pyarrow as shardrun opens
     it (abfs://, s3://), so that Ray Train uploads to and downloads from the same place."""
-    fs, path = filesystem(spec.checkpoint.storage)
+    storage, path = fs.filesystem(spec.checkpoint.storage)
     return RunConfig(
         name=spec.name,
         storage_path=path,
-        storage_filesystem=fs if "://" in spec.checkpoint.storage else None,
+        storage_filesystem=storage if fs.is_uri(spec.checkpoint.storage) else None,
         failure_config=FailureConfig(
             max_failures=spec.failure.max_failures, max_preemption_failures=spec.failure.max_preemptions,
             # The ranks end the group themselves once a drained node is gone, or WAIT_MARGIN_S
@@ -63,14 +63,14 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     """
     t0 = started or time.time()
     emit(f"connecting to {connect()}")
-    storage.prepare_run_dir(spec, fresh=fresh, emit=emit)
+    prepare_run_dir(spec, fresh=fresh, emit=emit)
     # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ProgressActor.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level)
+    actor = EventChannel.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level)
     observer = RunObserver(spec, emit)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "progress": actor,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "events": actor,
                            "data_index": data_index},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
@@ -85,7 +85,7 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with ProgressPrinter(actor, observer):
+        with EventForwarder(actor, observer):
             result = trainer.fit()
         latest = result.checkpoint.path if result.checkpoint else None
     except BaseException as e:
@@ -97,5 +97,5 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
         if error is not None:
             summary["error"] = f"{type(error).__name__}: {error}"
-        storage.write_json(join(spec.run_dir, "summary.json"), summary)
+        fs.write_json(fs.join(spec.run_dir, "summary.json"), summary)
     return summary

@@ -1,4 +1,5 @@
-"""What runs on each Ray Train worker: the worker loop, with Ray behind the Session interface."""
+"""What runs on each Ray Train worker: the worker loop, with Ray behind its session (checkpoints through Ray
+Train's storage, reports to the driver's event channel, placement through Ray's nodes)."""
 
 from __future__ import annotations
 
@@ -10,19 +11,17 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-import pyarrow.fs as pafs
 import ray
 import ray.train
 
-from shardrun import storage
+from shardrun import checkpoint_format as layout
+from shardrun import fs
+from shardrun.trainer.session import Session
 
 
-class RaySession:
-    """Checkpoints through ray.train.report (merged per rank into storage); progress to an actor."""
-
-    def __init__(self, progress_actor):
-        self.progress_actor = progress_actor
-        self._preemption = _preemption_context()
+class RayCheckpointStore:
+    """Checkpoints through ray.train.report (merged per rank into the run's storage), committed by the
+    controller."""
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -41,7 +40,7 @@ class RaySession:
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(staging),
-                checkpoint_dir_name=f"checkpoint_{step:08d}",
+                checkpoint_dir_name=layout.ray_dir_name(step),
                 checkpoint_upload_fn=_upload_and_sync,
             )
             # Wait until the controller has committed it. Reports queue on the workers until the
@@ -52,20 +51,38 @@ class RaySession:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+
+class RayReporter:
+    """Rank 0's reports to the driver's event channel (an actor on the driver's node)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
     def started(self, info: dict) -> None:
-        self.progress_actor.started.remote(info)
+        self.channel.started.remote(info)
 
     def progress(self, record: dict) -> None:
-        self.progress_actor.record.remote(record)
+        self.channel.record.remote(record)
 
     def note(self, line: str) -> None:
-        self.progress_actor.note.remote(line)
+        self.channel.note.remote(line)
 
     def stop_requested(self) -> bool:
-        return ray.get(self.progress_actor.stop_requested.remote(), timeout=30)
+        return ray.get(self.channel.stop_requested.remote(), timeout=30)
 
     def stopped(self) -> None:
-        ray.get(self.progress_actor.stopped.remote())
+        ray.get(self.channel.stopped.remote())
+
+    def finished(self) -> None:
+        ray.get(self.channel.finished.remote())
+
+
+class RayPlacement:
+    """Nodes through Ray: drain the node of a preempted VM, wait for drained nodes to go, and read Ray Train's
+    mark of a drain by someone else."""
+
+    def __init__(self):
+        self._preemption = _preemption_context()
 
     def leaving(self, reason: str) -> tuple[str | None, str]:
         """Drain this node in Ray (reason preemption), as Ray's autoscaler does for a preempted node: nothing
@@ -118,9 +135,6 @@ class RaySession:
         nodes = ", ".join(n[:12] for n in info.preempted_node_ids)
         return f"Ray drains node(s) {nodes} of this run (ranks {list(info.preempted_ranks)}){deadline}"
 
-    def finished(self) -> None:
-        ray.get(self.progress_actor.finished.remote())
-
 
 def _preemption_context():
     """This worker's PreemptionContext: made once per worker actor, its preemption_info set in place by the
@@ -140,17 +154,19 @@ def _upload_and_sync(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.C
     controller, so the checkpoint Ray commits as the latest is on the disk. Object stores keep their own
     promise (an object exists once its upload is complete)."""
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, name)
-    if isinstance(persisted.filesystem, pafs.LocalFileSystem):
+    if fs.is_local(persisted.filesystem):
         mine = [os.path.relpath(os.path.join(d, f), checkpoint.path)
                 for d, _, files in os.walk(checkpoint.path) for f in files]
-        storage.sync_tree(persisted.path, mine)
-        storage.sync_dir(os.path.dirname(persisted.path))
+        fs.sync_tree(persisted.path, mine)
+        fs.sync_dir(os.path.dirname(persisted.path))
     return persisted
 
 
 def train_fn(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
-    from shardrun.trainer.loop import worker_main  # here: the driver, which pickles this function, needs no
-    # DeepSpeed (about 0.3 s of its start-up, bench/startup.py)
+    # imported here: the driver, which pickles this function, needs no DeepSpeed
+    from shardrun.trainer.faults import FaultInjector
+    from shardrun.trainer.loop import worker_main
 
-    worker_main(config["spec"], RaySession(config["progress"]), data_index=config.get("data_index"))
+    session = Session(RayCheckpointStore(), RayReporter(config["events"]), RayPlacement())
+    worker_main(config["spec"], session, data_index=config.get("data_index"), faults=FaultInjector.from_env())

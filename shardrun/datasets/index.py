@@ -18,26 +18,9 @@ import pyarrow.parquet as pq
 
 from shardrun.config import DataSpec
 from shardrun.errors import UserError
+from shardrun.fs import display_path, filesystem
 
 METADATA_THREADS = 16
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """pyarrow's native filesystem for a local path or a URI (abfs://, s3://, ...)."""
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise UserError(f"{path}: cannot open this storage location ({e})") from None
-    return pafs.LocalFileSystem(), path
-
-
-def display_path(source: str, fs_path: str) -> str:
-    """A file's name as the user would write it: the URI's scheme and host kept for remote files."""
-    if "://" not in source:
-        return fs_path
-    scheme = source.split("://", 1)[0]
-    return f"{scheme}://{fs_path}"
 
 
 def list_parquet(paths: list[str]) -> tuple[list[pafs.FileSystem], list[tuple[int, str]]]:

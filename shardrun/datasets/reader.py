@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardrun.config import DataSpec
-from shardrun.datasets.index import DataIndex, filesystem, first_line
+from shardrun.datasets.index import DataIndex, first_line
+from shardrun.fs import filesystem
 
 PAD = -1
 """Token id marking padding in decoded token rows (never a real id)."""

@@ -57,6 +57,15 @@ def advertised_host(host: str) -> str:
         return "127.0.0.1"
 
 
+def device_memory(device: str) -> tuple[int, int] | None:
+    """(allocated, reserved) bytes of a CUDA device; None elsewhere."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+
+
 class WorkerMetrics:
     """One rank's series. Updated by the loop each step (cheap: no device sync) and at log steps."""
 

@@ -32,6 +32,18 @@ def device_peak(device_name: str, precision: str) -> float | None:
     return None
 
 
+def peak_flops(configured: float | None, device: str, precision: str) -> float | None:
+    """metrics.peak_flops when set, else the GPU's peak from the table; None on CPUs (no table: set
+    metrics.peak_flops to get MFU)."""
+    if configured:
+        return configured
+    if device.startswith("cuda"):
+        import torch
+
+        return device_peak(torch.cuda.get_device_name(device), precision)
+    return None
+
+
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: the model's own `flops_per_token(seq_len)` if it has one, else 6N."""
     own = getattr(model, "flops_per_token", None)

@@ -1,9 +1,5 @@
-"""What a checkpoint holds beyond DeepSpeed's own files: step, counters, data position, RNG states.
-
-Layout of one checkpoint directory:
-  shardrun.json            rank 0: step, tokens, world size, ZeRO stage, precision, DeepSpeed tag
-  rank_<r>.pt              every rank: train state, data position, its RNG states
-  <tag>/...                DeepSpeed's model and (sharded) optimizer states
+"""Write and load a checkpoint on every rank: DeepSpeed's files, and beside them the step, counters, data
+position and RNG states (the layout: shardrun.checkpoint_format).
 
 A checkpoint resumes on another world size (elastic runs, or num_workers changed between
 submissions) through DeepSpeed's universal checkpoint: each node converts its copy once
@@ -12,7 +8,6 @@ submissions) through DeepSpeed's universal checkpoint: each node converts its co
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -25,11 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from shardrun.errors import UserError
-from shardrun.trainer import faults
+from shardrun import checkpoint_format as layout
+from shardrun import fs
+from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.topology import Topology
-
-MANIFEST = "shardrun.json"
 
 
 @dataclass(kw_only=True)
@@ -72,30 +66,19 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
 
 
 def save(engine, directory: str, state: TrainState, data_position: dict, topology: Topology, *,
-         zero_stage: int, precision: str) -> None:
+         zero_stage: int, precision: str, faults: FaultInjector | None = None) -> None:
     """Write this rank's part of a checkpoint into directory (every rank calls it)."""
-    tag = f"global_step{state.step}"
-    engine.save_checkpoint(directory, tag=tag, client_state={"shardrun": asdict(state)})
-    faults.maybe_fail("checkpoint-save", step=state.step, rank=topology.rank)
+    engine.save_checkpoint(directory, tag=layout.tag(state.step), client_state={"shardrun": asdict(state)})
+    if faults is not None:
+        faults.after_engine_save(step=state.step, rank=topology.rank)
     torch.save(
         {"train": asdict(state), "data": data_position, "rng": rng_state()},
-        os.path.join(directory, f"rank_{topology.rank}.pt"),
+        os.path.join(directory, layout.rank_file(topology.rank)),
     )
     if topology.is_main:
-        manifest = {**asdict(state), "tag": tag, "world_size": topology.world_size,
-                    "zero_stage": zero_stage, "precision": precision}
-        with open(os.path.join(directory, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=2)
-
-
-def read_manifest(directory: str) -> dict:
-    path = os.path.join(directory, MANIFEST)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {directory} has no readable {MANIFEST} ({e}); it is not a shardrun "
-                        "checkpoint, or it was not completely written") from None
+        manifest = layout.manifest(asdict(state), world_size=topology.world_size, zero_stage=zero_stage,
+                                   precision=precision)
+        fs.write_json(os.path.join(directory, layout.MANIFEST), manifest)
 
 
 def needs_universal(manifest: dict, topology: Topology) -> bool:
@@ -155,7 +138,7 @@ def load(engine, directory: str, topology: Topology, manifest: dict, *, universa
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {manifest['tag']} in {universal or directory}")
     same_world = manifest["world_size"] == topology.world_size
-    own = torch.load(os.path.join(directory, f"rank_{topology.rank if same_world else 0}.pt"),
+    own = torch.load(os.path.join(directory, layout.rank_file(topology.rank if same_world else 0)),
                      weights_only=False)
     state = TrainState(**own["train"])
     if same_world:

@@ -69,6 +69,16 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     return engine
 
 
+def skipped_steps(engine: DeepSpeedEngine) -> int:
+    """Updates DeepSpeed left out (gradients not finite, or fp16's loss scaler backing off): a host counter."""
+    return int(getattr(engine, "skipped_steps", 0) or 0)
+
+
+def loss_scale(engine: DeepSpeedEngine, precision: str) -> float | None:
+    """fp16's current loss scale; None in other precisions."""
+    return getattr(engine.optimizer, "cur_scale", None) if precision == "fp16" else None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -54,7 +54,7 @@ def test_export_gathers_zero3_shards_and_keeps_the_loss(tmp_path, corpus):
     config = json.loads((tmp_path / "export/config.json").read_text())
     assert config["step"] == 6 and config["model"]["n_embd"] == 32
 
-    from shardrun.export import load
+    from shardrun.generate import load
 
     torch.manual_seed(1)
     batch = torch.randint(0, 256, (4, 33))

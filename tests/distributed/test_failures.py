@@ -34,21 +34,16 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, cor
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-@pytest.mark.parametrize(("failure", "deepspeed", "expect"), [
-    ({"max_nonfinite_steps": 3}, {"zero_stage": 2},
-     "step 5: the loss or the gradients are not finite, 3 steps in a row (failure.max_nonfinite_steps: 3)"),
-    ({"nonfinite_loss": "stop"}, {"zero_stage": 1},
-     "step 3: the loss or the gradients are not finite (failure.nonfinite_loss: stop)"),
-    ({}, {"zero_stage": 0}, "step 3: the loss is nan; with ZeRO stage 0 in fp32 DeepSpeed applies updates"),
-])
-def test_nonfinite_losses_stop_the_run_with_the_reason(tmp_path, corpus, failure, deepspeed, expect):
+def test_a_nonfinite_loss_that_deepspeed_applies_stops_the_run_with_the_reason(tmp_path, corpus):
+    """ZeRO stage 0 in fp32 applies every update (DeepSpeed's behaviour, not ours); the rest of the policy
+    (failure.nonfinite_loss, max_nonfinite_steps) is decided below DeepSpeed: tests/unit/test_loop.py."""
     spec = write_spec(tmp_path / "job.yaml", tiny_spec(
-        corpus, tmp_path / "runs", scaling={"num_workers": 1}, deepspeed=deepspeed,
-        run={"max_steps": 8, "log_every": 1},
-        failure={"scheduled_events": "off", **failure}))
+        corpus, tmp_path / "runs", scaling={"num_workers": 1}, deepspeed={"zero_stage": 0},
+        run={"max_steps": 8, "log_every": 1}))
     done = train(spec, fault="nonfinite-loss:step=3-8")
     assert done.returncode == 1, done.stdout[-4000:]
-    assert f"shardrun: TrainingDiverged: {expect}" in done.stdout, done.stdout[-4000:]
+    assert ("shardrun: TrainingDiverged: step 3: the loss is nan; with ZeRO stage 0 in fp32 DeepSpeed applies "
+            "updates") in done.stdout, done.stdout[-4000:]
 
 
 def test_a_hung_rank_fails_the_group_after_the_collective_timeout(tmp_path, corpus):

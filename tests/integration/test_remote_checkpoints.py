@@ -12,8 +12,8 @@ import pytest
 from helpers import child_env, run, tiny_spec, write_spec
 from pyarrow import fs
 
-from shardrun.config import join
-from shardrun.export import load
+from shardrun.fs import join
+from shardrun.generate import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.object_store, pytest.mark.timeout(300)]
 

@@ -4,8 +4,10 @@ import json
 
 import pytest
 
+from shardrun.checkpoint_format import list_checkpoints as checkpoints
+from shardrun.checkpoint_format import pick
 from shardrun.errors import UserError
-from shardrun.export import checkpoints, model_spec, pick
+from shardrun.export import model_spec
 
 
 def _checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True):

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from shardrun import storage
-from shardrun.trainer.session import LocalSession
+from shardrun import fs
+from shardrun.driver.local import LocalCheckpointStore
 from shardrun.trainer.topology import Topology
 
 
@@ -36,8 +36,7 @@ def disk_log(monkeypatch):
 
 
 def test_a_local_checkpoint_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, disk_log):
-    session = LocalSession(str(tmp_path), Topology(rank=0, world_size=1, local_rank=0, device="cpu"),
-                           keep=2, max_steps=10, byte_level=False)
+    session = LocalCheckpointStore(str(tmp_path), Topology(rank=0, world_size=1, local_rank=0, device="cpu"), keep=2)
     with session.checkpoint_dir(4, {}) as staging:
         os.makedirs(os.path.join(staging, "global_step4"))
         for name in ("global_step4/mp_rank_00_model_states.pt", "global_step4/optim.pt", "rank_0.pt",
@@ -65,9 +64,9 @@ def test_a_local_checkpoint_is_on_the_disk_before_it_is_renamed_into_place(tmp_p
 
 def test_write_text_replaces_a_file_whole_and_syncs_it_and_its_folder(tmp_path, disk_log):
     target = tmp_path / "run" / "summary.json"
-    storage.write_text(str(target), "old")
+    fs.write_text(str(target), "old")
     disk_log.clear()
-    storage.write_text(str(target), "new")
+    fs.write_text(str(target), "new")
     [(_, tmp), (_, src, dst), (_, folder)] = disk_log
     assert src == tmp and dst == str(target) and folder == str(tmp_path / "run")
     assert target.read_text() == "new"
@@ -79,10 +78,10 @@ def test_sync_tree_syncs_the_named_files_and_every_folder_between_them_and_the_r
     (tmp_path / "a" / "b" / "x.pt").write_bytes(b"x" * 300)
     (tmp_path / "y.pt").write_bytes(b"y" * 20)
     (tmp_path / "other.pt").write_bytes(b"o")  # another rank's file: not named, not synced
-    assert storage.sync_tree(str(tmp_path), ["a/b/x.pt", "y.pt"]) == 320
+    assert fs.sync_tree(str(tmp_path), ["a/b/x.pt", "y.pt"]) == 320
     synced = [e[1] for e in disk_log]
     assert synced[:2] == [str(tmp_path / "a" / "b" / "x.pt"), str(tmp_path / "y.pt")]
     # folders deepest first: a folder's entry in its parent is synced after the folder itself
     assert synced[2:] == [str(tmp_path / "a" / "b"), str(tmp_path / "a"), str(tmp_path)]
     with pytest.raises(FileNotFoundError):
-        storage.sync_tree(str(tmp_path), ["missing.pt"])  # a file that was not written is not passed over
+        fs.sync_tree(str(tmp_path), ["missing.pt"])  # a file that was not written is not passed over

@@ -7,8 +7,8 @@ import pytest
 from helpers import tiny_spec
 
 from shardrun.config import MetricsSpec, parse
+from shardrun.driver.observer import RunObserver
 from shardrun.metrics import JobMetrics, WorkerMetrics, flops
-from shardrun.metrics.observer import RunObserver
 from shardrun.trainer.models.gpt import GPT, GPTConfig
 
 LOOPBACK = MetricsSpec(host="127.0.0.1")

@@ -12,14 +12,8 @@ import torch.multiprocessing as mp
 from fake_imds import FakeMetadataServer
 from helpers import free_port
 
-from shardrun.trainer.preemption import (
-    Event,
-    MetadataError,
-    MetadataUnavailable,
-    PreemptionWatcher,
-    ScheduledEvents,
-    StepFlags,
-)
+from shardrun.trainer.azure_events import Event, MetadataError, MetadataUnavailable, PreemptionWatcher, ScheduledEvents
+from shardrun.trainer.collectives import StepFlags
 
 VM = "shardrun_3"
 POLL = 0.05

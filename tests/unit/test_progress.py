@@ -1,6 +1,6 @@
 import math
 
-from shardrun.trainer.progress import Progress, format_duration
+from shardrun.driver.run_log import RunLog, format_duration
 
 
 def _rec(step, loss, tokens_per_step=100):
@@ -9,7 +9,7 @@ def _rec(step, loss, tokens_per_step=100):
 
 
 def test_lines_show_step_loss_throughput_eta():
-    p = Progress(max_steps=100, byte_level=True)
+    p = RunLog(max_steps=100, byte_level=True)
     p.on_start({"step": 0, "samples": 0, "tokens": 0, "world_size": 2})
     line = p.on_record(_rec(10, math.log(256)))
     assert "step     10/100" in line and "loss 5.5452" in line and "bpb 8.000" in line
@@ -17,7 +17,7 @@ def test_lines_show_step_loss_throughput_eta():
 
 
 def test_summary_counts_this_invocation_and_restarts():
-    p = Progress(max_steps=40, byte_level=False)
+    p = RunLog(max_steps=40, byte_level=False)
     assert "resuming from step 20" in p.on_start({"step": 20, "samples": 40, "tokens": 2000,
                                                   "world_size": 2})
     p.on_record(_rec(25, 3.0))
@@ -35,7 +35,7 @@ def test_durations():
 
 
 def test_a_group_on_another_world_size_says_how_it_resumed():
-    p = Progress(max_steps=100, byte_level=False)
+    p = RunLog(max_steps=100, byte_level=False)
     p.on_start({"step": 0, "samples": 0, "tokens": 0, "world_size": 2})
     line = p.on_start({"step": 20, "samples": 160, "tokens": 0, "world_size": 1, "resized_from": 2,
                        "universal": True, "grad_accum_steps": 2, "global_batch": 8})

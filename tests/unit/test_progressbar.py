@@ -6,8 +6,8 @@ import pty
 
 import pytest
 
-from shardrun.progressbar import CLEAR, Console, bar_text
-from shardrun.trainer.progress import Progress
+from shardrun.driver.console import CLEAR, Console, bar_text
+from shardrun.driver.run_log import RunLog
 
 
 def _rec(step):
@@ -19,7 +19,7 @@ def _run(stream, **kw):
     """A run's console traffic, as the driver sends it: a start, 12 records at log_every 5, a note, the end."""
     emit = lambda line: print(f"[shardrun] {line}", file=stream, flush=True)  # noqa: E731 (as cli._emit)
     console = Console(emit, stream, max_steps=60, **kw)
-    progress = Progress(max_steps=60, byte_level=False)
+    progress = RunLog(max_steps=60, byte_level=False)
     expected = [progress.on_start({"step": 0, "world_size": 1})]
     console.line(expected[0])
     for step in range(5, 65, 5):

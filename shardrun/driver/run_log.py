@@ -1,4 +1,4 @@
-"""Progress lines and the run summary, from rank 0's step records (driver or lone process)."""
+"""The run's log lines and its summary, from rank 0's step records (on the driver, or a lone process)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
 
 
-class Progress:
+class RunLog:
     """Turns step records into log lines; remembers what the summary needs."""
 
     def __init__(self, *, max_steps: int, byte_level: bool):

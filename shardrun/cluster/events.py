@@ -1,4 +1,5 @@
-"""The driver's view of training: rank 0 sends step records to an actor, the driver prints them."""
+"""The driver's event channel: rank 0 sends its reports to an actor on the driver's node, and a driver thread
+hands them to the run's observer. The actor outlives worker-group restarts, so the run log spans them."""
 
 from __future__ import annotations
 
@@ -6,25 +7,25 @@ import threading
 
 import ray
 
-from shardrun.trainer.progress import Progress
+from shardrun.driver.run_log import RunLog
 
 
 @ray.remote(num_cpus=0)
-class ProgressActor:
-    """Holds the Progress of a run across worker-group restarts; lines wait here for the driver."""
+class EventChannel:
+    """Holds the RunLog of a run across worker-group restarts; lines wait here for the driver."""
 
     def __init__(self, max_steps: int, byte_level: bool):
-        self.progress = Progress(max_steps=max_steps, byte_level=byte_level)
+        self.log = RunLog(max_steps=max_steps, byte_level=byte_level)
         self.events: list[tuple[str, dict, str]] = []
         self.done = False
         self.stop_reason: str | None = None
         self.stopped_early = False
 
     def started(self, info: dict) -> None:
-        self.events.append(("started", info, self.progress.on_start(info)))
+        self.events.append(("started", info, self.log.on_start(info)))
 
     def record(self, record: dict) -> None:
-        self.events.append(("record", record, self.progress.on_record(record)))
+        self.events.append(("record", record, self.log.on_record(record)))
 
     def note(self, line: str) -> None:
         self.events.append(("note", {}, line))
@@ -41,29 +42,29 @@ class ProgressActor:
     def finished(self) -> None:
         self.done = True
 
-    def drain(self) -> list[tuple[str, dict, str]]:
-        """(kind, payload, printed line) of every event since the last drain."""
+    def take(self) -> list[tuple[str, dict, str]]:
+        """(kind, payload, printed line) of every event since the last take."""
         events, self.events = self.events, []
         return events
 
     def summary(self, checkpoint: str | None, wall_seconds: float) -> dict:
-        summary = self.progress.summary(checkpoint=checkpoint, finished=self.done, wall_seconds=wall_seconds)
+        summary = self.log.summary(checkpoint=checkpoint, finished=self.done, wall_seconds=wall_seconds)
         if self.stopped_early:
             summary["stopped"] = self.stop_reason
         return summary
 
 
-class ProgressPrinter:
-    """A driver thread that hands the actor's events to a RunObserver as they come, until stopped."""
+class EventForwarder:
+    """A driver thread that hands the channel's events to a RunObserver as they come, until stopped."""
 
     def __init__(self, actor, observer, interval: float = 1.0):
         self.actor = actor
         self.observer = observer
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shardrun-progress", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="shardrun-events", daemon=True)
 
-    def __enter__(self) -> ProgressPrinter:
+    def __enter__(self) -> EventForwarder:
         self._thread.start()
         return self
 
@@ -73,7 +74,7 @@ class ProgressPrinter:
         self.flush()
 
     def flush(self) -> None:
-        for kind, payload, line in ray.get(self.actor.drain.remote()):
+        for kind, payload, line in ray.get(self.actor.take.remote()):
             getattr(self.observer, kind)(payload, line)
 
     def _run(self) -> None:

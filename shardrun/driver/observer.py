@@ -10,16 +10,16 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from shardrun import storage
-from shardrun.config import JobSpec, join
-from shardrun.progressbar import Console
+from shardrun import fs
+from shardrun.config import JobSpec
+from shardrun.driver.console import Console
 
 
 class RunObserver:
     """Told when a worker group starts and at every log step; closed when the run ends.
 
     Lines go out through `emit`, which writes to `stream` (default sys.stdout): on a terminal a progress bar
-    is kept there below them (shardrun.progressbar)."""
+    is kept there below them (shardrun.driver.console)."""
 
     def __init__(self, spec: JobSpec, emit: Callable[[str], None], *, serve: bool = True,
                  stream: TextIO | None = None):
@@ -28,7 +28,7 @@ class RunObserver:
         self.emit = self.console.line
         self.job = None
         self.targets_path = os.path.join(spec.metrics.targets_dir, f"{spec.name}.json")
-        self.jsonl_path = join(spec.run_dir, "metrics.jsonl")
+        self.jsonl_path = fs.join(spec.run_dir, "metrics.jsonl")
         self.groups = 0
         if spec.metrics.enabled and serve:
             from shardrun.metrics import JobMetrics
@@ -50,23 +50,19 @@ class RunObserver:
         self.console.update(record, line)
         if self.spec.metrics.jsonl:
             row = {"time": round(time.time(), 3), **record}
-            storage.append_text(self.jsonl_path, json.dumps(row) + "\n")
+            fs.append_text(self.jsonl_path, json.dumps(row) + "\n")
 
     def note(self, payload: dict, line: str) -> None:
         """A line from rank 0 that is no step record (a skipped step, a preemption notice)."""
         self.emit(line)
 
     def write_targets(self, endpoints: list[dict]) -> None:
-        """<targets_dir>/<run>.json in Prometheus file_sd form, replaced whole (a rename)."""
+        """<targets_dir>/<run>.json in Prometheus file_sd form, replaced whole (never half a file)."""
         groups = [{"targets": [e["address"]], "labels": {"run": self.spec.name, "rank": str(e["rank"]),
                                                           "node": e["node"]}} for e in endpoints]
         if self.job is not None:
             groups.append({"targets": [self.job.address], "labels": {"run": self.spec.name, "role": "driver"}})
-        os.makedirs(self.spec.metrics.targets_dir, exist_ok=True)
-        tmp = f"{self.targets_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(groups, f, indent=2)
-        os.replace(tmp, self.targets_path)
+        fs.write_json(self.targets_path, groups)
 
     def close(self, state: str) -> None:
         """The run ended (succeeded or failed): the bar ends, its targets leave Prometheus's discovery."""

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from shardrun.trainer.progress import format_duration
+from shardrun.driver.run_log import format_duration
 
 CLEAR = "\r\x1b[K"
 """Back to the line's start, and erase it."""

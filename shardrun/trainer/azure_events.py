@@ -1,4 +1,4 @@
-"""Notice that Azure is about to take this VM away, and make every rank agree on it at a step boundary.
+"""Notice that Azure is about to take this VM away: its Scheduled Events, watched from a thread.
 
 Every Azure VM can read its upcoming maintenance from the Instance Metadata Service (IMDS):
 GET /metadata/scheduledevents lists events such as `Preempt` (a Spot VM is evicted, at least 30 s
@@ -20,9 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-
-import torch
-import torch.distributed as dist
 
 IMDS = "http://169.254.169.254"
 EVENTS_PATH = "/metadata/scheduledevents"
@@ -161,7 +158,7 @@ class PreemptionWatcher:
 
     It never raises into the training loop: without a metadata service (not on Azure) it says so in
     one line and stops; later failures are reported once per outage and retried. After the notice it
-    stops polling. Run one per VM (local rank 0) and share the notice with agree(): IMDS answers at
+    stops polling. Run one per VM (local rank 0) and share the notice through the step flags: IMDS answers at
     most 5 requests a second per VM, and 429s the rest.
     """
 
@@ -285,50 +282,6 @@ def _describe(event: Event, vm_name: str) -> str:
     when = f" not before {event.not_before.isoformat()}" if event.not_before else ""
     status = event.status.lower() or "scheduled"
     return f"preemption: {event.event_type} {status} for {vm_name}{when} (event {event.event_id})"
-
-
-class StepFlags:
-    """Flags that are true on every rank once they are true on any rank, reduced one step behind.
-
-    Each step every rank calls exchange() with its own flags: it starts their all-reduce (MAX) in the
-    background and returns the result of the previous step's. The reduction runs while the next step
-    trains, so no rank waits at a step boundary for the slowest one (a blocking all-reduce cost the
-    2-rank loop about 1.5 ms a step here, bench/overhead.py); a flag takes effect one step later.
-    Every rank sees the same result at the same step.
-
-    `group` must be a gloo group of its own (the worker loop makes one), so that the tensor stays on the
-    host and the background reduction never races the training's collectives. Without a process group
-    of 2 or more ranks, exchange() returns the flags it is given.
-    """
-
-    def __init__(self, count: int, group: dist.ProcessGroup | None = None):
-        self.count = count
-        self.group = group
-        self._pending: tuple | None = None
-
-    @staticmethod
-    def distributed() -> bool:
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-    def exchange(self, flags: list[bool]) -> list[bool]:
-        """Start reducing this step's flags; return the previous step's, reduced (all false at first)."""
-        if len(flags) != self.count:
-            raise ValueError(f"{len(flags)} flags given, {self.count} expected")
-        if not self.distributed():
-            return list(flags)
-        result = self.settle()
-        tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-        self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
-        return result
-
-    def settle(self) -> list[bool]:
-        """Wait for the reduction in flight, if any, and return it (all false without one)."""
-        if self._pending is None:
-            return [False] * self.count
-        work, tensor = self._pending
-        self._pending = None
-        work.wait()
-        return [bool(v) for v in tensor.tolist()]
 
 
 WAIT_MARGIN_S = 60.0

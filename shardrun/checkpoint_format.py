@@ -1,0 +1,145 @@
+"""The checkpoint format, in one place: folder and file names, the manifest, what "complete" means, and the
+listing of a run's checkpoints. No torch here: `shardrun runs` and `checkpoints` read it on any machine.
+
+A run dir (`<checkpoint.storage>/<name>`, a path or URI) holds its checkpoints as
+  checkpoint_<step:08d>/      written through Ray Train (`shardrun run`, `submit`)
+  checkpoints/step_<step:08d>/ written by `shardrun train` (one process or torchrun), with `latest` naming
+                               the newest committed one; `.staging-step_<step>` while it is written
+and each checkpoint folder as
+  shardrun.json            rank 0, written last: step, tokens, world size, ZeRO stage, precision, DeepSpeed tag
+  rank_<r>.pt              every rank: train state, data position, its RNG states
+  <tag>/...                DeepSpeed's model and (sharded) optimizer states
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pyarrow.fs as pafs
+
+from shardrun.errors import UserError, redact
+from shardrun.fs import display_path, filesystem, is_uri
+
+MANIFEST = "shardrun.json"
+LOCAL_FOLDER = "checkpoints"
+"""`shardrun train`'s checkpoints, under the run dir."""
+LATEST = "latest"
+"""In LOCAL_FOLDER: the name of the newest committed checkpoint."""
+STAGING_PREFIX = ".staging-"
+STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
+"""A checkpoint folder, of either writer; group 1 is the step."""
+RUN_CHECKPOINTS = re.compile(rf"^(checkpoint_\d+|{LOCAL_FOLDER})$")
+"""An entry of a run dir that holds checkpoints."""
+
+
+def ray_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def local_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank}.pt"
+
+
+def tag(step: int) -> str:
+    """DeepSpeed's tag (its folder inside the checkpoint) for a step."""
+    return f"global_step{step}"
+
+
+def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str) -> dict:
+    """What rank 0 writes last into MANIFEST: the train state, the tag and how the checkpoint was written."""
+    return {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
+            "precision": precision}
+
+
+def read_manifest(directory: str) -> dict:
+    """The manifest of a checkpoint folder on this machine; a UserError if it is missing or unreadable."""
+    path = os.path.join(directory, MANIFEST)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {directory} has no readable {MANIFEST} ({e}); it is not a shardrun "
+                        "checkpoint, or it was not completely written") from None
+
+
+def incomplete_because(found: dict, names: set[str]) -> str:
+    """Why a checkpoint folder whose manifest is `found` and whose files (relative names) are `names` is not
+    complete; "" when it is. Object stores have no folders, only names with slashes."""
+    missing = [r for r in range(found["world_size"]) if rank_file(r) not in names]
+    if missing:
+        return f"rank files missing: {missing}"
+    if not (found["tag"] in names or any(name.startswith(f"{found['tag']}/") for name in names)):
+        return f"DeepSpeed's {found['tag']} folder is missing"
+    return ""
+
+
+def list_checkpoints(run_dir: str) -> list[dict]:
+    """Every checkpoint folder of the run, oldest first: step, path, bytes, complete, and why not. The run dir
+    may be local or behind a URI (abfs://, s3://): only file listings and the manifests are read."""
+    if is_uri(run_dir):
+        fs, root = filesystem(run_dir)
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            raise UserError(f"{redact(run_dir)} is no run dir: RUN is <checkpoint.storage>/<name>")
+    else:
+        fs, root = pafs.LocalFileSystem(), local_run_dir(run_dir)
+    found = []
+    for parent in (root, f"{root.rstrip('/')}/{LOCAL_FOLDER}"):
+        if fs.get_file_info(parent).type != pafs.FileType.Directory:
+            continue
+        for entry in fs.get_file_info(pafs.FileSelector(parent)):
+            match = STEP_DIR.match(entry.base_name)
+            if entry.type == pafs.FileType.Directory and match:
+                found.append(_describe(fs, entry.path, int(match[1]), run_dir))
+    return sorted(found, key=lambda c: c["step"])
+
+
+def local_run_dir(run_dir: str) -> str:
+    """A run dir on this machine, absolute; a UserError if there is no such folder."""
+    path = os.path.abspath(os.path.expanduser(run_dir))
+    if not os.path.isdir(path):
+        raise UserError(f"{run_dir} is no run dir: RUN is <checkpoint.storage>/<name>, e.g. ~/shardrun/runs/gpt-stdlib")
+    return path
+
+
+def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
+    files = {f.path[len(path):].lstrip("/"): f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
+    size = sum(f.size for f in files.values() if f.type == pafs.FileType.File)
+    info = {"step": step, "path": display_path(source, path), "bytes": size, "complete": False, "why": "",
+            "fs_path": path}
+    try:
+        with fs.open_input_stream(f"{path}/{MANIFEST}") as f:
+            found = json.loads(f.read())
+    except (OSError, ValueError):
+        info["why"] = f"no readable {MANIFEST} (rank 0 had not finished)"
+        return info
+    info["why"] = incomplete_because(found, set(files))
+    if not info["why"]:
+        info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
+                    precision=found.get("precision"))
+    return info
+
+
+def pick(run_dir: str, step: int | None = None) -> dict:
+    """The newest complete checkpoint, or the one of `step`."""
+    complete = [c for c in list_checkpoints(run_dir) if c["complete"]]
+    if step is not None:
+        chosen = [c for c in complete if c["step"] == step]
+        if not chosen:
+            raise UserError(f"{redact(run_dir)} has no complete checkpoint of step {step}; complete ones: "
+                            f"{[c['step'] for c in complete] or 'none'}")
+        return chosen[0]
+    if not complete:
+        raise UserError(f"{redact(run_dir)} has no complete checkpoint yet (checkpoint.every_steps decides when one "
+                        "is saved)")
+    return complete[-1]
+
+
+def newest_complete_step(run_dir: str) -> int | None:
+    complete = [c["step"] for c in list_checkpoints(run_dir) if c["complete"]]
+    return complete[-1] if complete else None

@@ -1,0 +1,147 @@
+"""Run the worker loop without Ray: one process, or one rank of a torchrun job. Checkpoints go to
+<run dir>/checkpoints on a disk every rank sees; rank 0 prints the run's lines and writes its files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+import torch.distributed as dist
+
+from shardrun import checkpoint_format as layout
+from shardrun import fs
+from shardrun.config import JobSpec
+from shardrun.driver.observer import RunObserver
+from shardrun.driver.run_log import RunLog
+from shardrun.errors import UserError, redact
+from shardrun.trainer.faults import FaultInjector
+from shardrun.trainer.loop import worker_main
+from shardrun.trainer.session import Session
+from shardrun.trainer.topology import Topology
+
+
+def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInjector | None = None) -> bool:
+    """Train this rank with checkpoints under <run dir>/checkpoints; True when it stopped on a SIGTERM
+    (after a checkpoint) before max_steps."""
+    if fs.is_uri(spec.checkpoint.storage):
+        raise UserError(f"checkpoint.storage is {redact(spec.checkpoint.storage)}: `shardrun train` (one process or "
+                        "torchrun) keeps checkpoints on a disk every rank sees; use `shardrun run` (Ray uploads "
+                        "them to object storage) or a mounted path")
+    topology = Topology.from_env(spec.scaling.use_gpu)
+    observer = RunObserver(spec, _print) if topology.is_main else None
+    store = LocalCheckpointStore(spec.run_dir, topology, keep=spec.checkpoint.keep)
+    reporter = LocalReporter(store, spec, observer)
+    ok = False
+    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.terminated.set())  # torchrun passes it on
+    try:
+        worker_main(spec, Session(store, reporter), topology, data_index=data_index, faults=faults)
+        ok = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if observer is not None:
+            observer.close("succeeded" if ok else "failed")
+    return reporter.terminated.is_set()
+
+
+class LocalCheckpointStore:
+    """Checkpoints in <run dir>/checkpoints on a local or shared disk: written into a staging folder, renamed
+    into place by rank 0 once every rank has written its part, then named in `latest`."""
+
+    def __init__(self, run_dir: str, topology: Topology, *, keep: int):
+        self.root = os.path.join(run_dir, layout.LOCAL_FOLDER)
+        self.topology = topology
+        self.keep = keep
+
+    def latest_path(self) -> str | None:
+        name = fs.read_text(os.path.join(self.root, layout.LATEST))
+        return os.path.join(self.root, name.strip()) if name else None
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield self.latest_path()
+
+    @contextlib.contextmanager
+    def checkpoint_dir(self, step: int, metrics: dict) -> Iterator[str]:
+        name = layout.local_dir_name(step)
+        staging = os.path.join(self.root, layout.STAGING_PREFIX + name)
+        if self.topology.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            os.makedirs(staging)
+        _barrier()
+        yield staging
+        _barrier()  # every rank has written its part
+        if self.topology.is_main:
+            final = os.path.join(self.root, name)
+            shutil.rmtree(final, ignore_errors=True)
+            # on the disk before it is renamed into place: after a host crash `latest` never names a folder
+            # whose pages were lost (on a shared disk the writers' close already sent them to the server)
+            fs.sync_tree(staging)
+            os.rename(staging, final)
+            fs.sync_dir(self.root)
+            fs.write_text(os.path.join(self.root, layout.LATEST), name)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        done = sorted(d for d in os.listdir(self.root) if layout.STEP_DIR.match(d))
+        for old in done[: -self.keep]:
+            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+
+class LocalReporter:
+    """Rank 0's lines through the run's observer (console, metrics.jsonl, Prometheus targets); summary.json at
+    the end. A SIGTERM (set by run_local) is the stop request."""
+
+    def __init__(self, store: LocalCheckpointStore, spec: JobSpec, observer: RunObserver | None):
+        self.store = store
+        self.run_dir = spec.run_dir
+        self.log = RunLog(max_steps=spec.run.max_steps, byte_level=spec.model.byte_level)
+        self.observer = observer
+        self.terminated = threading.Event()
+
+    def started(self, info: dict) -> None:
+        line = self.log.on_start(info)
+        self._emit(lambda: self.observer.started(info, line), line)
+
+    def progress(self, record: dict) -> None:
+        line = self.log.on_record(record)
+        self._emit(lambda: self.observer.record(record, line), line)
+
+    def note(self, line: str) -> None:
+        self._emit(lambda: self.observer.note({}, line), line)
+
+    def stop_requested(self) -> bool:
+        return self.terminated.is_set()
+
+    def finished(self) -> None:
+        self._write_summary(finished=True)
+
+    def stopped(self) -> None:
+        self._write_summary(finished=False)
+
+    def _emit(self, observed, line: str) -> None:
+        if self.observer is not None:
+            observed()
+        else:
+            _print(line)
+
+    def _write_summary(self, *, finished: bool) -> None:
+        summary = self.log.summary(checkpoint=self.store.latest_path(), finished=finished)
+        fs.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        if self.observer is not None:
+            self.observer.console.close()  # the progress bar ends above the summary
+        _print(f"{'done' if finished else 'stopped'}: {summary}")
+
+
+def _print(line: str) -> None:
+    fs.log(line, file=sys.stdout)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

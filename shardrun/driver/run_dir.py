@@ -1,0 +1,15 @@
+"""The run dir, `<checkpoint.storage>/<name>`, made ready before a run's workers start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from shardrun import fs
+from shardrun.config import JobSpec
+
+
+def prepare_run_dir(spec: JobSpec, *, fresh: bool, emit: Callable[[str], None]) -> None:
+    """--fresh moves an earlier run of this name aside; the resolved spec is saved in the run dir."""
+    if fresh and fs.exists(spec.run_dir):
+        emit(f"--fresh: moved the earlier run to {fs.move_aside(spec.run_dir)}")
+    fs.write_text(fs.join(spec.run_dir, "job.yaml"), spec.to_yaml())

@@ -1,0 +1,66 @@
+"""Build the engine and load the latest checkpoint into it, converted if another world size wrote it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from shardrun import checkpoint_format as layout
+from shardrun.config import JobSpec
+from shardrun.metrics import WorkerMetrics, flops
+from shardrun.trainer import checkpoint, engine, models
+from shardrun.trainer.checkpoint import TrainState
+from shardrun.trainer.session import CheckpointStore
+from shardrun.trainer.topology import Topology
+
+
+@dataclass(kw_only=True)
+class Restored:
+    engine: engine.DeepSpeedEngine
+    flops_per_token: float
+    """Counted on the whole model: ZeRO-3 leaves each rank only a shard of the parameters."""
+    state: TrainState = field(default_factory=TrainState)
+    position: dict | None = None
+    """The data position to resume from; None: a new run."""
+    resized_from: int | None = None
+    """The world size that wrote the checkpoint this group resumed from, when it was another."""
+    universal: bool = False
+    """That checkpoint went through DeepSpeed's universal format."""
+
+
+def restore(spec: JobSpec, store: CheckpointStore, topology: Topology,
+            metrics: WorkerMetrics | None = None) -> Restored:
+    """The engine, from the store's latest checkpoint if there is one (every rank calls it)."""
+    with store.latest_checkpoint() as path:
+        if path is None:
+            restored = _build(spec, topology)
+            checkpoint.seed_rank(spec.run.seed, topology.rank)
+            return restored
+        t0 = time.perf_counter()
+        manifest = layout.read_manifest(path)
+        universal = None
+        if checkpoint.needs_universal(manifest, topology):
+            universal = checkpoint.to_universal(path, manifest, topology, spec.name)
+        try:
+            restored = _build(spec, topology, load_universal=universal is not None)
+            restored.state, restored.position = checkpoint.load(restored.engine, path, topology, manifest,
+                                                                universal=universal, seed=spec.run.seed)
+        finally:
+            if universal is not None:
+                checkpoint.remove_universal(spec.name, topology)
+        if manifest["world_size"] != topology.world_size:
+            restored.resized_from = manifest["world_size"]
+        restored.universal = universal is not None
+        if metrics is not None:
+            metrics.checkpoint_loaded(time.perf_counter() - t0)
+        return restored
+
+
+def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -> Restored:
+    torch.manual_seed(spec.run.seed)  # every rank builds the same initial weights
+    model = models.build(spec.model)
+    per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
+    return Restored(engine=engine.build(model, spec, topology, load_universal=load_universal),
+                    flops_per_token=per_token)
