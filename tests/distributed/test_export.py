@@ -15,21 +15,26 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 # One rank: build the engine as the worker loop does and load the checkpoint through shardrun's restore (the
 # 2-rank ZeRO-3 shards are converted to DeepSpeed's universal format), then the loss of a fixed batch.
 CHECKPOINT_LOSS = """
-import json, sys, torch
+import contextlib, json, sys, torch
 from shardrun.config import JobSpec
-from shardrun.trainer import checkpoint, engine, models
+from shardrun.trainer import engine
+from shardrun.trainer.restore import restore
 from shardrun.trainer.topology import Topology
 import yaml
+
+
+class Store:
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield sys.argv[2]
+
+
 spec = JobSpec.model_validate(yaml.safe_load(open(sys.argv[1])))
 topology = Topology(rank=0, world_size=1, local_rank=0, device="cpu")
 engine.init_distributed(topology)
-path = sys.argv[2]
-manifest = checkpoint.read_manifest(path)
-universal = checkpoint.to_universal(path, manifest, topology, spec.name)
-torch.manual_seed(spec.run.seed)
-built = engine.build(models.build(spec.model), spec, topology, load_universal=True)
-checkpoint.load(built, path, topology, manifest, universal=universal)
-checkpoint.remove_universal(spec.name, topology)
+restored = restore(spec, Store(), topology)
+assert restored.resized_from == 2 and restored.universal and restored.state.step == 6
+built = restored.engine
 built.eval()
 batch = torch.load(sys.argv[3])
 with torch.no_grad():
