@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shardrun import config
+from shardrun import config, fs
 from shardrun.errors import UserError
 
 STOP_WAIT_S = 300
@@ -159,7 +159,7 @@ def logs(run: str, *, at: str | None, follow_logs: bool) -> int:
     jobs = client(at)
     job = find(jobs, run)
     if follow_logs:
-        return follow(jobs, job.submission_id, lambda line: print(f"[shardrun] {line}", file=sys.stderr))
+        return follow(jobs, job.submission_id, fs.log)
     sys.stdout.write(jobs.get_job_logs(job.submission_id))
     return 0
 

@@ -11,6 +11,7 @@ import threading
 import ray
 
 from shardrun.errors import UserError
+from shardrun.net import free_port
 
 SHARED_WITH_RAY_INIT = ("ray.autoscaler._private.cli_logger", "ray._common.usage.usage_lib", "ray.dashboard",
                         "prometheus_client")
@@ -83,9 +84,7 @@ def _local_dashboard() -> dict:
     """
     if os.environ.get("RAY_API_SERVER_ADDRESS"):
         return {}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     return {"dashboard_port": port}
 

@@ -165,8 +165,8 @@ def _upload_and_sync(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.C
 def train_fn(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
     # imported here: the driver, which pickles this function, needs no DeepSpeed
+    from shardrun.trainer.entry import worker_main
     from shardrun.trainer.faults import FaultInjector
-    from shardrun.trainer.loop import worker_main
 
     session = Session(RayCheckpointStore(), RayReporter(config["events"]), RayPlacement())
     worker_main(config["spec"], session, data_index=config.get("data_index"), faults=FaultInjector.from_env())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import queue
-import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,11 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from shardrun import fs
 from shardrun.config import DataSpec, check_partitions
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.plan import Plan
 from shardrun.datasets.reader import PAD, BadRowGroup, RowGroupReader
-from shardrun.errors import UserError, redact
+from shardrun.errors import UserError
 
 POSITION_VERSION = 1
 IGNORE_INDEX = -100
@@ -49,7 +49,7 @@ class Stream:
         self.grad_accum_steps = grad_accum_steps
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.device = torch.device(device)
-        self._log = log or (lambda line: print(f"[shardrun] {redact(line)}", file=sys.stderr, flush=True))
+        self._log = log or fs.log
 
         partitions = spec.partitions or partitions or world_size  # a new run's count; see JobSpec.partitions
         self.epoch, self.offset = 0, 0

@@ -19,8 +19,8 @@ from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_log import RunLog
 from shardrun.errors import UserError, redact
+from shardrun.trainer.entry import worker_main
 from shardrun.trainer.faults import FaultInjector
-from shardrun.trainer.loop import worker_main
 from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 

@@ -70,8 +70,8 @@ class StepFlags:
 
     Each step every rank calls exchange() with its own flags: it starts their all-reduce (MAX) in the
     background and returns the result of the previous step's. The reduction runs while the next step
-    trains, so no rank waits at a step boundary for the slowest one (a blocking all-reduce cost the
-    2-rank loop about 1.5 ms a step here, bench/overhead.py); a flag takes effect one step later.
+    trains, so no rank waits at a step boundary for the slowest one (bench/overhead.py --profile shows
+    what a blocking one costs); a flag takes effect one step later.
     Every rank sees the same result at the same step.
 
     `group` must be a gloo group of its own (the worker loop makes one), so that the tensor stays on the

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 
 import torch
@@ -21,6 +20,7 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from shardrun.config import JobSpec  # noqa: E402
+from shardrun.net import free_port  # noqa: E402
 from shardrun.trainer.ds_config import build_ds_config  # noqa: E402
 from shardrun.trainer.topology import Topology  # noqa: E402
 
@@ -46,7 +46,7 @@ def init_distributed(topology: Topology) -> None:
     if not dist.is_initialized() and topology.world_size == 1:
         # A lone process still needs a (trivial) process group for DeepSpeed.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -78,8 +78,3 @@ def loss_scale(engine: DeepSpeedEngine, precision: str) -> float | None:
     """fp16's current loss scale; None in other precisions."""
     return getattr(engine.optimizer, "cur_scale", None) if precision == "fp16" else None
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,21 +1,14 @@
-"""The worker loop: build and restore, then batch -> forward/backward/step -> progress -> checkpoint.
+"""The worker loop: batch -> forward/backward/step -> progress -> checkpoint, and the step boundary.
 
-Its collaborators each own one job: collectives (the loop's own group and timeouts), restore (engine and
-latest checkpoint), StepControl (what the ranks agreed on after a step, decided as a StepAction), LogWindow
-(the progress record), NonFinitePolicy, Checkpointer, FaultInjector (a no-op unless a test asks).
-
-Start-up hook: the logger `shardrun.trainer.startup` gets an INFO record "engine ready" (its attribute
-`engine`: the DeepSpeed engine, restored) and then "data open", the first step next. Benchmarks time the
-worker's start-up with it; the logger's level is left to whoever listens.
+Its collaborators each own one job: StepControl (what the ranks agreed on after a step, decided as a
+StepAction), LogWindow (the progress record), NonFinitePolicy, Checkpointer, FaultInjector (a no-op unless a
+test asks). shardrun.trainer.entry builds them.
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from shardrun import datasets
 from shardrun.config import JobSpec
 from shardrun.errors import TrainingDiverged
 from shardrun.fs import log
@@ -24,58 +17,17 @@ from shardrun.trainer import engine as engines
 from shardrun.trainer.azure_events import PreemptionWatcher
 from shardrun.trainer.checkpointer import Checkpointer
 from shardrun.trainer.collectives import Collectives
-from shardrun.trainer.control import FLAGS, StepControl, watcher_for
-from shardrun.trainer.endpoints import start_metrics
+from shardrun.trainer.control import StepControl
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.nonfinite import NonFiniteAction, NonFinitePolicy
-from shardrun.trainer.restore import Restored, restore
+from shardrun.trainer.restore import Restored
 from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 from shardrun.trainer.window import LogWindow
 
-startup = logging.getLogger("shardrun.trainer.startup")
-
-
-def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | None = None, *,
-                data_index: dict | None = None, faults: FaultInjector | None = None):
-    """Train one rank to spec.run.max_steps, resuming from the session's latest checkpoint; returns the
-    TrainState reached."""
-    if isinstance(spec, dict):
-        spec = JobSpec.model_validate(spec)
-    trainer = build(spec, session, topology or Topology.from_env(spec.scaling.use_gpu), data_index=data_index,
-                    faults=faults or FaultInjector())
-    try:
-        trainer.train()
-    except RuntimeError as e:
-        timeout = trainer.collectives.timeout
-        if timeout is None or "timed out" not in str(e).lower():
-            raise
-        raise RuntimeError(f"rank {trainer.topology.rank} waited more than failure.collective_timeout_s "
-                           f"({timeout:g} s) at step {trainer.state.step} for another rank, which died or hangs: "
-                           f"{e}") from e
-    finally:
-        trainer.close()
-    return trainer.state
-
-
-def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: dict | None,
-          faults: FaultInjector) -> Trainer:
-    """Join the process group, start this rank's metrics, restore the engine, open the data at its position."""
-    engines.init_distributed(topology)
-    collectives = Collectives(topology, FLAGS)
-    metrics, endpoints = start_metrics(spec, topology, collectives)
-    restored = restore(spec, session.store, topology, metrics)
-    startup.info("engine ready", extra={"engine": restored.engine})
-    stream = datasets.open(spec.data, topology, restored.position, micro_batch_size=spec.deepspeed.micro_batch_size,
-                           grad_accum_steps=spec.grad_accum_for(topology.world_size), index=data_index,
-                           partitions=spec.partitions)
-    startup.info("data open")
-    return Trainer(spec, session, topology, restored=restored, stream=stream, collectives=collectives,
-                   metrics=metrics, endpoints=endpoints, watcher=watcher_for(spec, topology), faults=faults)
-
 
 class Trainer:
-    """Composes what build() made, and trains: train() calls train_step() and acts at each step boundary."""
+    """Composes a rank's parts, and trains: train() calls train_step() and acts at each step boundary."""
 
     def __init__(self, spec: JobSpec, session: Session, topology: Topology, *, restored: Restored, stream,
                  collectives: Collectives, faults: FaultInjector, metrics: WorkerMetrics | None = None,

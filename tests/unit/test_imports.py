@@ -11,7 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "shardrun"
 
 LAYERS = [
-    ("shardrun", "shardrun.errors", "shardrun.config", "shardrun.fs", "shardrun.checkpoint_format"),
+    ("shardrun", "shardrun.errors", "shardrun.config", "shardrun.fs", "shardrun.net",
+     "shardrun.checkpoint_format"),
     ("shardrun.datasets", "shardrun.metrics"),
     ("shardrun.trainer",),
     ("shardrun.cluster", "shardrun.driver", "shardrun.runs", "shardrun.export", "shardrun.generate",
