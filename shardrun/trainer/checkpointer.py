@@ -24,19 +24,13 @@ class Checkpointer:
                  engine, position: Callable[[], dict], saved_step: int, metrics: WorkerMetrics | None = None,
                  faults: FaultInjector | None = None, clock: Callable[[], float] = time.perf_counter):
         self.every_steps = spec.checkpoint.every_steps
-        self.zero_stage = spec.deepspeed.zero_stage
-        self.precision = spec.deepspeed.precision
-        self.store = store
-        self.topology = topology
-        self.collectives = collectives
-        self.engine = engine
+        self.zero_stage, self.precision = spec.deepspeed.zero_stage, spec.deepspeed.precision
+        self.store, self.topology, self.collectives, self.engine = store, topology, collectives, engine
         self.position = position
         """The data position after the last step (the stream's)."""
         self.saved_step = saved_step
         """The step of the last checkpoint (or the step the run resumed from)."""
-        self.metrics = metrics
-        self.faults = faults
-        self.clock = clock
+        self.metrics, self.faults, self.clock = metrics, faults, clock
 
     def due(self, step: int, *, last_step: bool) -> bool:
         return step % self.every_steps == 0 or last_step

@@ -64,12 +64,8 @@ class StepControl:
     def __init__(self, session: Session, topology: Topology, collectives: Collectives, *,
                  watcher: azure_events.PreemptionWatcher | None, emit: Callable[[str], None] = log,
                  poll_seconds: float = 2.0):
-        self.session = session
-        self.topology = topology
-        self.collectives = collectives
-        self.watcher = watcher
-        self.emit = emit
-        self.poll_seconds = poll_seconds
+        self.session, self.topology, self.collectives = session, topology, collectives
+        self.watcher, self.emit, self.poll_seconds = watcher, emit, poll_seconds
         self.stop_request = threading.Event()
         self.saved_for_drain = False
         """The group checkpointed for a drain announced by the launcher (once per group)."""

@@ -14,12 +14,8 @@ class LogWindow:
 
     def __init__(self, *, device: str, tokens_per_step: int, global_batch: int, world_size: int,
                  flops_per_token: float, peak_flops: float | None, clock: Callable[[], float] = time.perf_counter):
-        self.tokens_per_step = tokens_per_step
-        self.global_batch = global_batch
-        self.world_size = world_size
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.clock = clock
+        self.tokens_per_step, self.global_batch, self.world_size = tokens_per_step, global_batch, world_size
+        self.flops_per_token, self.peak_flops, self.clock = flops_per_token, peak_flops, clock
         self._loss = torch.zeros((), device=device)
         self._reset()
 
