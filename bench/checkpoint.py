@@ -22,14 +22,10 @@ engine built by shardrun, one step trained so that the optimizer holds its state
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
-import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,14 +33,23 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DOC, REPO, append_record, git_revision, machine, versions
-from overhead import path_with_our_ninja, torch_extensions_dir, warm_extensions
+from common import (
+    VOCAB,
+    Parser,
+    deepspeed_cpu_env,
+    on_ranks,
+    plural,
+    positive,
+    rank_counts,
+    report,
+    run_to_end,
+    table,
+    zero_stages,
+)
 
 SECTION = "## Checkpoints"
 CHUNK = 8 << 20
 SEQ = 64
-VOCAB = 256
-CHILD_TIMEOUT_S = 900
 VERSIONS = ("torch", "deepspeed")
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -53,79 +58,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
-    load = os.getloadavg()
     base = Path(args.dir) if args.dir else None
     if base is not None:
         base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="shardrun-ckpt-bench-", dir=base) as work:
         where = describe_fs(work)
-        evict = "drop_caches" if args.drop_caches else "fadvise"
-        print(f"checkpoints in {work} ({where}); cold reads after {EVICTION[evict]}", flush=True)
-        env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="",
-                   TORCH_EXTENSIONS_DIR=torch_extensions_dir(), PATH=path_with_our_ninja())
-        warm_extensions(env)
+        print(f"checkpoints in {work} ({where}); cold reads after {EVICTION[eviction(args)]}", flush=True)
+        env = deepspeed_cpu_env()
         results = []
         for world in args.ranks:
             for stage in args.stages:
                 res = launch(args, stage, world, Path(work), env)
                 results.append(res)
                 resident = res["resident_before_cold_load"]
-                print(f"  ZeRO {stage}, {world} rank{'s' if world > 1 else ''}: {res['bytes'] / 1e6:.0f} MB, save "
+                print(f"  ZeRO {stage}, {plural(world, 'rank')}: {res['bytes'] / 1e6:.0f} MB, save "
                       f"{statistics.median(res['save']):.2f} s, load cold {statistics.median(res['load_cold']):.2f} "
                       f"s ({'?' if resident is None else f'{resident / 1e6:.1f}'} MB of it in the page cache "
                       "before)", flush=True)
-    tables = format_tables(results)
-    found = findings(results)
-    print("\n" + "\n\n".join(tables))
-    for line in found:
-        print(line)
-    if args.record:
-        record(args, results, tables, found, load, where)
-        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+    report(SECTION, args, format_tables(results), findings(results), details=[setup(args, results, where)],
+           versions_of=VERSIONS)
     return 0
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: numbers such as 2,3") from None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8, help="GPT blocks (default 8)")
-    p.add_argument("--width", type=int, default=512, help="GPT width, n_embd (default 512: 25M parameters, "
-                   "about 400 MB of checkpoint)")
-    p.add_argument("--stages", type=int_list, default=[2, 3], metavar="N[,N...]", help="ZeRO stages (default 2,3)")
-    p.add_argument("--ranks", type=int_list, default=[1, 2], metavar="N[,N...]",
+    p = Parser(__doc__, reps=3, reps_help="saves and loads per stage and rank count", measures="checkpoints",
+               quick={"layers": 2, "width": 64, "reps": 1}, quick_help="a tiny model, one repetition")
+    p.add_argument("--layers", type=positive, default=8, help="GPT blocks (default 8)")
+    p.add_argument("--width", type=int, default=512, help="GPT width, n_embd, a multiple of 8 (default 512: 25M "
+                   "parameters, about 400 MB of checkpoint)")
+    p.add_argument("--stages", type=zero_stages, default=[2, 3], metavar="N[,N...]", help="ZeRO stages (default 2,3)")
+    p.add_argument("--ranks", type=rank_counts, default=[1, 2], metavar="N[,N...]",
                    help="rank counts; 2 or more run under torchrun (default 1,2)")
-    p.add_argument("--reps", type=int, default=3, help="saves and loads per stage and rank count (default 3)")
     p.add_argument("--dir", help="where to write (default: a temporary directory; give a path on the disk "
                    "checkpoints go to)")
     p.add_argument("--drop-caches", action="store_true",
                    help=f"cold reads after writing 3 to {DROP_CACHES} (root; the whole machine's cache) instead of "
                         "evicting the files' own pages with posix_fadvise")
-    p.add_argument("--quick", action="store_true", help="a tiny model, one repetition: checks that it all runs")
-    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        return args
-    if args.quick:
-        if args.record:
-            p.error("--quick numbers say nothing about checkpoints; run without --quick to --record")
-        args.layers, args.width, args.reps = 2, 64, 1
-    if any(s not in (0, 1, 2, 3) for s in args.stages) or not args.stages:
-        p.error("--stages: ZeRO stages are 0 to 3")
-    if not args.ranks or any(r < 1 for r in args.ranks):
-        p.error("--ranks: rank counts are 1 or more")
-    if args.reps < 1 or args.layers < 1 or args.width < 8 or args.width % 8:
-        p.error("--reps and --layers must be at least 1, --width a multiple of 8")
-    if args.drop_caches and not os.access(DROP_CACHES, os.W_OK):
+    args = p.parse(argv)
+    if args.width < 8 or args.width % 8:
+        p.error("--width must be a multiple of 8")
+    if args.drop_caches and not args.child and not os.access(DROP_CACHES, os.W_OK):
         p.error(f"--drop-caches: {DROP_CACHES} is not writable here (root, and a /proc/sys that is not "
                 "read-only, as in most containers); leave the flag out to evict the files' pages instead")
     return args
@@ -133,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 EVICTION = {"fadvise": "posix_fadvise(DONTNEED) on each file, after fsync (its clean pages only; no root)",
             "drop_caches": f"echo 3 > {DROP_CACHES} after sync (the whole machine's page cache)"}
+
+
+def eviction(args: argparse.Namespace) -> str:
+    """Which EVICTION the cold reads come after."""
+    return "drop_caches" if args.drop_caches else "fadvise"
 
 
 def describe_fs(path: str) -> str:
@@ -151,38 +131,16 @@ def describe_fs(path: str) -> str:
 
 
 def launch(args: argparse.Namespace, stage: int, world: int, work: Path, env: dict[str, str]) -> dict:
+    """One stage on world ranks in fresh processes; rank 0's numbers."""
     out = work / f"result-{stage}-{world}.json"
     script = [str(Path(__file__).resolve()), "--child", "--stage", str(stage), "--out", str(out),
               "--layers", str(args.layers), "--width", str(args.width), "--reps", str(args.reps),
               "--dir", str(work / f"zero{stage}-{world}")]
     if args.drop_caches:
         script.append("--drop-caches")
-    cmd = [sys.executable, *script] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}", *script]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-        try:
-            code = proc.wait(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if code != 0:
-            log.seek(0)
-            sys.exit(f"bench: ZeRO {stage} on {world} rank(s) failed ({'timed out' if code is None else code}):\n"
-                     + "".join(log.readlines()[-40:]))
+    run_to_end(on_ranks(script, world), env, f"ZeRO {stage} on {world} rank(s)")
     shutil.rmtree(work / f"zero{stage}-{world}", ignore_errors=True)
     return {"stage": stage, "world": world, **json.loads(out.read_text())}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the child: one rank ---------------------------------------------------------------------------------
@@ -192,6 +150,7 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from shardrun.checkpoint_format import read_manifest
     from shardrun.config import parse
     from shardrun.trainer import checkpoint, engine, models
     from shardrun.trainer.topology import Topology
@@ -241,7 +200,7 @@ def run_child(args: argparse.Namespace) -> int:
         evict(mine, args.drop_caches and main)
         dist.barrier()
         resident = resident_bytes(files) if main else None
-        manifest = checkpoint.read_manifest(str(ckpt))
+        manifest = read_manifest(str(ckpt))
         out["load_cold"].append(timed(lambda ckpt=ckpt, m=manifest: checkpoint.load(eng, str(ckpt), topology, m)))
         out["load_hot"].append(timed(lambda ckpt=ckpt, m=manifest: checkpoint.load(eng, str(ckpt), topology, m)))
 
@@ -351,23 +310,24 @@ def rate(seconds: list[float], nbytes: int) -> str:
 
 
 def format_tables(results: list[dict]) -> list[str]:
-    ckpt = ["| ZeRO | ranks | checkpoint (MB, files) | save (s, MB/s) | save + fsync | load cold | load hot |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
-    raw = ["| ZeRO | ranks | raw write (s, MB/s) | raw write + fsync | raw read cold | raw read hot |",
-           "|---:|---:|---:|---:|---:|---:|"]
-    overlap = ["| ZeRO | ranks | snapshot in memory (s): an async save's wait | serialize to memory (s) | save (s) | "
-               "save + fsync (s) | the loop's wait, async / sync |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    """Checkpoint save and load, raw file I/O, and what an asynchronous save would wait for; per stage and ranks."""
+    ckpt, raw, overlap = [], [], []
     for r in results:
-        n, head = r["bytes"], f"| {r['stage']} | {r['world']}"
+        n, head = r["bytes"], [str(r["stage"]), str(r["world"])]
         synced = [a + b for a, b in zip(r["save"], r["fsync"], strict=True)]
-        ckpt.append(f"{head} | {n / 1e6:,.0f} ({r['files']}) | {rate(r['save'], n)} | {rate(synced, n)} | "
-                    f"{rate(r['load_cold'], n)} | {rate(r['load_hot'], n)} |")
-        raw.append(f"{head} | {rate(r['raw_write'], n)} | {rate(r['raw_write_fsync'], n)} | "
-                   f"{rate(r['raw_read_cold'], n)} | {rate(r['raw_read_hot'], n)} |")
+        ckpt.append([*head, f"{n / 1e6:,.0f} ({r['files']})", rate(r["save"], n), rate(synced, n),
+                     rate(r["load_cold"], n), rate(r["load_hot"], n)])
+        raw.append([*head, rate(r["raw_write"], n), rate(r["raw_write_fsync"], n), rate(r["raw_read_cold"], n),
+                    rate(r["raw_read_hot"], n)])
         snap, save = statistics.median(r["snapshot"]), statistics.median(r["save"])
-        overlap.append(f"{head} | {snap:.2f} | {statistics.median(r['serialize']):.2f} | {save:.2f} | "
-                       f"{statistics.median(synced):.2f} | {snap / save:.2f} |")
-    return ["\n".join(ckpt), "\n".join(raw), "\n".join(overlap)]
+        overlap.append([*head, f"{snap:.2f}", f"{statistics.median(r['serialize']):.2f}", f"{save:.2f}",
+                        f"{statistics.median(synced):.2f}", f"{snap / save:.2f}"])
+    return [table(["ZeRO", "ranks", "checkpoint (MB, files)", "save (s, MB/s)", "save + fsync", "load cold",
+                   "load hot"], ckpt, align="r"),
+            table(["ZeRO", "ranks", "raw write (s, MB/s)", "raw write + fsync", "raw read cold", "raw read hot"], raw,
+                  align="r"),
+            table(["ZeRO", "ranks", "snapshot in memory (s): an async save's wait", "serialize to memory (s)",
+                   "save (s)", "save + fsync (s)", "the loop's wait, async / sync"], overlap, align="r")]
 
 
 def findings(results: list[dict]) -> list[str]:
@@ -376,29 +336,16 @@ def findings(results: list[dict]) -> list[str]:
         save, raw = statistics.median(r["save"]), statistics.median(r["raw_write"])
         cold, read = statistics.median(r["load_cold"]), statistics.median(r["raw_read_cold"])
         snap = statistics.median(r["snapshot"])
-        out.append(f"ZeRO {r['stage']}, {r['world']} rank{'s' if r['world'] > 1 else ''}: save = {save / raw:.1f} x "
+        out.append(f"ZeRO {r['stage']}, {plural(r['world'], 'rank')}: save = {save / raw:.1f} x "
                    f"a raw write of its bytes, cold load = {cold / read:.1f} x a raw read; an asynchronous save "
                    f"would keep the loop waiting {snap:.2f} s instead of {save:.2f} s")
     return out
 
 
-def record(args, results: list[dict], tables: list[str], found: list[str], load: tuple, where: str) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    r0 = results[0]
-    evict = "drop_caches" if args.drop_caches else "fadvise"
-    append_record(SECTION, "\n".join([
-        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
-        "",
-        f"- Command: `{shlex.join(['python', 'bench/checkpoint.py', *sys.argv[1:]])}`",
-        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        f"- Versions: {versions(VERSIONS)}",
-        f"- Setup: GPT {args.layers} x {args.width} ({r0['params'] / 1e6:.1f}M parameters), fp32, AdamW; checkpoints "
-        f"on {where}; cold reads after {EVICTION[evict]}; medians of {args.reps} repetitions",
-        "",
-        *[t + "\n" for t in tables],
-        *[f"{line}." for line in found],
-        "",
-    ]))
+def setup(args: argparse.Namespace, results: list[dict], where: str) -> str:
+    """The record's line on what ran."""
+    return (f"Setup: GPT {args.layers} x {args.width} ({results[0]['params'] / 1e6:.1f}M parameters), fp32, AdamW; "
+            f"checkpoints on {where}; cold reads after {EVICTION[eviction(args)]}; medians of {args.reps} repetitions")
 
 
 if __name__ == "__main__":

@@ -12,20 +12,17 @@ readers take turns within a repetition, so a busy spell on a shared machine hits
 
     python bench/data.py                 # 5 repetitions of 3 epochs, medians, printed
     python bench/data.py --record        # the same, also appended to docs/benchmarks.md
-    python bench/data.py --smoke         # tiny data, one epoch, no Ray: checks that it all runs
+    python bench/data.py --quick         # tiny data, one epoch, no Ray: checks that it all runs (or --smoke)
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import importlib.metadata
+import importlib
 import importlib.util
 import json
 import os
-import secrets
-import shlex
 import statistics
 import subprocess
 import sys
@@ -40,14 +37,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import append_record, git_revision, machine, versions
+from common import Parser, fresh_ray_env, in_turns, positive, report, running, spread, table
 
 from shardrun.config import DataSpec
 from shardrun.datasets import Stream, build_index
 from shardrun.datasets.prepare import prepare_stdlib
 
-REPO = Path(__file__).resolve().parent.parent
-DOC = REPO / "docs" / "benchmarks.md"
 SECTION = "## Data streaming"
 READERS = ("raw", "shardrun", "ray", "hf")
 NEEDS = {"ray": "ray", "hf": "datasets"}
@@ -60,7 +55,6 @@ SAMPLE_SECONDS = 0.02  # memory sampling period
 # Memory a reader holds: anonymous pages and shared memory (Ray's object store), each process's
 # proportional share; not the library code that pages in as it runs.
 MEMORY_FIELDS = ("Pss_Anon:", "Pss_Shmem:")
-CHILD_TIMEOUT_SECONDS = 900
 SAY = "bench-child: "  # marks the child's lines to the parent among whatever libraries print
 VERSIONS = ("torch", "pyarrow", "numpy", "ray", "datasets")
 
@@ -69,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
-    readers = choose_readers(args.only, args.smoke)
-    load = os.getloadavg()
+    readers = choose_readers(args.only, args.quick)
     data = prepare_data(args.cache, args.seq_len, args.mb)
     per_epoch = data["rows"] // args.micro_batch
     if per_epoch < 1:
@@ -79,58 +72,43 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {describe_data(data)}; {args.epochs} x {per_epoch} batches of {args.micro_batch} x "
           f"{args.seq_len} per reader and repetition", flush=True)
     results = {r: [] for r in readers}
-    for rep in range(args.reps):
-        order = readers[rep % len(readers):] + readers[:rep % len(readers)]
+    for rep, order in in_turns(readers, args.reps):
         for reader in order:
             res = run_rep(reader, data["dir"], args.seq_len, args.micro_batch, n_batches)
             results[reader].append(res)
             print(f"  rep {rep + 1}/{args.reps} {reader:9s} {res['tokens_per_s'] / 1e6:8.1f} M tokens/s, "
                   f"first batch {res['first_batch_s']:.2f} s, peak +{res['peak_mb']:.0f} MB", flush=True)
     rows = summarize(results)
-    table = format_table(rows)
-    print()
-    print(table)
-    found = findings(rows)
-    for line in found:
-        print(line)
-    if args.record:
-        record(args, data, table, found, load)
-        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+    details = [f"Data: {describe_data(data).rsplit(' (', 1)[0]}; seq_len {args.seq_len}, micro-batch "
+               f"{args.micro_batch}; medians of {args.reps} repetitions of {args.epochs} epochs"]
+    report(SECTION, args, [format_table(rows)], findings(rows), details=details, versions_of=VERSIONS)
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=5, help="repetitions per reader (default 5)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default 512)")
-    p.add_argument("--micro-batch", type=int, default=16, help="samples per batch (default 16)")
+    p = Parser(__doc__, reps=5, reps_help="repetitions per reader", measures="speed", quick_aliases=("--smoke",),
+               quick={"reps": 1, "mb": 1, "epochs": 1},
+               quick_help="tiny data, one repetition, no Ray unless --only names it")
+    p.add_argument("--seq-len", type=positive, default=512, help="tokens per sample (default 512)")
+    p.add_argument("--micro-batch", type=positive, default=16, help="samples per batch (default 16)")
     p.add_argument("--mb", type=float, default=32,
                    help="MB of standard-library text to tokenize (default 32, about all of it)")
-    p.add_argument("--epochs", type=int, default=3,
+    p.add_argument("--epochs", type=positive, default=3,
                    help="passes over the data in each repetition (default 3: about 95 M tokens)")
     p.add_argument("--only", help=f"comma list of readers (default all: {','.join(READERS)})")
-    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny data, one repetition, no Ray unless --only names it: checks that it all runs")
     p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "shardrun" / "bench-data",
                    help="where the token shards are prepared and kept (default ~/.cache/shardrun/bench-data)")
     p.add_argument("--child", choices=READERS, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--batches", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.smoke:
-        if args.record:
-            p.error("--smoke numbers say nothing about speed; run without --smoke to --record")
-        args.reps, args.mb, args.epochs = 1, 1, 1
-    for flag in ("reps", "seq_len", "micro_batch", "mb", "epochs"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive")
+    args = p.parse(argv)
+    if args.mb <= 0:
+        p.error("--mb must be positive")
     return args
 
 
-def choose_readers(only: str | None, smoke: bool) -> list[str]:
-    """The readers to run: those named, else every one whose package is installed (but Ray in a smoke run)."""
+def choose_readers(only: str | None, quick: bool) -> list[str]:
+    """The readers to run: those named, else every one whose package is installed (but Ray in a quick run)."""
     if only:
         named = [r.strip() for r in only.split(",") if r.strip()]
         unknown = [r for r in named if r not in READERS]
@@ -144,9 +122,9 @@ def choose_readers(only: str | None, smoke: bool) -> list[str]:
     readers = [r for r in READERS if installed(r)]
     for r in sorted(set(READERS) - set(readers)):
         print(f"bench: leaving out {r}: {NEEDS[r]} is not installed (pip install 'shardrun[bench]')")
-    if smoke and "ray" in readers:
-        # Ray's start and first batch alone take 15-25 s; --smoke --only ...,ray runs it too
-        print("bench: leaving out ray in a smoke run (name it in --only to run it)")
+    if quick and "ray" in readers:
+        # Ray's start and first batch alone take 15-25 s; --quick --only ...,ray runs it too
+        print("bench: leaving out ray in a quick run (name it in --only to run it)")
         readers.remove("ray")
     return readers
 
@@ -192,11 +170,7 @@ def run_rep(reader: str, data_dir: str, seq_len: int, micro_batch: int, n_batche
            "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--batches", str(n_batches)]
     with tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                text=True, env=child_env(reader))
-        watchdog = threading.Timer(CHILD_TIMEOUT_SECONDS, proc.kill)
-        watchdog.start()
-        try:
+        with running(cmd, child_env(reader), stdin=subprocess.PIPE, stderr=err) as (proc, _):
             if heard(proc) is None:
                 fail(reader, proc, err)
             start_s = time.perf_counter() - started
@@ -207,11 +181,6 @@ def run_rep(reader: str, data_dir: str, seq_len: int, micro_batch: int, n_batche
             proc.stdin.close()
             if proc.wait() != 0 or line is None:
                 fail(reader, proc, err)
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
     res = json.loads(line)
     tokens = micro_batch * seq_len
     res.update(start_s=start_s, peak_mb=memory["peak_mb"], tokens_per_s=res["batches"] * tokens / res["seconds"],
@@ -228,19 +197,14 @@ def heard(proc: subprocess.Popen) -> str | None:
 
 
 def child_env(reader: str) -> dict[str, str]:
-    env = dict(os.environ)
-    if reader == "ray":
-        # A fresh local cluster only (never one a RAY_ADDRESS or `ray start` points at). Ray 2.60
-        # turns token auth on for a new local cluster and would write ~/.ray/auth_token if missing;
-        # a token of our own in the environment keeps auth on and writes nothing.
-        env.pop("RAY_ADDRESS", None)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    env = fresh_ray_env(os.environ) if reader == "ray" else dict(os.environ)
     if reader == "hf":
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
 
 
 def fail(reader: str, proc: subprocess.Popen, err) -> None:
+    """Exit with the tail of the reader's stderr, once it has ended."""
     if proc.poll() is None:
         proc.kill()
     proc.wait()
@@ -405,30 +369,25 @@ READER_FUNCTIONS = {"raw": read_raw, "shardrun": read_shardrun, "ray": read_ray,
 
 
 def summarize(results: dict[str, list[dict]]) -> list[dict]:
+    """Per reader: its speeds, and the medians of the rest."""
     raw = statistics.median(r["tokens_per_s"] for r in results["raw"]) if results.get("raw") else None
     rows = []
     for reader, reps in results.items():
         speeds = [r["tokens_per_s"] for r in reps]
         median = statistics.median(speeds)
-        rows.append({"reader": reader, "median": median, "min": min(speeds), "max": max(speeds),
-                     "vs_raw": median / raw if raw else None,
-                     "after_first": statistics.median(r["after_first_per_s"] for r in reps),
-                     "first_batch_s": statistics.median(r["first_batch_s"] for r in reps),
-                     "peak_mb": statistics.median(r["peak_mb"] for r in reps),
-                     "start_s": statistics.median(r["start_s"] for r in reps)})
+        rows.append({"reader": reader, "speeds": speeds, "median": median, "vs_raw": median / raw if raw else None,
+                     **{k: statistics.median(r[k] for r in reps)
+                        for k in ("after_first_per_s", "first_batch_s", "peak_mb", "start_s")}})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| reader | M tokens/s (median) | min - max | vs raw | M tokens/s after the first batch "
-            "| first batch (s) | peak memory (MB) | process start (s) |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        vs_raw = f"{r['vs_raw']:.2f}" if r["vs_raw"] is not None else "-"
-        lines.append(f"| {r['reader']} | {r['median'] / 1e6:.1f} | {r['min'] / 1e6:.1f} - {r['max'] / 1e6:.1f} "
-                     f"| {vs_raw} | {r['after_first'] / 1e6:.1f} | {r['first_batch_s']:.2f} | {r['peak_mb']:.0f} "
-                     f"| {r['start_s']:.1f} |")
-    return "\n".join(lines)
+    header = ["reader", "M tokens/s (median)", "min - max", "vs raw", "M tokens/s after the first batch",
+              "first batch (s)", "peak memory (MB)", "process start (s)"]
+    return table(header, [[r["reader"], *spread(r["speeds"], 1, 1e6),
+                           f"{r['vs_raw']:.2f}" if r["vs_raw"] is not None else "-",
+                           f"{r['after_first_per_s'] / 1e6:.1f}", f"{r['first_batch_s']:.2f}", f"{r['peak_mb']:.0f}",
+                           f"{r['start_s']:.1f}"] for r in rows])
 
 
 def findings(rows: list[dict]) -> list[str]:
@@ -446,26 +405,6 @@ def findings(rows: list[dict]) -> list[str]:
             ratio = s["median"] / by[other]["median"]
             out.append(f"shardrun / {other} = {ratio:.1f}: {'ahead' if ratio > 1 else 'behind'}")
     return out
-
-
-def record(args: argparse.Namespace, data: dict, table: str, found: list[str], load: tuple) -> None:
-    """Append this run under the Data streaming section of docs/benchmarks.md (newest last)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    entry = "\n".join([
-        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
-        "",
-        f"- Command: `{shlex.join(['python', 'bench/data.py', *sys.argv[1:]])}`",
-        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        f"- Versions: {versions(VERSIONS)}",
-        f"- Data: {describe_data(data).rsplit(' (', 1)[0]}; seq_len {args.seq_len}, micro-batch "
-        f"{args.micro_batch}; medians of {args.reps} repetitions of {args.epochs} epochs",
-        "",
-        table,
-        "",
-        *[f"{line}." for line in found],
-        "",
-    ])
-    append_record(SECTION, entry)
 
 
 if __name__ == "__main__":

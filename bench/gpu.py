@@ -5,7 +5,7 @@ One process per measurement, one after another on one GPU:
   bare      the built-in GPT trained by plain PyTorch: bf16 weights, fp32 master copies, AdamW
             (fused on CUDA), gradient clipping; pinned batches copied to the GPU as shardrun does
   shardrun  the same GPT trained by shardrun's worker loop without Ray (`shardrun train`'s path:
-            run_local, a LocalSession, DeepSpeed bf16, Parquet streamed by shardrun.datasets)
+            shardrun.driver.local.run_local, DeepSpeed bf16, Parquet streamed by shardrun.datasets)
 Both loops train the same model from the same seed on the same synthetic token shards, and are
 timed over the same kind of window: after --warmup-steps, from one device sync to the next, with
 checkpoint saves (shardrun saves once, after the last timed step) left out.
@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
+import importlib
 import importlib.util
 import json
 import math
 import os
 import platform
-import shlex
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -48,7 +45,24 @@ REPO = Path(__file__).resolve().parent.parent
 if importlib.util.find_spec("shardrun") is None:  # a copied working tree, shardrun not installed
     sys.path.insert(0, str(REPO))
 
-from common import DOC, append_record, git_revision, machine, versions  # noqa: E402
+from common import (  # noqa: E402
+    SEED,
+    Parser,
+    append_entry,
+    command,
+    deepspeed_cpu_env,
+    git_revision,
+    gpt,
+    installed,
+    machine,
+    on_startup,
+    positive,
+    running,
+    table,
+    versions,
+    write_tokens,
+    zero_stages,
+)
 
 SECTION = "## GPU training"
 SIZES = {
@@ -61,7 +75,6 @@ SIZES = {
 PEAK_SIZES = {"cuda": (4096, 8192, 16384), "cpu": (256, 512)}
 GOAL_MFU = 0.45
 GOAL_RATIO = 0.97
-SEED = 0
 GRAD_CLIP = 1.0  # shardrun's default deepspeed.grad_clip
 IMPORTS = {"deepspeed": "deepspeed", "pydantic": "pydantic", "yaml": "pyyaml", "pyarrow": "pyarrow",
            "prometheus_client": "prometheus-client", "numpy": "numpy"}
@@ -73,9 +86,7 @@ SAY = "bench-result: "  # marks a child's result line among whatever DeepSpeed p
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.record_from:
-        result = json.loads(Path(args.record_from).read_text())
-        record(result, local=False)
-        print(f"recorded {args.record_from} in {DOC.relative_to(REPO)}")
+        record(json.loads(Path(args.record_from).read_text()), local=False)
         return 0
     if args.child:
         print(SAY + json.dumps(CHILDREN[args.child](args)), flush=True)
@@ -90,24 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.out}")
     if args.record:
         record(result, local=True)
-        print(f"recorded in {DOC.relative_to(REPO)}")
     return 0 if all("error" not in r for r in [result["peak"], *result["runs"]]) else 1
 
 
-def zero_stages(text: str) -> list[int]:
-    stages = [int(s) for s in text.split(",") if s.strip()] if text.replace(",", "").isdigit() else []
-    if not stages or any(s > 3 for s in stages):
-        raise argparse.ArgumentTypeError(f"{text!r}: ZeRO stages are 0 to 3, e.g. 0 or 0,1")
-    return stages
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--size", choices=SIZES, default="gpt2-small", help="model size (default gpt2-small)")
-    p.add_argument("--steps", type=int, default=50, help="timed optimizer steps per loop (default 50)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="untimed steps first (default 10)")
-    p.add_argument("--micro-batch", type=int, help="sequences per step (default: the size's, 32 for gpt2-small)")
+    p.add_argument("--steps", type=positive, default=50, help="timed optimizer steps per loop (default 50)")
+    p.add_argument("--warmup-steps", type=positive, default=10, help="untimed steps first (default 10)")
+    p.add_argument("--micro-batch", type=positive, help="sequences per step (default: the size's, 32 for gpt2-small)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if there is one, else cpu")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
                    help="torch.compile the model in both loops (DeepSpeed's engine.compile() in shardrun's): "
@@ -123,18 +125,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--deadline", type=float,
                    help="seconds from the start after which no measurement runs on and the table is printed")
     p.add_argument("--out", type=Path, help="write every number to this JSON file")
-    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
     p.add_argument("--record-from", type=Path, metavar="FILE.json",
                    help="append the record of a run made elsewhere (its --out file) and exit")
     p.add_argument("--child", choices=("peak", "bare", "shardrun"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     if args.record_from or args.child:
         return args
-    if args.steps < 1 or args.warmup_steps < 1:
-        p.error("--steps and --warmup-steps must be at least 1")
-    if args.micro_batch is not None and args.micro_batch < 1:
-        p.error("--micro-batch must be at least 1")
     if args.record and args.size == "tiny":
         p.error("--size tiny numbers say nothing about speed; record a real size")
     try:
@@ -178,15 +175,11 @@ def install_missing(wheels: Path) -> None:
 def needs_wheel(wheel: Path) -> bool:
     """Whether this Python lacks the wheel's distribution or has an older version of it."""
     from packaging.utils import parse_wheel_filename
-
-    name, version, *_ = parse_wheel_filename(wheel.name)
-    try:
-        have = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return True
     from packaging.version import Version
 
-    return Version(have) < version
+    name, version, *_ = parse_wheel_filename(wheel.name)
+    have = installed(name)
+    return have is None or Version(have) < version
 
 
 def missing_requirements() -> list[str]:
@@ -197,10 +190,7 @@ def missing_requirements() -> list[str]:
     missing = []
     for module, dist in IMPORTS.items():
         req = Requirement(wanted.get(dist, dist))
-        try:
-            have = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            have = None
+        have = installed(dist)
         if importlib.util.find_spec(module) is None or have is None or have not in req.specifier:
             missing.append(str(req))
     return missing
@@ -225,7 +215,7 @@ def run_all(args: argparse.Namespace, started: float) -> dict:
     compiles = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "revision": git_revision(), "command": shlex.join(["python", "bench/gpu.py", *sys.argv[1:]]),
+        "revision": git_revision(), "command": command(),
         "machine": machine(), "versions": versions(VERSIONS), "device": device, "size": args.size,
         "model": size, "steps": args.steps, "warmup_steps": args.warmup_steps, "window": window(args),
         "zero_stages": args.zero_stage, "ds_config": json.loads(args.ds_config), "runs": [],
@@ -246,28 +236,6 @@ def window(args: argparse.Namespace) -> int:
     return math.gcd(args.warmup_steps, args.steps)
 
 
-def write_tokens(out: Path, size: dict, steps: int) -> str:
-    """Token shards for steps + 1 micro-batches (no epoch ends mid-run): skewed ids, a loss that falls."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from shardrun.datasets.prepare import META_SEQ_LEN, META_VOCAB_SIZE
-
-    rows, row_len, vocab = (steps + 1) * size["micro_batch"], size["seq_len"] + 1, size["vocab_size"]
-    rng = np.random.default_rng(SEED)
-    # Zipf-like unigram frequencies: the model learns them in a few steps, so the loss falls from
-    # ln(vocab) even in a short run, and a broken loop shows
-    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
-    ids = rng.choice(vocab, size=rows * row_len, p=p / p.sum()).astype(np.int32)
-    column = pa.FixedSizeListArray.from_arrays(pa.array(ids, type=pa.int32()), row_len)
-    meta = {META_VOCAB_SIZE: str(vocab).encode(), META_SEQ_LEN: str(size["seq_len"]).encode()}
-    out.mkdir(parents=True)
-    pq.write_table(pa.table({"tokens": column}).replace_schema_metadata(meta), out / "part-00000.parquet",
-                   row_group_size=256)
-    return str(out)
-
-
 def child(args: argparse.Namespace, kind: str, device: str, data: str, started: float, *,
           compiled: bool = False, stage: int | None = None) -> dict:
     """One measurement in a fresh process (its own CUDA context and allocator); its result or its error."""
@@ -283,45 +251,20 @@ def child(args: argparse.Namespace, kind: str, device: str, data: str, started: 
         print(f"bench: no time left for {name} (--deadline {args.deadline:g})")
         return {**what, "error": "skipped: --deadline reached"}
     print(f"\n== {name} ==", flush=True)
-    env = dict(os.environ)
-    if device == "cpu":  # hide GPUs, so that shardrun's engine module picks DeepSpeed's CPU accelerator
-        env.update(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu")
-    # a session of its own: at the deadline the child goes together with what it started (nvcc, ninja)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    cut = threading.Event()
-
-    def cut_off():
-        cut.set()
-        kill_group(proc)
-
-    watchdog = threading.Timer(left, cut_off) if left is not None else None
-    if watchdog is not None:
-        watchdog.start()
+    # on the CPU, GPUs hidden: shardrun's engine module picks DeepSpeed's CPU accelerator
+    env = deepspeed_cpu_env() if device == "cpu" else dict(os.environ)
+    # at the deadline the child goes together with what it started (nvcc, ninja)
     line = None
-    try:
+    with running(cmd, env, left, stderr=subprocess.STDOUT) as (proc, cut):
         for out in proc.stdout:  # the child's output passes through as it comes
             if out.startswith(SAY):
                 line = out[len(SAY):]
             else:
                 sys.stdout.write(out)
         proc.wait()
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        if proc.poll() is None:
-            kill_group(proc)
-            proc.wait()
     if proc.returncode != 0 or line is None:
         return {**what, "error": "cut off at --deadline" if cut.is_set() else f"exit code {proc.returncode}"}
     return {**what, **json.loads(line)}
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # -- children ----------------------------------------------------------------------------------------
@@ -389,9 +332,7 @@ def driver_version() -> str | None:
 def model_spec(args: argparse.Namespace):
     from shardrun.config import ModelSpec
 
-    s = SIZES[args.size]
-    return ModelSpec(type="gpt", n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
-                     block_size=s["seq_len"], vocab_size=s["vocab_size"])
+    return ModelSpec(type="gpt", **gpt(SIZES[args.size], SIZES[args.size]["vocab_size"]))
 
 
 def run_bare(args: argparse.Namespace) -> dict:
@@ -479,12 +420,12 @@ def run_shardrun(args: argparse.Namespace) -> dict:
     import torch
 
     from shardrun.config import parse
+    from shardrun.driver.local import run_local
     from shardrun.metrics import flops
-    from shardrun.trainer import engine, models
-    from shardrun.trainer.local import run_local
+    from shardrun.trainer import models
 
-    if args.compile == "on":
-        compile_engines(engine)
+    if args.compile == "on":  # shardrun has no knob for DeepSpeed's engine.compile() yet
+        on_startup("engine ready", lambda record: record.engine.compile())
     size = SIZES[args.size]
     mb = args.micro_batch or size["micro_batch"]
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-run-") as runs:
@@ -505,25 +446,12 @@ def run_shardrun(args: argparse.Namespace) -> dict:
             "params": model.num_params(non_embedding=False)}
 
 
-def compile_engines(engine) -> None:
-    """Make shardrun's engine.build call DeepSpeed's engine.compile() (shardrun has no knob for it yet)."""
-    build = engine.build
-
-    def build_compiled(*args, **kwargs):
-        built = build(*args, **kwargs)
-        built.compile()
-        return built
-
-    engine.build = build_compiled
-
-
 def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gpu: bool) -> dict:
     """The bench's job: the GPT at this size, bf16, one worker; no checkpoint until after the last step."""
     total = args.warmup_steps + args.steps
     return {
         "name": "gpu-bench",
-        "model": {"type": "gpt", "n_layer": size["n_layer"], "n_head": size["n_head"], "n_embd": size["n_embd"],
-                  "block_size": size["seq_len"], "vocab_size": size["vocab_size"]},
+        "model": {"type": "gpt", **gpt(size, size["vocab_size"])},
         "data": {"paths": [args.data], "seq_len": size["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage[0], "precision": "bf16", "micro_batch_size": mb,
                       "grad_clip": GRAD_CLIP,
@@ -610,22 +538,18 @@ def format_table(result: dict) -> str:
     def pct(x):
         return f"{x:.1%}" if x is not None else "-"
 
-    lines = ["| loop | ZeRO | compile | tokens/s | windows min - max | step (ms) | data wait | MFU (datasheet) "
-             "| MFU (measured peak) | vs bare | loss first → last |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in result["runs"]:
-        stage = "-" if r["zero_stage"] is None else r["zero_stage"]
-        head = f"| {r['loop']} | {stage} | {'yes' if r['compile'] else 'no'}"
+        head = [r["loop"], "-" if r["zero_stage"] is None else str(r["zero_stage"]), "yes" if r["compile"] else "no"]
         if "error" in r:
-            lines.append(f"{head} | {r['error']} | | | | | | | |")
+            rows.append([*head, r["error"], *[""] * 7])
             continue
         w = r["window_tokens_per_s"]
-        vs = f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-"
-        lines.append(f"{head} | {r['tokens_per_s']:,.0f} | {w['min']:,.0f} - {w['max']:,.0f} "
-                     f"| {r['step_ms']:.1f} | {pct(r.get('data_wait_fraction'))} | {pct(r['mfu_datasheet'])} "
-                     f"| {pct(r['mfu_measured'])} | {vs} "
-                     f"| {r['first_loss']:.2f} → {r['last_loss']:.2f} |")
-    return "\n".join(lines)
+        rows.append([*head, f"{r['tokens_per_s']:,.0f}", f"{w['min']:,.0f} - {w['max']:,.0f}", f"{r['step_ms']:.1f}",
+                     pct(r.get("data_wait_fraction")), pct(r["mfu_datasheet"]), pct(r["mfu_measured"]),
+                     f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-", f"{r['first_loss']:.2f} → {r['last_loss']:.2f}"])
+    return table(["loop", "ZeRO", "compile", "tokens/s", "windows min - max", "step (ms)", "data wait",
+                  "MFU (datasheet)", "MFU (measured peak)", "vs bare", "loss first → last"], rows, align="lrlr")
 
 
 def describe_setup(result: dict) -> str:
@@ -662,22 +586,10 @@ def record(result: dict, *, local: bool) -> None:
     revision = result["revision"]
     if not local and revision.startswith("("):  # a working-tree copy without git: this checkout's
         revision = f"{git_revision()} (working tree copied to the GPU machine)"
-    entry = "\n".join([
-        f"### {result['date']} UTC, shardrun {revision}",
-        "",
-        f"- Command: `{result['command']}`",
-        f"- Card: {describe_card(result)}",
-        f"- Machine: {result['machine']}",
-        f"- Versions: {result['versions']}",
-        f"- Setup: {describe_setup(result)}",
-        f"- {format_peak(result)}",
-        "",
-        format_table(result),
-        "",
-        *[f"{line}." for line in result["findings"]],
-        "",
-    ])
-    append_record(SECTION, entry)
+    append_entry(SECTION, date=result["date"], revision=revision, command=result["command"],
+                 card=describe_card(result), machine=result["machine"], versions=result["versions"],
+                 details=[f"Setup: {describe_setup(result)}", format_peak(result)], tables=[format_table(result)],
+                 found=result["findings"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Metrics overhead: what shardrun's metrics path adds to a training step, as a share of the step.
 
-    python bench/metrics.py [--reps 7] [--steps 300] [--record]
+    python bench/metrics.py [--reps 7] [--steps 300] [--quick] [--record]
 
 It times the exact calls the worker loop makes for metrics (every step: WorkerMetrics.step_done and
 the two clock reads around it; every log step: stream.stats() and WorkerMetrics.logged) with a
@@ -12,9 +12,6 @@ longer, and the metrics path does not grow with the model.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import shlex
 import statistics
 import sys
 import threading
@@ -22,7 +19,7 @@ import time
 import urllib.request
 
 import torch
-from common import append_record, git_revision, machine, versions
+from common import Parser, positive, report, spread, table
 
 from shardrun.config import MetricsSpec
 from shardrun.metrics import WorkerMetrics
@@ -80,11 +77,10 @@ def step_seconds(steps: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--steps", type=int, default=300, help="steps timed per repetition")
-    p.add_argument("--record", action="store_true", help="append the result to docs/benchmarks.md")
-    args = p.parse_args(argv)
+    p = Parser(__doc__, reps=7, quick={"reps": 1, "steps": 20}, quick_help="one repetition of 20 steps",
+               measures="the metrics path")
+    p.add_argument("--steps", type=positive, default=300, help="steps timed per repetition")
+    args = p.parse(argv)
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     metrics_us, step_ms = [], []
@@ -92,32 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics_us.append(metrics_path_seconds(args.steps * 20) * 1e6)
         step_ms.append(step_seconds(min(args.steps, 60)) * 1e3)
         print(f"  rep {rep + 1}/{args.reps}: metrics path {metrics_us[-1]:.1f} us/step, step {step_ms[-1]:.1f} ms")
-    m_us, s_ms = statistics.median(metrics_us), statistics.median(step_ms)
-    share = m_us / (s_ms * 1e3)
-    table = "\n".join([
-        "| metrics path (us/step) | min - max | demo step (ms) | min - max | share of the step |",
-        "|---:|---:|---:|---:|---:|",
-        f"| {m_us:.1f} | {min(metrics_us):.1f} - {max(metrics_us):.1f} | {s_ms:.1f} | "
-        f"{min(step_ms):.1f} - {max(step_ms):.1f} | {share:.3%} |",
-    ])
+    share = statistics.median(metrics_us) / (statistics.median(step_ms) * 1e3)
+    result = table(["metrics path (us/step)", "min - max", "demo step (ms)", "min - max", "share of the step"],
+                   [[*spread(metrics_us, 1), *spread(step_ms, 1), f"{share:.3%}"]], align="r")
     verdict = f"metrics path = {share:.3%} of a step: {'meets' if share < GOAL else 'misses'} the goal of {GOAL:.0%}"
-    print("\n" + table + "\n" + verdict)
-    if args.record:
-        now = datetime.datetime.now(datetime.timezone.utc)
-        append_record(SECTION, "\n".join([
-            f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
-            "",
-            f"- Command: `{shlex.join(['python', 'bench/metrics.py', *sys.argv[1:]])}`",
-            f"- Machine: {machine()}",
-            f"- Versions: {versions(('torch', 'prometheus-client'))}",
-            f"- Medians of {args.reps} repetitions; log every {LOG_EVERY} steps; endpoint scraped every 50 ms",
-            "",
-            table,
-            "",
-            verdict + ".",
-            "",
-        ]))
-        print("recorded in docs/benchmarks.md")
+    report(SECTION, args, [result], [verdict], versions_of=("torch", "prometheus-client"),
+           details=[f"Medians of {args.reps} repetitions; log every {LOG_EVERY} steps; endpoint scraped every 50 ms"])
     return 0
 
 

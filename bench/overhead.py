@@ -4,12 +4,13 @@ Two loops train the built-in GPT with the same DeepSpeed config (shardrun's buil
 job spec), each in a fresh process, one rank alone and then 2 gloo ranks under torchrun:
   bare      deepspeed.initialize, then forward / backward / step over micro-batches read from the
             Parquet shards into tensors before training: nothing else
-  shardrun  `shardrun train`'s path (run_local: LocalSession, the worker loop, Parquet streamed by
-            shardrun.datasets, Prometheus metrics, metrics.jsonl, the per-step stop/preemption flags,
+  shardrun  `shardrun train`'s path (shardrun.driver.local.run_local: the worker loop, Parquet streamed
+            by shardrun.datasets, Prometheus metrics, metrics.jsonl, the per-step stop/preemption flags,
             checkpoint bookkeeping; the one save comes after the last timed step)
-Both are timed the same way: a forward pre-hook on the model notes the clock as each step's forward
-begins (a window of steps holds everything a loop does between two forwards), and wrappers on the
-engine's forward, backward and step add up the time inside DeepSpeed (the rest is the loop's own).
+Both are timed the same way, attached to the engine (shardrun's through its worker's "engine ready"
+start-up record): a forward pre-hook on the model notes the clock as each step's forward begins (a
+window of steps holds everything a loop does between two forwards), and wrappers on the engine's
+forward, backward and step add up the time inside DeepSpeed (the rest is the loop's own).
 Repetitions alternate the order (bare first, then shardrun first), and the ratio is taken per pair.
 
     python bench/overhead.py                   # demo model, 5 pairs of 100 timed steps, 1 then 2 ranks
@@ -22,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import gc
 import json
 import os
 import pstats
 import re
-import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,22 +38,33 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import DOC, REPO, append_record, git_revision, machine, versions
-from gpu import pinned_batches, write_tokens
+from common import (
+    REPO,
+    SEED,
+    SIZES,
+    Parser,
+    deepspeed_cpu_env,
+    gpt,
+    in_turns,
+    on_ranks,
+    on_startup,
+    plural,
+    positive,
+    rank_counts,
+    report,
+    run_to_end,
+    running,
+    spread,
+    table,
+    write_rank_tokens,
+)
+from gpu import pinned_batches
 
-from shardrun.trainer import extensions
+from shardrun.net import free_port
 
 SECTION = "## Runner overhead"
-SIZES = {
-    # examples/gpt-stdlib.yaml's model and micro-batch: what `make demo` trains on a CPU
-    "demo": {"n_layer": 4, "n_head": 4, "n_embd": 128, "seq_len": 128, "micro_batch": 16},
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 32, "seq_len": 32, "micro_batch": 4},
-}
-VOCAB = 256
-SEED = 0
 GOAL = 0.02
 SAY = "bench-window: "  # the child's window marks among whatever DeepSpeed prints
-CHILD_TIMEOUT_S = 900
 VERSIONS = ("torch", "deepspeed", "pyarrow", "prometheus-client")
 SHARDRUN_DIR = str(REPO / "shardrun") + os.sep
 SHARDRUN_FRAME = re.compile(r"\((?:[^()]*/)?shardrun/([\w/]+)\.py:(\d+)\)$")
@@ -68,85 +77,45 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return run_child(args)
-    load = os.getloadavg()
+    # torchrun keeps an OMP_NUM_THREADS it finds
+    env = deepspeed_cpu_env(**({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
     with tempfile.TemporaryDirectory(prefix="shardrun-overhead-") as work:
         work = Path(work)
-        size = SIZES[args.size]
-        data = write_data(work / "data", size, max(args.ranks), total_steps(args))
-        warm_extensions(child_env(args.threads))
+        data = write_rank_tokens(work / "data", SIZES[args.size], max(args.ranks), 2 * total_steps(args))
         if args.profile:
             for world in args.ranks:
-                profile(args, world, data, work)
+                profile(args, world, data, work, env)
             return 0
-        results = measure(args, data, work)
-    rows = summarize(results)
-    table = format_table(rows)
-    found = findings(rows)
-    print("\n" + table)
-    for line in found:
-        print(line)
-    if args.record:
-        record(args, table, found, load)
-        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+        rows = summarize(measure(args, data, work, env))
+    report(SECTION, args, [format_table(rows)], findings(rows), details=[setup(args)], versions_of=VERSIONS)
     return 0
 
 
-def write_data(out: Path, size: dict, world: int, steps: int) -> str:
-    """Synthetic token shards (bench/gpu.py's): twice the rows the run takes, in 16 or more row groups of 256
-    rows, so that every rank's partitions hold a whole run and no epoch ends inside it."""
-    global_batch = size["micro_batch"] * world
-    steps = max(2 * steps, -(-16 * 256 // global_batch))
-    return write_tokens(out, {**size, "micro_batch": global_batch, "vocab_size": VOCAB}, steps)
-
-
-def ranks(text: str) -> list[int]:
-    try:
-        out = [int(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        out = []
-    if not out or any(r < 1 for r in out):
-        raise argparse.ArgumentTypeError(f"{text!r}: rank counts such as 1 or 1,2")
-    return out
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=5, help="pairs of runs (bare and shardrun) per rank count (default 5)")
-    p.add_argument("--steps", type=int, default=100, help="timed steps per run (default 100)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="steps before the timed window (default 10)")
-    p.add_argument("--ranks", type=ranks, default=[1, 2], metavar="N[,N...]",
+    p = Parser(__doc__, reps=5, reps_help="pairs of runs (bare and shardrun) per rank count", measures="overhead",
+               quick={"size": "tiny", "reps": 1, "steps": 6, "warmup_steps": 2, "log_every": 3},
+               quick_help="tiny model, 1 pair of 6 timed steps")
+    p.add_argument("--steps", type=positive, default=100, help="timed steps per run (default 100)")
+    p.add_argument("--warmup-steps", type=positive, default=10, help="steps before the timed window (default 10)")
+    p.add_argument("--ranks", type=rank_counts, default=[1, 2], metavar="N[,N...]",
                    help="rank counts, one after the other; 2 or more run under torchrun (default 1,2)")
     p.add_argument("--zero-stage", type=int, choices=range(4), default=2, help="deepspeed.zero_stage (default 2)")
     p.add_argument("--size", choices=SIZES, default="demo",
                    help="model and micro-batch: demo (examples/gpt-stdlib.yaml's) or tiny (default demo)")
-    p.add_argument("--log-every", type=int, default=25, help="shardrun's run.log_every (default 25, the demo's)")
-    p.add_argument("--quick", action="store_true", help="tiny model, 1 pair of 6 timed steps: checks that it runs")
-    p.add_argument("--threads", type=int, help="torch threads per rank in both loops (OMP_NUM_THREADS; default: "
+    p.add_argument("--log-every", type=positive, default=25, help="shardrun's run.log_every (default 25, the demo's)")
+    p.add_argument("--threads", type=positive, help="torch threads per rank in both loops (OMP_NUM_THREADS; default: "
                    "torch's own choice, all cores for one rank, 1 per rank under torchrun)")
     p.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "py-spy"),
                    help="instead of the comparison, profile shardrun's timed window and print its costliest "
                         "functions: cProfile (the default: exact calls, main thread) or py-spy (sampling, every "
                         "thread; on 2 cores its own CPU use slows the step several times)")
-    p.add_argument("--top", type=int, default=25, help="functions shown by --profile (default 25)")
-    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
+    p.add_argument("--top", type=positive, default=25, help="functions shown by --profile (default 25)")
     p.add_argument("--child", choices=("bare", "shardrun"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--runs", help=argparse.SUPPRESS)
     p.add_argument("--profiler", choices=("py-spy", "cprofile"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        return args
-    if args.quick:
-        if args.record:
-            p.error("--quick numbers say nothing about overhead; run without --quick to --record")
-        args.size, args.reps, args.steps, args.warmup_steps, args.log_every = "tiny", 1, 6, 2, 3
-    if args.threads is not None and args.threads < 1:
-        p.error("--threads must be at least 1")
-    for flag in ("reps", "steps", "warmup_steps", "log_every", "top"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    args = p.parse(argv)
     if args.profile and args.record:
         p.error("--profile runs no comparison; nothing to --record")
     return args
@@ -160,17 +129,16 @@ def total_steps(args: argparse.Namespace) -> int:
 # -- the parent: pairs of fresh processes ----------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, data: str, work: Path) -> dict[int, list[dict]]:
+def measure(args: argparse.Namespace, data: str, work: Path, env: dict[str, str]) -> dict[int, list[dict]]:
     """Per rank count, the pairs: {"bare": run, "shardrun": run}, taking turns at going first."""
     results: dict[int, list[dict]] = {}
     for world in args.ranks:
         results[world] = []
-        for rep in range(args.reps):
-            order = ("bare", "shardrun") if rep % 2 == 0 else ("shardrun", "bare")
-            pair = {loop: launch(args, loop, world, data, work) for loop in order}
+        for rep, order in in_turns(["bare", "shardrun"], args.reps):
+            pair = {loop: launch(args, loop, world, data, work, env) for loop in order}
             results[world].append(pair)
             b, s = pair["bare"]["step_s"], pair["shardrun"]["step_s"]
-            print(f"  {world} rank{'s' if world > 1 else ''}, pair {rep + 1}/{args.reps} ({order[0]} first): bare "
+            print(f"  {plural(world, 'rank')}, pair {rep + 1}/{args.reps} ({order[0]} first): bare "
                   f"{b * 1e3:.2f} ms/step ({pair['bare']['outside_s'] * 1e3:.3f} outside DeepSpeed), shardrun "
                   f"{s * 1e3:.2f} ms/step ({pair['shardrun']['outside_s'] * 1e3:.3f}), ratio {s / b:.4f}; CPU "
                   f"(all threads / main thread) {cpu(pair['bare'])} and {cpu(pair['shardrun'])} ms/step", flush=True)
@@ -183,67 +151,18 @@ def cpu(run: dict) -> str:
 
 def child_command(args: argparse.Namespace, loop: str, world: int, data: str, out: Path, runs: Path,
                   profiler: str | None = None) -> list[str]:
+    """The command of one loop's run on world ranks: this script as --child."""
     script = [str(Path(__file__).resolve()), "--child", loop, "--data", data, "--out", str(out), "--runs", str(runs),
               "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
               "--zero-stage", str(args.zero_stage), "--log-every", str(args.log_every)]
-    if profiler:
-        script += ["--profiler", profiler]
-    if world == 1:
-        return [sys.executable, *script]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", *script]
+    return on_ranks([*script, "--profiler", profiler] if profiler else script, world)
 
 
-def child_env(threads: int | None) -> dict[str, str]:
-    """DeepSpeed's CPU accelerator for both loops (shardrun's engine module sets it too), its compiled op from the
-    runner's folder, built with the runner's ninja, and the torch threads asked for."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", TORCH_EXTENSIONS_DIR=torch_extensions_dir(),
-               PATH=path_with_our_ninja())
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)  # torchrun keeps a value it finds
-    return env
-
-
-def torch_extensions_dir() -> str:
-    """Where DeepSpeed's CPU comm op is built: the runner's folder for this environment (one build per checkout)."""
-    return str(extensions.default_dir())
-
-
-def path_with_our_ninja() -> str:
-    """PATH for the children: the bare loops import DeepSpeed without shardrun's engine, which would put this
-    environment's ninja first (two ninja versions take each other's build of the op for a stale one)."""
-    return extensions.path_with_our_ninja(os.environ.get("PATH")) or ""
-
-
-def warm_extensions(env: dict[str, str]) -> None:
-    """Build DeepSpeed's CPU comm op unless it is there, before anything is timed (a build takes minutes)."""
-    if any(Path(env["TORCH_EXTENSIONS_DIR"]).glob("*/*.so")):
-        return
-    print(f"compiling DeepSpeed's CPU comm op into {env['TORCH_EXTENSIONS_DIR']} (once, a few minutes) ...", flush=True)
-    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"bench: DeepSpeed's CPU comm op did not build:\n{(done.stdout + done.stderr)[-3000:]}")
-
-
-def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Path) -> dict:
+def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Path, env: dict[str, str]) -> dict:
     """One run in fresh processes; its timed window from rank 0's marks."""
     out = Path(tempfile.mkstemp(prefix=f"{loop}-", suffix=".json", dir=work)[1])
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
-    cmd = child_command(args, loop, world, data, out, runs)
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=child_env(args.threads),
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            kill_group(proc)
-        if code != 0:
-            log.seek(0)
-            sys.exit(f"bench: the {loop} loop on {world} rank(s) failed ({'timed out' if code is None else code}):\n"
-                     + "".join(log.readlines()[-40:]))
+    run_to_end(child_command(args, loop, world, data, out, runs), env, f"the {loop} loop on {world} rank(s)")
     shutil.rmtree(runs, ignore_errors=True)
     result = json.loads(out.read_text())
     marks = result["marks"]
@@ -254,19 +173,6 @@ def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Pat
             "main_cpu_s": result["cpu"][1] / n}
 
 
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- the child: one loop, one rank -------------------------------------------------------------------
 
 
@@ -275,8 +181,7 @@ def job_spec(args: argparse.Namespace, data: str, runs: str, world: int) -> dict
     s = SIZES[args.size]
     return {
         "name": "overhead",
-        "model": {"type": "gpt", "n_layer": s["n_layer"], "n_head": s["n_head"], "n_embd": s["n_embd"],
-                  "block_size": s["seq_len"], "vocab_size": VOCAB},
+        "model": {"type": "gpt", **gpt(s)},
         "data": {"paths": [data], "seq_len": s["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage, "precision": "fp32", "micro_batch_size": s["micro_batch"],
                       "grad_accum_steps": 1, "grad_clip": 1.0,
@@ -319,8 +224,10 @@ class Window:
         elif self._gc_started:
             self._gc += time.perf_counter() - self._gc_started
 
-    def wrap(self, engine) -> None:
-        """Time the engine's forward, backward and step (instance attributes: nn.Module.__call__ finds forward)."""
+    def attach(self, engine) -> None:
+        """Mark each forward of the engine's model (before any pre-hook of DeepSpeed's: ZeRO 3 adds some) and time
+        the engine's forward, backward and step (instance attributes: nn.Module.__call__ finds forward)."""
+        engine.module.register_forward_pre_hook(self, prepend=True)
         for name in ("forward", "backward", "step"):
             setattr(engine, name, self._timed(getattr(engine, name)))
 
@@ -384,7 +291,7 @@ def run_child(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bare(args, spec, window: Window, rank: int, world: int) -> dict:
+def run_bare(args: argparse.Namespace, spec, window: Window, rank: int, world: int) -> dict:
     """deepspeed.initialize with shardrun's config for this spec; forward, backward, step; nothing else."""
     import deepspeed
     import torch
@@ -398,11 +305,10 @@ def run_bare(args, spec, window: Window, rank: int, world: int) -> dict:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     torch.manual_seed(spec.run.seed)
     model = build(spec.model)
-    model.register_forward_pre_hook(window)
     config = build_ds_config(spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=False,
                              grad_accum_steps=spec.grad_accum_for(world))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    window.wrap(engine)
+    window.attach(engine)
     batches = pinned_batches(args.data, spec.deepspeed.micro_batch_size, torch.device("cpu"))[rank::world]
     for inputs, targets in batches[:total_steps(args)]:
         loss = engine(inputs, targets)
@@ -411,20 +317,11 @@ def run_bare(args, spec, window: Window, rank: int, world: int) -> dict:
     return {}
 
 
-def run_shardrun(args, spec, window: Window, rank: int, world: int) -> dict:
-    """run_local, as `shardrun train` calls it, with the window's hook on the model DeepSpeed wraps."""
-    from shardrun.trainer import engine
-    from shardrun.trainer.local import run_local
+def run_shardrun(args: argparse.Namespace, spec, window: Window, rank: int, world: int) -> dict:
+    """run_local, as `shardrun train` calls it, the window attached to the engine its worker loop builds."""
+    from shardrun.driver.local import run_local
 
-    build = engine.build
-
-    def build_hooked(model, *a, **kw):
-        model.register_forward_pre_hook(window)
-        built = build(model, *a, **kw)
-        window.wrap(built)
-        return built
-
-    engine.build = build_hooked
+    on_startup("engine ready", lambda record: window.attach(record.engine))
     run_local(spec)
     if rank != 0:
         return {}
@@ -437,7 +334,7 @@ def run_shardrun(args, spec, window: Window, rank: int, world: int) -> dict:
 # -- profile --------------------------------------------------------------------------------------------
 
 
-def profile(args: argparse.Namespace, world: int, data: str, work: Path) -> None:
+def profile(args: argparse.Namespace, world: int, data: str, work: Path, env: dict[str, str]) -> None:
     """shardrun's loop once, its timed window under py-spy (sampling, every thread) or cProfile (main thread)."""
     tool = args.profile
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -449,29 +346,27 @@ def profile(args: argparse.Namespace, world: int, data: str, work: Path) -> None
     print(f"profiling shardrun's loop on {world} rank(s) with {tool}: {args.steps} steps after {args.warmup_steps} "
           "warm-up steps", flush=True)
     raw = work / f"py-spy-{world}.txt"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=child_env(args.threads), start_new_session=True)
     spying, tail = None, []
-    try:
-        for line in proc.stdout:
-            if line.startswith(SAY):
-                which, pid = line[len(SAY):].split()
-                if which == "start":
-                    spying = subprocess.Popen([spy, "record", "--pid", pid, "--format", "raw", "--output", str(raw),
-                                               "--rate", "100", "--nonblocking", "--threads"],
-                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                elif spying is not None:
-                    spying.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
-                    spying.wait(timeout=60)
-            else:
-                tail = (tail + [line])[-40:]
-        code = proc.wait(timeout=CHILD_TIMEOUT_S)
-    finally:
-        kill_group(proc)
-        if spying is not None and spying.poll() is None:
-            spying.kill()
-    if code != 0:
-        sys.exit(f"bench: the profiled run failed ({code}):\n" + "".join(tail))
+    with running(cmd, env, stderr=subprocess.STDOUT) as (proc, _):
+        try:
+            for line in proc.stdout:
+                if line.startswith(SAY):
+                    which, pid = line[len(SAY):].split()
+                    if which == "start":
+                        spying = subprocess.Popen([spy, "record", "--pid", pid, "--format", "raw", "--output",
+                                                   str(raw), "--rate", "100", "--nonblocking", "--threads"],
+                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    elif spying is not None:
+                        spying.send_signal(signal.SIGINT)  # py-spy writes what it sampled and exits
+                        spying.wait(timeout=60)
+                else:
+                    tail = (tail + [line])[-40:]
+            proc.wait()
+        finally:
+            if spying is not None and spying.poll() is None:
+                spying.kill()
+    if proc.returncode != 0:
+        sys.exit(f"bench: the profiled run failed ({proc.returncode}):\n" + "".join(tail))
     marks = json.loads(out.read_text())["marks"]
     seconds = marks[-1] - marks[args.warmup_steps]
     print(f"window: {seconds:.2f} s, {seconds / args.steps * 1e3:.2f} ms per step under the profiler")
@@ -490,12 +385,11 @@ def print_cprofile(path: Path, steps: int, seconds: float, top: int) -> None:
     stats = pstats.Stats(str(path)).stats
     ours = {k: v for k, v in stats.items()
             if k[0].startswith(SHARDRUN_DIR) and not k[0].startswith(SHARDRUN_DIR + MODELS)}
-    lines = ["| function (shardrun/, the model left out) | calls | cumulative ms per step | ms per call "
-             "| own ms per step |", "|---|---:|---:|---:|---:|"]
-    for key, (_, calls, own, cum, _) in sorted(ours.items(), key=lambda kv: -kv[1][3])[:top]:
-        lines.append(f"| {short(*key)} | {calls} | {cum / steps * 1e3:.3f} | {cum / calls * 1e3:.3f} | "
-                     f"{own / steps * 1e3:.3f} |")
-    print("\n".join(lines))
+    rows = [[short(*key), str(calls), f"{cum / steps * 1e3:.3f}", f"{cum / calls * 1e3:.3f}",
+             f"{own / steps * 1e3:.3f}"]
+            for key, (_, calls, own, cum, _) in sorted(ours.items(), key=lambda kv: -kv[1][3])[:top]]
+    print(table(["function (shardrun/, the model left out)", "calls", "cumulative ms per step", "ms per call",
+                 "own ms per step"], rows))
     # Trainer.train began before the profiler: the functions it calls in the window are those without callers
     loop = sum(v[3] for v in ours.values() if not v[4])
     step_key = next((k for k in ours if k[2] == "train_step"), None)
@@ -531,11 +425,10 @@ def print_pyspy(raw: Path, steps: int, seconds: float, top: int) -> None:
     if not main_total:
         sys.exit("bench: py-spy sampled nothing of the main thread")
     per_sample = seconds / main_total  # the main thread never idles in the window: its samples span it
-    lines = ["| thread | function (shardrun/, the model left out) | inclusive ms per step | share of the window |",
-             "|---|---|---:|---:|"]
-    for (thread, func), n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"| {thread} | {func} | {n * per_sample / steps * 1e3:.3f} | {n / main_total:.2%} |")
-    print("\n".join(lines))
+    rows = [[thread, func, f"{n * per_sample / steps * 1e3:.3f}", f"{n / main_total:.2%}"]
+            for (thread, func), n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]]
+    print(table(["thread", "function (shardrun/, the model left out)", "inclusive ms per step",
+                 "share of the window"], rows, align="llr"))
     print("\nsamples per thread (idle ones not sampled): "
           + ", ".join(f"{t} {n}" for t, n in sorted(threads.items(), key=lambda kv: -kv[1])))
     rest = main_total - main_engine
@@ -548,6 +441,7 @@ def print_pyspy(raw: Path, steps: int, seconds: float, top: int) -> None:
 
 
 def summarize(results: dict[int, list[dict]]) -> list[dict]:
+    """Per rank count: both loops' step times, the ratios of the pairs, and the medians of the rest."""
     rows = []
     for world, pairs in results.items():
         row = {"world": world, "pairs": len(pairs)}
@@ -566,51 +460,39 @@ def summarize(results: dict[int, list[dict]]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    def ms(xs):
-        return f"{statistics.median(xs) * 1e3:.2f} | {min(xs) * 1e3:.2f} - {max(xs) * 1e3:.2f}"
+    def both(key: str, digits: int) -> str:
+        return f"{r[f'bare_{key}'] * 1e3:.{digits}f}, {r[f'shardrun_{key}'] * 1e3:.{digits}f}"
 
-    lines = ["| ranks | bare step (ms) | min - max | shardrun step (ms) | min - max | shardrun / bare (median of "
-             "pairs) | pairs min - max | outside DeepSpeed's calls (ms/step): bare, shardrun | garbage collection "
-             "(ms/step): bare, shardrun | rank 0's CPU, all threads (ms/step): bare, shardrun | shardrun data wait |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    header = ["ranks", "bare step (ms)", "min - max", "shardrun step (ms)", "min - max",
+              "shardrun / bare (median of pairs)", "pairs min - max",
+              "outside DeepSpeed's calls (ms/step): bare, shardrun", "garbage collection (ms/step): bare, shardrun",
+              "rank 0's CPU, all threads (ms/step): bare, shardrun", "shardrun data wait"]
+    body = []
     for r in rows:
         wait = f"{r['data_wait']:.2%}" if r["data_wait"] is not None else "-"
-        lines.append(f"| {r['world']} | {ms(r['bare'])} | {ms(r['shardrun'])} | {r['ratio']:.4f} | "
-                     f"{min(r['ratios']):.4f} - {max(r['ratios']):.4f} | {r['bare_outside'] * 1e3:.3f}, "
-                     f"{r['shardrun_outside'] * 1e3:.3f} | {r['bare_gc'] * 1e3:.3f}, {r['shardrun_gc'] * 1e3:.3f} "
-                     f"| {r['bare_cpu'] * 1e3:.1f}, {r['shardrun_cpu'] * 1e3:.1f} | {wait} |")
-    return "\n".join(lines)
+        body.append([str(r["world"]), *spread(r["bare"], 2, 1e-3), *spread(r["shardrun"], 2, 1e-3),
+                     *spread(r["ratios"], 4), both("outside", 3), both("gc", 3), both("cpu", 1), wait])
+    return table(header, body, align="r")
 
 
 def findings(rows: list[dict]) -> list[str]:
+    """The issue's goal, checked per rank count: shardrun's step at most 2% longer than the bare loop's."""
     out = []
     for r in rows:
         verdict = "meets" if r["ratio"] - 1 <= GOAL else "misses"
-        out.append(f"{r['world']} rank{'s' if r['world'] > 1 else ''}: shardrun / bare = {r['ratio']:.4f} "
+        out.append(f"{plural(r['world'], 'rank')}: shardrun / bare = {r['ratio']:.4f} "
                    f"({r['ratio'] - 1:+.2%} per step): {verdict} the goal of {GOAL:.0%}")
     return out
 
 
-def record(args: argparse.Namespace, table: str, found: list[str], load: tuple) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+def setup(args: argparse.Namespace) -> str:
+    """The record's line on what ran."""
     s = SIZES[args.size]
-    append_record(SECTION, "\n".join([
-        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
-        "",
-        f"- Command: `{shlex.join(['python', 'bench/overhead.py', *sys.argv[1:]])}`",
-        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        f"- Versions: {versions(VERSIONS)}",
-        f"- Setup: GPT {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads, seq {s['seq_len']}, micro-batch "
-        f"{s['micro_batch']} per rank, fp32, ZeRO {args.zero_stage}, gloo; {args.warmup_steps} warm-up steps, "
-        f"{args.steps} timed; log every {args.log_every}; torch threads per rank: "
-        f"{args.threads or 'default (all cores for 1 rank, 1 each under torchrun)'}; {args.reps} pairs per rank "
-        "count, medians",
-        "",
-        table,
-        "",
-        *[f"{line}." for line in found],
-        "",
-    ]))
+    return (f"Setup: GPT {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads, seq {s['seq_len']}, micro-batch "
+            f"{s['micro_batch']} per rank, fp32, ZeRO {args.zero_stage}, gloo; {args.warmup_steps} warm-up steps, "
+            f"{args.steps} timed; log every {args.log_every}; torch threads per rank: "
+            f"{args.threads or 'default (all cores for 1 rank, 1 each under torchrun)'}; {args.reps} pairs per rank "
+            "count, medians")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ gloo) on the same Parquet shards. The clock starts when the bench starts the com
 rank 0's second forward begins: a forward pre-hook on the model, the same in all three, so the first
 step's optimizer update and whatever the loop does after it count. The bare script and shardrun's
 workers also note when the model is built, DeepSpeed is up, the data is open and the first forward
-begins; the driver's lines (spec, data index, Ray up) are timed as they arrive.
+begins (shardrun's from its worker loop's start-up log records); the driver's lines (spec, data
+index, Ray up) are timed as they arrive.
 
     python bench/startup.py                    # 3 repetitions of each way, medians and phases
     python bench/startup.py --record           # the same, appended to docs/benchmarks.md
@@ -18,14 +19,9 @@ begins; the driver's lines (spec, data index, Ray up) are timed as they arrive.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import secrets
-import shlex
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,9 +31,21 @@ import time
 from pathlib import Path
 
 import yaml
-from common import DOC, REPO, append_record, git_revision, machine, versions
-from gpu import write_tokens
-from overhead import SIZES, VOCAB, path_with_our_ninja, torch_extensions_dir, warm_extensions
+from common import (
+    REPO,
+    SIZES,
+    Parser,
+    deepspeed_cpu_env,
+    fresh_ray_env,
+    gpt,
+    in_turns,
+    on_ranks,
+    report,
+    running,
+    spread,
+    table,
+    write_rank_tokens,
+)
 
 from shardrun.config import parse
 from shardrun.trainer.ds_config import build_ds_config
@@ -192,92 +200,80 @@ if __name__ == "__main__":
 '''
 
 SHARDRUN_MODEL_PY = '''"""shardrun's built-in GPT through a model entrypoint, so that its worker marks its phases."""
+import logging
+
 import marks
+
+PHASES = {"engine ready": "deepspeed init", "data open": "data open"}
+
+
+class StartupMarks(logging.Handler):
+    """Marks the worker loop's start-up records: DeepSpeed up (and the latest checkpoint loaded: none here), then
+    the data open."""
+
+    def emit(self, record):
+        if record.getMessage() in PHASES:
+            marks.mark(PHASES[record.getMessage()])
+
+
+HANDLER = StartupMarks()
 
 
 def build(**config):
     marks.mark("model")
-    import shardrun.datasets
     from shardrun.trainer.models.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(**config))
     marks.hook(model)
-    # the loop opens the data right after DeepSpeed is up (Trainer.__init__): mark both ends
-    open_data = shardrun.datasets.open
-
-    def timed_open(*args, **kwargs):
-        marks.mark("deepspeed init")
-        stream = open_data(*args, **kwargs)
-        marks.mark("data open")
-        return stream
-
-    shardrun.datasets.open = timed_open
+    logger = logging.getLogger("shardrun.trainer.startup")
+    logger.setLevel(logging.INFO)  # shardrun leaves it unset: the root's WARNING would drop its records
+    logger.addHandler(HANDLER)  # once, however often the model is built
     return model
 '''
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="shardrun-startup-") as work:
         work = Path(work)
         prepare(work, SIZES[args.size])
         env = bench_env(work)
         results = {w: [] for w in args.ways}
-        for rep in range(args.reps):
-            order = args.ways[rep % len(args.ways):] + args.ways[:rep % len(args.ways)]
+        for rep, order in in_turns(args.ways, args.reps):
             for way in order:
-                res = RUNNERS[way](work, env, rep)
-                results[way].append(res)
-                print(f"  rep {rep + 1}/{args.reps} {NAMES[way]:13s} first step after {res['first step']:.2f} s",
-                      flush=True)
+                results[way].append(RUNNERS[way](work, env, rep))
+                print(f"  rep {rep + 1}/{args.reps} {NAMES[way]:13s} first step after "
+                      f"{results[way][-1]['first step']:.2f} s", flush=True)
         imports = measure_imports(env, args.reps, quick=args.quick)
-    table, phase_table, import_table = format_tables(results, imports)
-    found = findings(results)
-    print("\n" + table + "\n\n" + phase_table + "\n\n" + import_table)
-    for line in found:
-        print(line)
-    if args.record:
-        record(args, table, phase_table, import_table, found, load)
-        print(f"\nrecorded in {DOC.relative_to(REPO)}")
+    report(SECTION, args, format_tables(results, imports), findings(results), details=[setup(args)],
+           versions_of=VERSIONS)
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reps", type=int, default=3, help="repetitions of each way (default 3)")
+    p = Parser(__doc__, reps=3, reps_help="repetitions of each way", quick={"size": "tiny", "reps": 1},
+               quick_help="tiny model, one repetition", measures="start-up")
     p.add_argument("--size", choices=SIZES, default="demo", help="model and micro-batch (default demo, "
                    "examples/gpt-stdlib.yaml's)")
     p.add_argument("--only", help=f"comma list of ways (default all: {','.join(WAYS)})")
-    p.add_argument("--quick", action="store_true", help="tiny model, one repetition: checks that it all runs")
-    p.add_argument("--record", action="store_true", help=f"append the results to {DOC.relative_to(REPO)}")
-    args = p.parse_args(argv)
+    args = p.parse(argv)
     args.ways = list(WAYS)
     if args.only:
         args.ways = [w.strip() for w in args.only.split(",") if w.strip()]
         unknown = [w for w in args.ways if w not in WAYS]
         if unknown or not args.ways:
             p.error(f"--only {args.only}: unknown way {', '.join(unknown)} (ways: {', '.join(WAYS)})")
-    if args.quick:
-        if args.record:
-            p.error("--quick numbers say nothing about start-up; run without --quick to --record")
-        args.size, args.reps = "tiny", 1
-    if args.reps < 1:
-        p.error("--reps must be at least 1")
     return args
 
 
 def prepare(work: Path, size: dict) -> None:
     """Data, the model's source, the scripts, and the job every way runs (as job.json and job.yaml)."""
-    data = write_tokens(work / "data", {**size, "micro_batch": size["micro_batch"] * WORKERS, "vocab_size": VOCAB},
-                        max(4 * STEPS, -(-16 * 256 // (size["micro_batch"] * WORKERS))))
+    data = write_rank_tokens(work / "data", size, WORKERS, 4 * STEPS)
     shutil.copy(REPO / "shardrun" / "trainer" / "models" / "gpt.py", work / "gpt.py")
     for name, text in (("marks.py", MARKS_PY), ("bare_train.py", BARE_TRAIN_PY), ("ray_train.py", RAY_DRIVER_PY),
                        ("shardrun_model.py", SHARDRUN_MODEL_PY)):
         (work / name).write_text(text)
-    model = {"n_layer": size["n_layer"], "n_head": size["n_head"], "n_embd": size["n_embd"],
-             "block_size": size["seq_len"], "vocab_size": VOCAB}
+    model = gpt(size)
     spec = {
         "name": "startup",
         "model": {"entrypoint": "shardrun_model:build", "args": model},
@@ -302,16 +298,9 @@ def prepare(work: Path, size: dict) -> None:
 
 def bench_env(work: Path) -> dict[str, str]:
     """One environment for every way: the scripts importable, DeepSpeed on CPU with its compiled comm op ready
-    (bench/overhead.py's torch_extensions_dir: its build is not start-up), and a fresh local Ray with a token of its
-    own (none is written to ~/.ray)."""
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(work), env.get("PYTHONPATH")])), DS_ACCELERATOR="cpu",
-               CUDA_VISIBLE_DEVICES="", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32),
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
-    env["TORCH_EXTENSIONS_DIR"], env["PATH"] = torch_extensions_dir(), path_with_our_ninja()
-    warm_extensions(env)
-    return env
+    (its build is not start-up), and a fresh local Ray."""
+    return fresh_ray_env(deepspeed_cpu_env(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1"))
 
 
 # -- running one way --------------------------------------------------------------------------------------
@@ -324,26 +313,19 @@ def timed_run(cmd: list[str], env: dict, work: Path, what: str) -> tuple[float, 
     env = {**env, "SHARDRUN_BENCH_MARKS": str(marks_dir)}
     lines: list[tuple[float, str]] = []
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=work,
-                            start_new_session=True)
-    reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stdout), daemon=True)
-    reader.start()
-    marks: dict[str, float] = {}
-    try:
-        while "first step" not in marks and proc.poll() is None and time.time() - start < RUN_TIMEOUT_S:
+    with running(cmd, env, RUN_TIMEOUT_S, stderr=subprocess.STDOUT, cwd=work) as (proc, cut):
+        reader = threading.Thread(target=lambda: lines.extend((time.time(), line) for line in proc.stdout),
+                                  daemon=True)
+        reader.start()
+        marks: dict[str, float] = {}
+        while "first step" not in marks and proc.poll() is None and not cut.is_set():
             time.sleep(0.1)
             marks = read_marks(marks_dir)
         time.sleep(0.5)  # the driver's line of step 1 (shardrun's progress is polled every second)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the command, torchrun's ranks, Ray's processes
-        except ProcessLookupError:
-            pass
-        proc.wait()
     reader.join(timeout=10)
     marks = read_marks(marks_dir)
     if "first step" not in marks:
-        why = "timed out" if proc.returncode == -signal.SIGKILL else f"exit {proc.returncode}"
+        why = "timed out" if cut.is_set() else f"exit {proc.returncode}"
         sys.exit(f"bench: {what} ended before its first step ({why}):\n" + "".join(line for _, line in lines[-40:]))
     return start, lines, marks
 
@@ -364,9 +346,8 @@ def relative(start: float, marks: dict[str, float]) -> dict[str, float]:
 
 
 def run_torchrun(work: Path, env: dict, rep: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={WORKERS}", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", str(work / "bare_train.py")]
-    start, _, marks = timed_run(cmd, env, work, "torchrun with the bare script")
+    start, _, marks = timed_run(on_ranks([str(work / "bare_train.py")], WORKERS), env, work,
+                                "torchrun with the bare script")
     return relative(start, marks)
 
 
@@ -394,12 +375,6 @@ def run_shardrun(work: Path, env: dict, rep: int) -> dict:
 
 
 RUNNERS = {"torchrun": run_torchrun, "ray": run_ray, "shardrun": run_shardrun}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_imports(env: dict, reps: int, *, quick: bool = False) -> dict[str, list[float]]:
@@ -430,18 +405,16 @@ def med(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f}"
 
 
-def format_tables(results: dict[str, list[dict]], imports: dict[str, list[float]]) -> tuple[str, str, str]:
+def format_tables(results: dict[str, list[dict]], imports: dict[str, list[float]]) -> list[str]:
+    """The ways' times to the first step, their phases, and the import times."""
     ways = list(results)
     ray = statistics.median(r["first step"] for r in results["ray"]) if results.get("ray") else None
-    lines = ["| way | command to first step (s), median | min - max | vs TorchTrainer |", "|---|---:|---:|---:|"]
+    totals = []
     for way in ways:
         firsts = [r["first step"] for r in results[way]]
-        vs = f"{statistics.median(firsts) / ray:.2f}" if ray else "-"
-        lines.append(f"| {NAMES[way]} | {med(firsts)} | {min(firsts):.2f} - {max(firsts):.2f} | {vs} |")
-    table = "\n".join(lines)
+        totals.append([NAMES[way], *spread(firsts), f"{statistics.median(firsts) / ray:.2f}" if ray else "-"])
 
-    phases = ["| phase (s, medians) | " + " | ".join(NAMES[w] for w in ways) + " |",
-              "|---|" + "---:|" * len(ways)]
+    phases = []
     for label, spans in PHASES:
         cells = []
         for way in ways:
@@ -449,19 +422,17 @@ def format_tables(results: dict[str, list[dict]], imports: dict[str, list[float]
             runs = [r for r in results[way] if span and (not span[0] or span[0] in r) and span[1] in r]
             cells.append(med([r[span[1]] - (r[span[0]] if span[0] else 0.0) for r in runs]) if runs else "")
         if any(cells):
-            phases.append(f"| {label} | " + " | ".join(cells) + " |")
-    phases.append("| **command to first step** | " + " | ".join(med([r["first step"] for r in results[w]])
-                                                       for w in ways) + " |")
+            phases.append([label, *cells])
+    phases.append(["**command to first step**", *(med([r["first step"] for r in results[w]]) for w in ways)])
     if "shardrun" in results and all("driver saw step 1" in r for r in results["shardrun"]):
         late = [r["driver saw step 1"] - r["first step"] for r in results["shardrun"]]
-        phases.append("| shardrun's driver prints step 1 this much later (progress is polled every 1 s) | "
-                      + " | ".join(med(late) if w == "shardrun" else "" for w in ways) + " |")
-    phase_table = "\n".join(phases)
+        phases.append(["shardrun's driver prints step 1 this much later (progress is polled every 1 s)",
+                       *(med(late) if w == "shardrun" else "" for w in ways)])
 
-    imp = ["| import, in a fresh Python (s) | median | min - max |", "|---|---:|---:|"]
-    for label, times in imports.items():
-        imp.append(f"| {label} | {med(times)} | {min(times):.2f} - {max(times):.2f} |")
-    return table, phase_table, "\n".join(imp)
+    return [table(["way", "command to first step (s), median", "min - max", "vs TorchTrainer"], totals),
+            table(["phase (s, medians)", *(NAMES[w] for w in ways)], phases),
+            table(["import, in a fresh Python (s)", "median", "min - max"],
+                  [[label, *spread(times)] for label, times in imports.items()])]
 
 
 def findings(results: dict[str, list[dict]]) -> list[str]:
@@ -478,27 +449,12 @@ def findings(results: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def record(args, table: str, phase_table: str, import_table: str, found: list[str], load: tuple) -> None:
-    now = datetime.datetime.now(datetime.timezone.utc)
+def setup(args: argparse.Namespace) -> str:
+    """The record's line on what ran."""
     s = SIZES[args.size]
-    append_record(SECTION, "\n".join([
-        f"### {now:%Y-%m-%d %H:%M} UTC, shardrun {git_revision()}",
-        "",
-        f"- Command: `{shlex.join(['python', 'bench/startup.py', *sys.argv[1:]])}`",
-        f"- Machine: {machine()}; load average {load[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end",
-        f"- Versions: {versions(VERSIONS)}",
-        f"- Setup: {WORKERS} CPU workers (gloo), GPT {s['n_layer']} x {s['n_embd']}, seq {s['seq_len']}, micro-batch "
-        f"{s['micro_batch']}, ZeRO-2 fp32, {STEPS} steps; medians of {args.reps} repetitions, the ways taking turns",
-        "",
-        table,
-        "",
-        phase_table,
-        "",
-        import_table,
-        "",
-        *[f"{line}." for line in found],
-        "",
-    ]))
+    return (f"Setup: {WORKERS} CPU workers (gloo), GPT {s['n_layer']} x {s['n_embd']}, seq {s['seq_len']}, "
+            f"micro-batch {s['micro_batch']}, ZeRO-2 fp32, {STEPS} steps; medians of {args.reps} repetitions, the "
+            "ways taking turns")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_overhead_profiles_two_ranks():
     out = run([sys.executable, "bench/overhead.py", "--quick", "--ranks", "2", "--profile"], timeout=180,
               cwd=REPO).stdout
     assert re.search(r"\| trainer\.loop:\d+ train_step \| 6 \|", out), out  # rank 0's 6 timed steps, profiled
-    assert re.search(r"\| trainer\.preemption:\d+ exchange \| 6 \|", out), out  # the per-step flags' collective
+    assert re.search(r"\| trainer\.collectives:\d+ exchange \| 6 \|", out), out  # the per-step flags' collective
     assert "in what train_step calls outside shardrun" in out
 
 
