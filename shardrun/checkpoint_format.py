@@ -34,6 +34,12 @@ RUN_CHECKPOINTS = re.compile(rf"^(checkpoint_\d+|{LOCAL_FOLDER})$")
 """An entry of a run dir that holds checkpoints."""
 
 
+ZERO_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_\d+_(?P<kind>optim|model)_states\.pt")
+"""DeepSpeed's per-rank files in the tag folder: optimizer state shards (ZeRO 1-3), parameter shards (ZeRO 3)."""
+MODEL_STATES = "mp_rank_00_model_states.pt"
+"""DeepSpeed's whole-model file (ZeRO 0-2), written by rank 0."""
+
+
 def ray_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
@@ -68,14 +74,32 @@ def read_manifest(directory: str) -> dict:
                         "checkpoint, or it was not completely written") from None
 
 
-def incomplete_because(found: dict, names: set[str]) -> str:
-    """Why a checkpoint folder whose manifest is `found` and whose files (relative names) are `names` is not
-    complete; "" when it is. Object stores have no folders, only names with slashes."""
-    missing = [r for r in range(found["world_size"]) if rank_file(r) not in names]
+def incomplete_because(found: dict, sizes: dict[str, int]) -> str:
+    """Why a checkpoint folder whose manifest is `found` and whose files are `sizes` (relative name -> bytes)
+    is not complete; "" when it is. Complete: every rank's file and every rank's ZeRO shards there, and no file
+    empty (a rank killed mid-write or mid-upload leaves one missing or truncated to nothing)."""
+    world, tag_dir = found["world_size"], found["tag"] + "/"
+    missing = [r for r in range(world) if rank_file(r) not in sizes]
     if missing:
         return f"rank files missing: {missing}"
-    if not (found["tag"] in names or any(name.startswith(f"{found['tag']}/") for name in names)):
+    ours = {name: size for name, size in sizes.items() if name.startswith(tag_dir)}
+    if not ours:  # object stores have no folders, only names with slashes
         return f"DeepSpeed's {found['tag']} folder is missing"
+    shards: dict[str, set[int]] = {"optim": set(), "model": set()}
+    for name in ours:
+        match = ZERO_SHARD.fullmatch(name[len(tag_dir):])
+        if match:
+            shards[match["kind"]].add(int(match["rank"]))
+    if not shards["model"] and f"{tag_dir}{MODEL_STATES}" not in ours:
+        return f"DeepSpeed's model states are missing from {found['tag']}"
+    stage = found.get("zero_stage", 0)
+    for kind, required in (("optim", stage >= 1), ("model", stage == 3)):
+        lacking = sorted(set(range(world)) - shards[kind]) if required or shards[kind] else []
+        if lacking:
+            return f"ZeRO {kind} shards of ranks {lacking} are missing from {found['tag']}"
+    empty = sorted(name for name, size in sizes.items() if size == 0 and (name in ours or name.startswith("rank_")))
+    if empty:
+        return f"empty files (cut off while written): {empty}"
     return ""
 
 
@@ -108,8 +132,9 @@ def local_run_dir(run_dir: str) -> str:
 
 
 def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
-    files = {f.path[len(path):].lstrip("/"): f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))}
-    size = sum(f.size for f in files.values() if f.type == pafs.FileType.File)
+    files = {f.path[len(path):].lstrip("/"): f.size for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.type == pafs.FileType.File}
+    size = sum(files.values())
     info = {"step": step, "path": display_path(source, path), "bytes": size, "complete": False, "why": "",
             "fs_path": path}
     try:
@@ -118,7 +143,7 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
     except (OSError, ValueError):
         info["why"] = f"no readable {MANIFEST} (rank 0 had not finished)"
         return info
-    info["why"] = incomplete_because(found, set(files))
+    info["why"] = incomplete_because(found, files)
     if not info["why"]:
         info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
                     precision=found.get("precision"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +86,7 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
 
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"--dtype is fp32 or bf16 (got {dtype})")
+    check_out(run_dir, out)
     spec = model_spec(run_dir)
     chosen = pick(run_dir, step)
     model = GPT(gpt_config(spec))
@@ -92,9 +94,47 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
         model.load_state_dict(consolidated_state(folder))
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    os.makedirs(out, exist_ok=True)
-    save_model(model, os.path.join(out, "model.safetensors"))  # the tied embedding is stored once
     config = {"model": spec.model_dump(mode="json"), "step": chosen["step"], "dtype": dtype,
               "source": chosen["path"]}
-    Path(out, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
+    try:
+        save_model(model, os.path.join(staging, "model.safetensors"))  # the tied embedding is stored once
+        Path(staging, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fs.sync_tree(staging)
+        replace_folder(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {**config, "out": out, "bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
+
+
+EXPORT_FILES = {"model.safetensors", "config.json"}
+
+
+def check_out(run_dir: str, out: str) -> None:
+    """--out is a new or empty folder, or an earlier export (replaced whole); never inside the run dir."""
+    target = os.path.realpath(out)
+    if not fs.is_uri(run_dir):
+        run = os.path.realpath(os.path.expanduser(run_dir))
+        if target == run or target.startswith(run + os.sep):
+            raise UserError(f"--out {out} is inside the run dir {run_dir}: export to a folder of its own")
+    if os.path.isfile(target):
+        raise UserError(f"--out {out} is a file: give a folder (new, empty, or an earlier export)")
+    if os.path.isdir(target) and os.listdir(target) and set(os.listdir(target)) != EXPORT_FILES:
+        raise UserError(f"--out {out} holds files that are no export ({', '.join(sorted(os.listdir(target)))}): "
+                        "give a new or empty folder, or an earlier export to replace")
+
+
+def replace_folder(new: str, target: str) -> None:
+    """Put folder `new` in place of `target` by renames, never half an export: the old folder stays whole until
+    the new one is complete (then it is removed)."""
+    target = os.path.abspath(target)
+    if os.path.isdir(target):
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.rename(target, os.path.join(aside, "old"))
+        os.rename(new, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(new, target)
+    fs.sync_dir(os.path.dirname(os.path.abspath(target)))

@@ -7,18 +7,25 @@ import pytest
 from shardrun.checkpoint_format import list_checkpoints as checkpoints
 from shardrun.checkpoint_format import pick
 from shardrun.errors import UserError
-from shardrun.export import model_spec
+from shardrun.export import check_out, model_spec, replace_folder
 
 
-def _checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True):
+def _checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2):
+    """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks)."""
     folder.mkdir(parents=True)
     if manifest:
         (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
-                                                          "world_size": world, "zero_stage": 2}))
+                                                          "world_size": world, "zero_stage": stage}))
     for r in ranks:
         (folder / f"rank_{r}.pt").write_bytes(b"x" * 10)
     if tag:
         (folder / f"global_step{step}").mkdir()
+        names = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 \
+            else ["mp_rank_00_model_states.pt"]
+        names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)] if stage else []
+        for name in names:
+            (folder / f"global_step{step}" / name).write_bytes(b"y" * 20)
+    return folder
 
 
 def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
@@ -38,6 +45,35 @@ def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
         pick(str(tmp_path), 8)
 
 
+@pytest.mark.parametrize(("stage", "damage", "why"), [
+    (2, "global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+     "ZeRO optim shards of ranks [1] are missing from global_step8"),
+    (3, "global_step8/zero_pp_rank_0_mp_rank_00_model_states.pt",
+     "ZeRO model shards of ranks [0] are missing from global_step8"),
+    (1, "global_step8/mp_rank_00_model_states.pt", "DeepSpeed's model states are missing from global_step8"),
+    (0, "global_step8/mp_rank_00_model_states.pt", "DeepSpeed's global_step8 folder is missing"),  # its only file
+])
+def test_a_checkpoint_missing_a_shard_is_incomplete_and_never_picked(tmp_path, stage, damage, why):
+    _checkpoint(tmp_path / "checkpoint_00000004", 4, stage=stage)
+    damaged = _checkpoint(tmp_path / "checkpoint_00000008", 8, stage=stage)
+    assert pick(str(tmp_path))["step"] == 8
+    (damaged / damage).unlink()
+    found = {c["step"]: c for c in checkpoints(str(tmp_path))}
+    assert not found[8]["complete"] and found[8]["why"] == why
+    assert pick(str(tmp_path))["step"] == 4
+
+
+def test_a_file_cut_off_while_written_makes_the_checkpoint_incomplete(tmp_path):
+    damaged = _checkpoint(tmp_path / "checkpoint_00000008", 8)
+    (damaged / "rank_1.pt").write_bytes(b"")
+    (damaged / "global_step8/zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    [found] = checkpoints(str(tmp_path))
+    assert found["why"] == ("empty files (cut off while written): ['global_step8/zero_pp_rank_0_mp_rank_00_optim_"
+                            "states.pt', 'rank_1.pt']")
+    with pytest.raises(UserError, match="has no complete checkpoint yet"):
+        pick(str(tmp_path))
+
+
 def test_not_a_run_dir_is_named(tmp_path):
     # (a URI run dir is listed and exported against Azurite in tests/integration/test_remote_checkpoints.py)
     with pytest.raises(UserError, match="is no run dir"):
@@ -46,3 +82,26 @@ def test_not_a_run_dir_is_named(tmp_path):
     with pytest.raises(UserError, match=f"{tmp_path / 'run' / 'job.yaml'} is missing: it is written when a run "
                                         "starts"):
         model_spec(str(tmp_path / "run"))
+
+
+def test_export_goes_to_a_folder_of_its_own_and_replaces_an_earlier_export_whole(tmp_path):
+    run = tmp_path / "runs/tiny"
+    _checkpoint(run / "checkpoint_00000004", 4)
+    with pytest.raises(UserError, match="is inside the run dir"):
+        check_out(str(run), str(run / "export"))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes/todo.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files that are no export \\(todo.txt\\)"):
+        check_out(str(run), str(tmp_path / "notes"))
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (earlier / name).write_text("old")
+    check_out(str(run), str(earlier))  # an earlier export may be replaced
+    new = tmp_path / "staged"
+    new.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (new / name).write_text("new")
+    replace_folder(str(new), str(earlier))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes", "runs"]
+    assert {p.name: p.read_text() for p in earlier.iterdir()} == {"model.safetensors": "new", "config.json": "new"}
