@@ -84,12 +84,18 @@ class LocalCheckpointStore:
             os.rename(staging, final)
             fs.sync_dir(self.root)
             fs.write_text(os.path.join(self.root, layout.LATEST), name)
-            self._prune()
+            self._prune(step)
         _barrier()
 
-    def _prune(self) -> None:
-        done = sorted(d for d in os.listdir(self.root) if layout.STEP_DIR.match(d))
-        for old in done[: -self.keep]:
+    def _prune(self, committed: int) -> None:
+        """Keep the checkpoint just committed and the keep - 1 before it; remove staging folders left by a
+        crash. Folders of later steps (left by an attempt that went further before it crashed) are not this
+        run's history: they stay until the run reaches their step and replaces them."""
+        names = os.listdir(self.root)
+        older = sorted((int(m[1]), n) for n in names if (m := layout.STEP_DIR.match(n)) and int(m[1]) < committed)
+        doomed = [n for _, n in older[: max(0, len(older) - (self.keep - 1))]]
+        doomed += [n for n in names if n.startswith(layout.STAGING_PREFIX)]
+        for old in doomed:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
 
 

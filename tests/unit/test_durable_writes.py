@@ -85,3 +85,16 @@ def test_sync_tree_syncs_the_named_files_and_every_folder_between_them_and_the_r
     assert synced[2:] == [str(tmp_path / "a" / "b"), str(tmp_path / "a"), str(tmp_path)]
     with pytest.raises(FileNotFoundError):
         fs.sync_tree(str(tmp_path), ["missing.pt"])  # a file that was not written is not passed over
+
+
+def test_pruning_keeps_the_checkpoint_just_committed_and_clears_what_a_crash_left(tmp_path):
+    root = tmp_path / "checkpoints"
+    for leftover in ("step_00000050", "step_00000002", ".staging-step_00000060"):  # a crashed attempt's
+        (root / leftover).mkdir(parents=True)
+    store = LocalCheckpointStore(str(tmp_path), Topology(rank=0, world_size=1, local_rank=0, device="cpu"), keep=1)
+    for step in (4, 10):
+        with store.checkpoint_dir(step, {}) as staging:
+            with open(os.path.join(staging, "rank_0.pt"), "wb") as f:
+                f.write(b"x")
+    assert (root / "latest").read_text() == "step_00000010"
+    assert sorted(os.listdir(root)) == ["latest", "step_00000010", "step_00000050"]
