@@ -9,6 +9,8 @@ import ray
 
 from shardrun.driver.run_log import RunLog
 
+MAX_RETRY_S = 60.0
+
 
 @ray.remote(num_cpus=0)
 class EventChannel:
@@ -71,12 +73,25 @@ class EventForwarder:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.flush()
+        try:
+            self.flush()
+        except Exception as e:  # noqa: BLE001 - the run's outcome is the trainer's, not its last log lines'
+            self.observer.note({}, f"progress: the last events could not be forwarded ({e!r})")
 
     def flush(self) -> None:
         for kind, payload, line in ray.get(self.actor.take.remote()):
             getattr(self.observer, kind)(payload, line)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
+        """Forward every interval; after an error, say so and try again later (up to a minute apart): the
+        thread never ends before the run does."""
+        wait, failing = self.interval, False
+        while not self._stop.wait(wait):
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - an actor call or an observer's write: neither ends the run
+                if not failing:
+                    self.observer.note({}, f"progress: could not forward the workers' events ({e!r}); retrying")
+                wait, failing = min(wait * 2, MAX_RETRY_S), True
+            else:
+                wait, failing = self.interval, False

@@ -13,6 +13,7 @@ from typing import TextIO
 from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.driver.console import Console
+from shardrun.errors import redact
 
 
 class RunObserver:
@@ -30,6 +31,8 @@ class RunObserver:
         self.targets_path = os.path.join(spec.metrics.targets_dir, f"{spec.name}.json")
         self.jsonl_path = fs.join(spec.run_dir, "metrics.jsonl")
         self.groups = 0
+        self._unwritten: list[str] = []
+        """metrics.jsonl rows that storage refused so far, written with the next ones."""
         if spec.metrics.enabled and serve:
             from shardrun.metrics import JobMetrics
 
@@ -49,8 +52,24 @@ class RunObserver:
     def record(self, record: dict, line: str) -> None:
         self.console.update(record, line)
         if self.spec.metrics.jsonl:
-            row = {"time": round(time.time(), 3), **record}
-            fs.append_text(self.jsonl_path, json.dumps(row) + "\n")
+            self._unwritten.append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._append_rows()
+
+    def _append_rows(self) -> bool:
+        """Append the rows not yet written; a storage error keeps them for the next try and is said once per
+        outage (a log line never fails a run)."""
+        failing = len(self._unwritten) > 1
+        try:
+            fs.append_text(self.jsonl_path, "".join(self._unwritten))
+        except Exception as e:  # noqa: BLE001 - pyarrow's errors are OSError, ArrowException and more
+            if not failing:
+                self.emit(f"metrics.jsonl: cannot append to {self.jsonl_path} ({redact(str(e))}); its records "
+                          "are kept here and written with the next ones")
+            return False
+        if failing:
+            self.emit(f"metrics.jsonl: written again ({len(self._unwritten)} records held back are in)")
+        self._unwritten.clear()
+        return True
 
     def note(self, payload: dict, line: str) -> None:
         """A line from rank 0 that is no step record (a skipped step, a preemption notice)."""
@@ -67,6 +86,8 @@ class RunObserver:
     def close(self, state: str) -> None:
         """The run ended (succeeded or failed): the bar ends, its targets leave Prometheus's discovery."""
         self.console.close()
+        if self._unwritten and not self._append_rows():
+            self.emit(f"metrics.jsonl: {len(self._unwritten)} records could not be written to {self.jsonl_path}")
         if self.job is not None:
             self.job.set_state(state)
         try:

@@ -136,3 +136,19 @@ def test_job_state_is_one_state_at_a_time():
         assert states == {"pending": 0, "running": 0, "failed": 1}
     finally:
         job.close()
+
+
+def test_a_failing_append_to_metrics_jsonl_holds_the_records_back_and_never_stops_the_lines(tmp_path, corpus):
+    spec = parse(tiny_spec(corpus, tmp_path / "runs", metrics={"enabled": False}))
+    blocked = tmp_path / "runs/tiny/metrics.jsonl"
+    blocked.mkdir(parents=True)  # storage refuses the append (as a blob store that is down would)
+    lines = []
+    observer = RunObserver(spec, lines.append)
+    observer.record({"step": 1, "loss": 3.0}, "step 1")
+    observer.record({"step": 2, "loss": 2.5}, "step 2")
+    blocked.rmdir()
+    observer.record({"step": 3, "loss": 2.0}, "step 3")
+    observer.close("succeeded")
+    assert lines[0] == "step 1" and lines[1].startswith(f"metrics.jsonl: cannot append to {blocked} (")
+    assert lines[2:] == ["step 2", "step 3", "metrics.jsonl: written again (3 records held back are in)"]
+    assert [json.loads(line)["step"] for line in blocked.read_text().splitlines()] == [1, 2, 3]
