@@ -165,7 +165,7 @@ def ensure_data(spec: config.JobSpec) -> dict:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    print(load_spec(args).to_yaml(), end="")
+    print(redact(load_spec(args).to_yaml()), end="")
     return 0
 
 

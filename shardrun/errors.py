@@ -17,8 +17,13 @@ class Preempted(Exception):
 
 
 _SECRETS = [
-    (re.compile(r"\b(sig|client_secret|secret|token|x-amz-signature)=[^&\s'\"]+", re.IGNORECASE), r"\1=***"),
-    (re.compile(r"(://[^/:@\s]+):[^@/\s]+@"), r"\1:***@"),  # s3://KEY:SECRET@bucket
+    # query parameters and connection-string fields: SAS signatures, client secrets, keys, session tokens
+    (re.compile(r"\b(sig|client_secret|secret|secret_key|secret_access_key|access_key|session_token|"
+                r"security_token|x-amz-signature|x-amz-security-token|token|accountkey|account_key|password)="
+                r"(?:[^&;\s'\":]|:(?!\s|$))+", re.IGNORECASE), r"\1=***"),  # a ": " after it is the message's
+    # the user part of a URI: s3://KEY:SECRET@bucket, abfs://container:ACCOUNT_KEY@account (keys hold / and +)
+    (re.compile(r"(://[^/:@\s]+):[^@\s'\"]+@"), r"\1:***@"),
+    (re.compile(r"\b(bearer)\s+[\w.~+/=-]+", re.IGNORECASE), r"\1 ***"),
 ]
 
 

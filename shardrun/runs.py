@@ -90,8 +90,9 @@ def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
 
 
 def _run(name: str, run_dir: str, *, state: str, step=None, loss=None, checkpoint=None, modified=None) -> dict:
-    return {"name": name, "run_dir": redact(run_dir), "state": state, "moved_aside": bool(MOVED_ASIDE.search(name)),
-            "step": step, "loss": loss, "checkpoint": checkpoint, "modified": modified}
+    return {"name": name, "run_dir": redact(run_dir), "state": redact(state),
+            "moved_aside": bool(MOVED_ASIDE.search(name)), "step": step, "loss": loss, "checkpoint": checkpoint,
+            "modified": modified}
 
 
 def _read(problems: list[str], what: str, reader: Callable[[], object]):

@@ -18,6 +18,7 @@ from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_dir import prepare_run_dir
+from shardrun.errors import redact
 from shardrun.trainer.azure_events import WAIT_MARGIN_S
 
 
@@ -96,6 +97,6 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))
         observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
         if error is not None:
-            summary["error"] = f"{type(error).__name__}: {error}"
+            summary["error"] = redact(f"{type(error).__name__}: {error}")
         fs.write_json(fs.join(spec.run_dir, "summary.json"), summary)
     return summary

@@ -312,3 +312,11 @@ def test_storage_secrets_are_masked_in_messages():
     assert redact("abfs://c@acct.dfs.core.windows.net/p?client_id=1&client_secret=zz") == \
         "abfs://c@acct.dfs.core.windows.net/p?client_id=1&client_secret=***"
     assert redact("/local/path: fine") == "/local/path: fine"
+    # keys with / and +, connection strings, session credentials, bearer tokens
+    assert redact("abfs://runs:AbC/dE+f==@acct.dfs.core.windows.net/x") == "abfs://runs:***@acct.dfs.core.windows.net/x"
+    assert redact("DefaultEndpointsProtocol=https;AccountName=a;AccountKey=Zm9v/YmFy+==;EndpointSuffix=x") == \
+        "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=***;EndpointSuffix=x"
+    assert redact("s3://b/p?access_key=AK&secret_key=SK&session_token=ST") == \
+        "s3://b/p?access_key=***&secret_key=***&session_token=***"
+    assert redact("Authorization: Bearer eyJ0eXAi.eyJzdWIi.c2ln") == "Authorization: Bearer ***"
+    assert redact("http://127.0.0.1:8265 answered 503") == "http://127.0.0.1:8265 answered 503"
