@@ -15,8 +15,6 @@ from shardrun import config, fs
 from shardrun.errors import RedactingStream, UserError, redact
 
 EXIT_USER_ERROR = 2
-EXIT_STOPPED = 143
-"""Stopped on request (SIGTERM, ray job stop) after a checkpoint, before max_steps: as a SIGTERM'd process."""
 
 
 def _emit(line: str) -> None:
@@ -146,7 +144,7 @@ def ensure_data(spec: config.JobSpec) -> dict:
     Returns the data index as a plain dict for the workers: file footers are read once per run.
     """
     from shardrun.datasets import build_index
-    from shardrun.datasets.inspect import summary
+    from shardrun.datasets.inspect import steps_per_epoch, summary
     from shardrun.datasets.prepare import prepare_stdlib
 
     target = spec.data.paths[0]
@@ -160,6 +158,11 @@ def ensure_data(spec: config.JobSpec) -> dict:
     if spec.model.type == "gpt" and vocab and vocab > spec.model.vocab_size:
         raise UserError(f"data.paths: the shards' token ids go up to {vocab - 1} (their tokenizer's vocabulary), "
                         f"but model.vocab_size is {spec.model.vocab_size}; set model.vocab_size: {vocab}")
+    if not steps_per_epoch(index, spec.global_batch, spec.partitions, seed=spec.data.seed,
+                           window=spec.data.shuffle_window):
+        raise UserError(f"data.paths: {index.rows:,} rows make no whole step of a global batch of {spec.global_batch} "
+                        f"samples over {spec.partitions} partitions (deepspeed.micro_batch_size x grad_accum_steps x "
+                        "workers); add data, or lower the batch or data.partitions")
     _emit(summary(index, spec.global_batch, spec.partitions))
     return index.to_dict()
 
@@ -183,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index, started=started)
     _emit(f"summary ({fs.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
-    return EXIT_STOPPED if summary.get("stopped") else 0
+    return stopped_exit(summary.get("stopped"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -198,7 +201,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shardrun.driver.local import run_local
     from shardrun.trainer.faults import FaultInjector
 
-    return EXIT_STOPPED if run_local(spec, data_index, faults=FaultInjector.from_env()) else 0
+    return stopped_exit(run_local(spec, data_index, faults=FaultInjector.from_env()))
+
+
+def stopped_exit(signal_name: str | None) -> int:
+    """0 for a run that ended at max_steps; one stopped on a signal after its checkpoint exits as that signal
+    would end a process (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+    from shardrun.driver.stop_signals import EXIT_CODES
+
+    return EXIT_CODES.get(signal_name, 143) if signal_name else 0
 
 
 def cmd_prepare_text(args: argparse.Namespace) -> int:

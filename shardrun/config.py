@@ -21,9 +21,18 @@ from shardrun.fs import is_uri, join
 
 
 class _Section(BaseModel):
-    """A spec section: unknown keys are errors, values are checked on assignment too."""
+    """A spec section: unknown keys are errors, numbers are finite, values are checked on assignment too."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+SEED_LIMIT = 2**32
+"""Seeds go to numpy's legacy RNG, which takes 0 <= seed < 2**32."""
+NAME_LIMIT = 200
+"""Characters of a run name: the longest file names made from it (`<name>.replaced-<time>`, `<name>.json`) stay
+within the 255 bytes a file system allows."""
+COMPUTED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+"""DeepSpeed config keys shardrun computes from the spec and the world size (every size an elastic run takes)."""
 
 
 class PrepareSpec(_Section):
@@ -111,7 +120,7 @@ class DataSpec(_Section):
         None, description="table: feature columns (default: every column but the label)."
     )
     label: str | None = Field(None, description="table: the label column (passed as `label`).")
-    seed: int = Field(0, description="Seed of the sample order.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of the sample order.")
     partitions: int | None = Field(
         None, ge=1,
         description="Logical partitions of the sample order, fixed for the whole run; a multiple of "
@@ -165,9 +174,16 @@ class DataSpec(_Section):
 class OptimizerSpec(_Section):
     type: Literal["adamw", "adam"] = Field("adamw", description="Optimizer.")
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (adamw).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
 
 
 class ScheduleSpec(_Section):
@@ -189,8 +205,19 @@ class DeepSpeedSpec(_Section):
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config merged last over what shardrun builds "
-        "(an existing ds_config.json keeps working).",
+        "(an existing ds_config.json keeps working); the batch keys are shardrun's (micro_batch_size, "
+        "grad_accum_steps).",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _no_batch_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        taken = [key for key in COMPUTED_BATCH_KEYS if key in value]
+        if taken:
+            raise ValueError(f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} computed by shardrun for "
+                             "every world size: set deepspeed.micro_batch_size and deepspeed.grad_accum_steps "
+                             "instead")
+        return value
 
 
 class ScalingSpec(_Section):
@@ -321,14 +348,14 @@ class FailureSpec(_Section):
 
 class RunSpec(_Section):
     max_steps: int = Field(..., ge=1, description="Optimizer steps to train to.")
-    seed: int = Field(0, description="Seed of weights and dropout.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of weights and dropout.")
     log_every: int = Field(10, ge=1, description="Progress line every this many steps.")
 
 
 class JobSpec(_Section):
     name: str = Field(
         ...,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=NAME_LIMIT,
         description="Run name; same name again resumes the run.",
     )
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -351,6 +378,11 @@ class JobSpec(_Section):
             )
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if self.scaling.use_gpu and self.scaling.gpus_per_worker == 0:
+            raise ValueError("scaling.use_gpu needs scaling.gpus_per_worker above 0")
+        if self.metrics.port and self.metrics.port + self.scaling.max_workers - 1 > 65535:
+            raise ValueError(f"metrics.port {self.metrics.port} + local rank goes past 65535 with up to "
+                             f"{self.scaling.max_workers} workers on a node; choose a lower port, or 0 (any free)")
         for world in self.scaling.world_sizes:
             check_partitions(self.partitions, world, self.global_batch_for(world), error=ValueError)
         return self

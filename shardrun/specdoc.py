@@ -116,12 +116,17 @@ def constraints(field: FieldInfo) -> list[str]:
         elif isinstance(item, at.Lt):
             words.append(f"< {item.lt}")
         elif isinstance(item, at.MinLen):
-            words.append(f"at least {item.min_length} item{'s' if item.min_length != 1 else ''}")
+            words.append(f"at least {item.min_length} {_units(field, item.min_length)}")
         elif isinstance(item, at.MaxLen):
-            words.append(f"at most {item.max_length} items")
+            words.append(f"at most {item.max_length} {_units(field, item.max_length)}")
         elif getattr(item, "pattern", None):
             words.append(f"matching `{item.pattern}`")
     return words
+
+
+def _units(field: FieldInfo, n: int) -> str:
+    unit = "character" if field.annotation is str else "item"
+    return unit if n == 1 else unit + "s"
 
 
 def default_text(field: FieldInfo) -> str:

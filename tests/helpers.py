@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,3 +87,22 @@ def kill_group(proc: subprocess.Popen, grace: float = 0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2):
+    """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks), or with a
+    part missing (a rank's file, the manifest, DeepSpeed's tag folder)."""
+    folder.mkdir(parents=True)
+    if manifest:
+        (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
+                                                          "world_size": world, "zero_stage": stage}))
+    for r in ranks:
+        (folder / f"rank_{r}.pt").write_bytes(b"x" * 10)
+    if tag:
+        (folder / f"global_step{step}").mkdir()
+        names = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 \
+            else ["mp_rank_00_model_states.pt"]
+        names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)] if stage else []
+        for name in names:
+            (folder / f"global_step{step}" / name).write_bytes(b"y" * 20)
+    return folder

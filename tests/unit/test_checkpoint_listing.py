@@ -1,8 +1,7 @@
 """shardrun checkpoints: which checkpoint folders are complete, and which one export takes."""
 
-import json
-
 import pytest
+from helpers import write_checkpoint
 
 from shardrun.checkpoint_format import list_checkpoints as checkpoints
 from shardrun.checkpoint_format import pick
@@ -10,29 +9,11 @@ from shardrun.errors import UserError
 from shardrun.export import check_out, model_spec, replace_folder
 
 
-def _checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2):
-    """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks)."""
-    folder.mkdir(parents=True)
-    if manifest:
-        (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
-                                                          "world_size": world, "zero_stage": stage}))
-    for r in ranks:
-        (folder / f"rank_{r}.pt").write_bytes(b"x" * 10)
-    if tag:
-        (folder / f"global_step{step}").mkdir()
-        names = [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)] if stage == 3 \
-            else ["mp_rank_00_model_states.pt"]
-        names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)] if stage else []
-        for name in names:
-            (folder / f"global_step{step}" / name).write_bytes(b"y" * 20)
-    return folder
-
-
 def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
-    _checkpoint(tmp_path / "checkpoint_00000004", 4)
-    _checkpoint(tmp_path / "checkpoint_00000008", 8, ranks=(0,))
-    _checkpoint(tmp_path / "checkpoints/step_00000012", 12, manifest=False)
-    _checkpoint(tmp_path / "checkpoints/step_00000016", 16, tag=False)
+    write_checkpoint(tmp_path / "checkpoint_00000004", 4)
+    write_checkpoint(tmp_path / "checkpoint_00000008", 8, ranks=(0,))
+    write_checkpoint(tmp_path / "checkpoints/step_00000012", 12, manifest=False)
+    write_checkpoint(tmp_path / "checkpoints/step_00000016", 16, tag=False)
     (tmp_path / "checkpoints/.staging-step_00000020").mkdir()
     found = {c["step"]: c for c in checkpoints(str(tmp_path))}
     assert sorted(found) == [4, 8, 12, 16]
@@ -54,8 +35,8 @@ def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
     (0, "global_step8/mp_rank_00_model_states.pt", "DeepSpeed's global_step8 folder is missing"),  # its only file
 ])
 def test_a_checkpoint_missing_a_shard_is_incomplete_and_never_picked(tmp_path, stage, damage, why):
-    _checkpoint(tmp_path / "checkpoint_00000004", 4, stage=stage)
-    damaged = _checkpoint(tmp_path / "checkpoint_00000008", 8, stage=stage)
+    write_checkpoint(tmp_path / "checkpoint_00000004", 4, stage=stage)
+    damaged = write_checkpoint(tmp_path / "checkpoint_00000008", 8, stage=stage)
     assert pick(str(tmp_path))["step"] == 8
     (damaged / damage).unlink()
     found = {c["step"]: c for c in checkpoints(str(tmp_path))}
@@ -64,7 +45,7 @@ def test_a_checkpoint_missing_a_shard_is_incomplete_and_never_picked(tmp_path, s
 
 
 def test_a_file_cut_off_while_written_makes_the_checkpoint_incomplete(tmp_path):
-    damaged = _checkpoint(tmp_path / "checkpoint_00000008", 8)
+    damaged = write_checkpoint(tmp_path / "checkpoint_00000008", 8)
     (damaged / "rank_1.pt").write_bytes(b"")
     (damaged / "global_step8/zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     [found] = checkpoints(str(tmp_path))
@@ -86,7 +67,7 @@ def test_not_a_run_dir_is_named(tmp_path):
 
 def test_export_goes_to_a_folder_of_its_own_and_replaces_an_earlier_export_whole(tmp_path):
     run = tmp_path / "runs/tiny"
-    _checkpoint(run / "checkpoint_00000004", 4)
+    write_checkpoint(run / "checkpoint_00000004", 4)
     with pytest.raises(UserError, match="is inside the run dir"):
         check_out(str(run), str(run / "export"))
     (tmp_path / "notes").mkdir()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from helpers import tiny_spec, write_spec
@@ -42,6 +44,26 @@ def test_bad_value_names_field_and_value(tmp_path, section, key, value, expect):
     with pytest.raises(UserError) as e:
         config.parse(_spec(tmp_path, **{section: {key: value}}))
     assert expect in str(e.value)
+
+
+@pytest.mark.parametrize(("sections", "expect"), [
+    ({"run": {"seed": 2**32}}, "run.seed: Input should be less than 4294967296"),
+    ({"data": {"seed": -1}}, "data.seed: Input should be greater than or equal to 0"),
+    ({"failure": {"collective_timeout_s": float("inf")}},
+     "failure.collective_timeout_s: Input should be a finite number"),
+    ({"deepspeed": {"optimizer": {"lr": float("nan")}}}, "deepspeed.optimizer.lr: Input should be a finite number"),
+    ({"deepspeed": {"optimizer": {"eps": float("inf")}}}, "deepspeed.optimizer.eps: Input should be a finite number"),
+    ({"deepspeed": {"grad_clip": float("inf")}}, "deepspeed.grad_clip: Input should be a finite number"),
+    ({"deepspeed": {"optimizer": {"betas": [0.9, 1.0]}}}, "deepspeed.optimizer.betas: each beta must be in [0, 1)"),
+    ({"metrics": {"port": 65535}}, "metrics.port 65535 + local rank goes past 65535 with up to 2 workers"),
+    ({"deepspeed": {"config": {"train_batch_size": 64}}},
+     "deepspeed.config: train_batch_size is computed by shardrun for every world size"),
+    ({"name": "n" * 201}, "name: String should have at most 200 characters"),
+    ({"scaling": {"use_gpu": True, "gpus_per_worker": 0}}, "scaling.use_gpu needs scaling.gpus_per_worker above 0"),
+])
+def test_values_that_would_fail_only_after_ray_is_up_are_refused_here(tmp_path, sections, expect):
+    with pytest.raises(UserError, match="^job spec: " + re.escape(expect)):
+        config.parse(_spec(tmp_path, **sections))
 
 
 def test_cross_field_checks(tmp_path):

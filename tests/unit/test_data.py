@@ -320,3 +320,16 @@ def test_storage_secrets_are_masked_in_messages():
         "s3://b/p?access_key=***&secret_key=***&session_token=***"
     assert redact("Authorization: Bearer eyJ0eXAi.eyJzdWIi.c2ln") == "Authorization: Bearer ***"
     assert redact("http://127.0.0.1:8265 answered 503") == "http://127.0.0.1:8265 answered 503"
+
+
+def test_data_too_small_for_one_step_is_an_error_before_any_training(tmp_path, corpus, capsys):
+    from shardrun import cli
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: small\ndata: {{paths: [{corpus}], seq_len: 32}}\nmodel: {{block_size: 32}}\n"
+                    f"deepspeed: {{micro_batch_size: 100000}}\nrun: {{max_steps: 1}}\n"
+                    f"checkpoint: {{storage: {tmp_path}}}\n")
+    assert cli.main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "rows make no whole step of a global batch of 200000 samples over 2 partitions" in err, err
+    assert not (tmp_path / "small").exists()

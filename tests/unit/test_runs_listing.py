@@ -5,6 +5,7 @@ import os
 import time
 
 import pytest
+from helpers import write_checkpoint
 
 from shardrun import cli
 from shardrun.errors import UserError
@@ -12,13 +13,7 @@ from shardrun.runs import format_table, list_runs
 
 
 def _checkpoint(folder, step, *, complete=True):
-    """A checkpoint folder as export.checkpoints reads it: manifest, rank files, DeepSpeed's tag folder."""
-    folder.mkdir(parents=True)
-    (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
-                                                      "world_size": 1, "zero_stage": 2}))
-    (folder / "rank_0.pt").write_bytes(b"x")
-    if complete:
-        (folder / f"global_step{step}").mkdir()
+    return write_checkpoint(folder, step, world=1, ranks=(0,), tag=complete)
 
 
 def _run(storage, name, *, steps=(), summary=None, age=0.0):

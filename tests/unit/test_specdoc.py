@@ -48,7 +48,7 @@ def test_every_field_of_every_section_has_a_row_and_every_section_a_table():
 def test_types_defaults_and_constraints():
     doc = specdoc.generate()
     assert _row(doc, "name").startswith(
-        "| `name` | string (matching `^[A-Za-z0-9][A-Za-z0-9._-]*$`) | *required* | Run name;")
+        "| `name` | string (at most 200 characters, matching `^[A-Za-z0-9][A-Za-z0-9._-]*$`) | *required* | Run name;")
     assert "| integer (>= 0, <= 3) | `2` | ZeRO stage 0-3. |" in _row(doc, "deepspeed.zero_stage")
     assert "| `fp32`, `bf16` or `fp16` | `fp32` |" in _row(doc, "deepspeed.precision")
     assert "| integer or [integer, integer] | `2` | Training processes" in _row(doc, "scaling.num_workers")
