@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -18,6 +18,7 @@ from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_dir import prepare_run_dir
+from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import redact
 from shardrun.trainer.azure_events import WAIT_MARGIN_S
 
@@ -78,25 +79,41 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         run_config=run_config(spec),
     )
     latest, error = None, None
-
-    def on_sigterm(signum, frame):  # `ray job stop`: checkpoint at the next step, then stop
-        emit("stop requested (SIGTERM): the workers checkpoint at the next step and stop")
-        actor.request_stop.remote("SIGTERM")
-        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM ends the driver at once
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    stops = StopSignals(lambda reason: actor.request_stop.remote(reason), emit)
     try:
-        with EventForwarder(actor, observer):
-            result = trainer.fit()
+        with stops, EventForwarder(actor, observer):
+            result = fit_beside_the_main_thread(trainer)
         latest = result.checkpoint.path if result.checkpoint else None
     except BaseException as e:
         error = e
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))
         observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
-        if error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            summary["error"] = "interrupted: stopped at once by a second signal, without a checkpoint"
+        elif error is not None:
             summary["error"] = redact(f"{type(error).__name__}: {error}")
         fs.write_json(fs.join(spec.run_dir, "summary.json"), summary)
     return summary
+
+
+def fit_beside_the_main_thread(trainer: TorchTrainer):
+    """trainer.fit() in a thread, the main thread waiting: signals reach StopSignals' handlers there (Ray
+    Train's fit, in the main thread, puts its own SIGINT handler in, which aborts the run without a
+    checkpoint)."""
+    done: dict = {}
+
+    def fit() -> None:
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread as it is
+            done["error"] = e
+
+    thread = threading.Thread(target=fit, name="shardrun-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in done:
+        raise done["error"]
+    return done["result"]

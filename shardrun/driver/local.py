@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_log import RunLog
+from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import UserError, redact
 from shardrun.trainer.entry import worker_main
 from shardrun.trainer.faults import FaultInjector
@@ -25,9 +25,9 @@ from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 
 
-def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInjector | None = None) -> bool:
-    """Train this rank with checkpoints under <run dir>/checkpoints; True when it stopped on a SIGTERM
-    (after a checkpoint) before max_steps."""
+def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInjector | None = None) -> str | None:
+    """Train this rank with checkpoints under <run dir>/checkpoints; the signal that stopped it (after a
+    checkpoint) before max_steps, or None."""
     if fs.is_uri(spec.checkpoint.storage):
         raise UserError(f"checkpoint.storage is {redact(spec.checkpoint.storage)}: `shardrun train` (one process or "
                         "torchrun) keeps checkpoints on a disk every rank sees; use `shardrun run` (Ray uploads "
@@ -37,15 +37,14 @@ def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInj
     store = LocalCheckpointStore(spec.run_dir, topology, keep=spec.checkpoint.keep)
     reporter = LocalReporter(store, spec, observer)
     ok = False
-    previous = signal.signal(signal.SIGTERM, lambda *_: reporter.terminated.set())  # torchrun passes it on
     try:
-        worker_main(spec, Session(store, reporter), topology, data_index=data_index, faults=faults)
+        with StopSignals(reporter.request_stop, _print if topology.is_main else lambda line: None):
+            state = worker_main(spec, Session(store, reporter), topology, data_index=data_index, faults=faults)
         ok = True
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if observer is not None:
             observer.close("succeeded" if ok else "failed")
-    return reporter.terminated.is_set()
+    return reporter.stop_reason if state.step < spec.run.max_steps else None
 
 
 class LocalCheckpointStore:
@@ -101,7 +100,7 @@ class LocalCheckpointStore:
 
 class LocalReporter:
     """Rank 0's lines through the run's observer (console, metrics.jsonl, Prometheus targets); summary.json at
-    the end. A SIGTERM (set by run_local) is the stop request."""
+    the end. A stop signal (run_local's StopSignals) is the stop request."""
 
     def __init__(self, store: LocalCheckpointStore, spec: JobSpec, observer: RunObserver | None):
         self.store = store
@@ -109,6 +108,8 @@ class LocalReporter:
         self.log = RunLog(max_steps=spec.run.max_steps, byte_level=spec.model.byte_level)
         self.observer = observer
         self.terminated = threading.Event()
+        self.stop_reason: str | None = None
+        """The signal that asked this rank to stop, if one did."""
 
     def started(self, info: dict) -> None:
         line = self.log.on_start(info)
@@ -120,6 +121,10 @@ class LocalReporter:
 
     def note(self, line: str) -> None:
         self._emit(lambda: self.observer.note({}, line), line)
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.terminated.set()
 
     def stop_requested(self) -> bool:
         return self.terminated.is_set()
@@ -138,6 +143,8 @@ class LocalReporter:
 
     def _write_summary(self, *, finished: bool) -> None:
         summary = self.log.summary(checkpoint=self.store.latest_path(), finished=finished)
+        if not finished and self.stop_reason:
+            summary["stopped"] = self.stop_reason
         fs.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         if self.observer is not None:
             self.observer.console.close()  # the progress bar ends above the summary

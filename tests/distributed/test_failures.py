@@ -1,6 +1,10 @@
 """What a rank does when training goes wrong: a loss that is not finite (failure.nonfinite_loss), and a
 peer that hangs (failure.collective_timeout_s). Faults come from SHARDRUN_FAULT (shardrun.trainer.faults)."""
 
+import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -72,3 +76,29 @@ def test_a_hung_rank_fails_the_group_after_the_collective_timeout(tmp_path, corp
         for proc in ranks:
             kill_group(proc)
             proc.wait(timeout=30)
+
+
+def test_ctrl_c_checkpoints_the_next_step_and_stops_with_130(tmp_path, corpus):
+    """`shardrun train` in a terminal: Ctrl-C (SIGINT to the process group) checkpoints and stops, as in
+    tests/integration/test_preempt_and_stop.py for `shardrun run`."""
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(
+        corpus, tmp_path / "runs", scaling={"num_workers": 1}, run={"max_steps": 200, "log_every": 1},
+        checkpoint={"every_steps": 1000}))
+    proc = subprocess.Popen([sys.executable, "-m", "shardrun", "train", str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=child_env(SHARDRUN_STEP_DELAY="0.2"))
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if "step      3/200" in line:
+                os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)
+    text = "".join(out)
+    assert proc.returncode == 130 and "stop requested (SIGINT)" in text, text[-4000:]
+    stopped = int(re.search(r"stop requested: checkpoint of step (\d+) written", text)[1])
+    summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
+    assert summary["stopped"] == "SIGINT" and summary["final_step"] == stopped and not summary["finished"]
+    assert (tmp_path / "runs/tiny/checkpoints/latest").read_text() == f"step_{stopped:08d}"

@@ -1,11 +1,13 @@
-"""A Spot eviction announced by Azure Scheduled Events (a fake metadata service on 127.0.0.1), then a stop
-request (SIGTERM to the driver, as `ray job stop` sends): each time every rank checkpoints at the next
-step boundary; the eviction is acknowledged and the group resumes from that checkpoint by itself; the
-stop leaves a checkpoint to resume from and exits 143."""
+"""A Spot eviction announced by Azure Scheduled Events (a fake metadata service on 127.0.0.1), then Ctrl-C
+(SIGINT to the driver's whole process group, as a terminal sends it): each time every rank checkpoints at
+the next step boundary; the eviction is acknowledged and the group resumes from that checkpoint by itself;
+the Ctrl-C leaves a checkpoint to resume from and exits 130. (SIGTERM, as `ray job stop` sends it:
+tests/integration/test_ray_job_submit.py.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,7 +21,7 @@ from helpers import child_env, kill_group, tiny_spec, write_spec
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def test_preempt_checkpoints_acknowledges_and_resumes_then_sigterm_stops_with_a_checkpoint(tmp_path, corpus):
+def test_preempt_checkpoints_acknowledges_and_resumes_then_ctrl_c_stops_with_a_checkpoint(tmp_path, corpus):
     with FakeMetadataServer(vm_name="shardrun_3") as imds:
         spec = write_spec(tmp_path / "job.yaml", tiny_spec(
             corpus, tmp_path / "runs", run={"max_steps": 400, "log_every": 1},
@@ -41,7 +43,7 @@ def test_preempt_checkpoints_acknowledges_and_resumes_then_sigterm_stops_with_a_
                 if resumed:
                     resumed_step = int(resumed[1])
                 if resumed_step and stop_sent is None and f"step {resumed_step + 2:>6}/" in line:
-                    proc.send_signal(signal.SIGTERM)  # the driver: what `ray job stop` does first
+                    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
                     stop_sent = time.monotonic()
             proc.wait(timeout=60)
         finally:
@@ -51,11 +53,12 @@ def test_preempt_checkpoints_acknowledges_and_resumes_then_sigterm_stops_with_a_
         assert len(imds.acknowledged) == 1, text[-4000:]
     written = re.search(r"preemption: checkpoint of step (\d+) written", text)
     assert written and resumed_step == int(written[1]) >= 3, text[-4000:]
-    assert stop_sent is not None and "stop requested (SIGTERM)" in text, text[-4000:]
-    assert proc.returncode == 143, text[-4000:]
+    assert stop_sent is not None and "stop requested (SIGINT)" in text, text[-4000:]
+    assert proc.returncode == 130, text[-4000:]
     stopped = re.search(r"stop requested: checkpoint of step (\d+) written", text)
     assert stopped and int(stopped[1]) >= resumed_step + 2, text[-4000:]
     summary = json.loads((tmp_path / "runs/tiny/summary.json").read_text())
-    assert summary["stopped"] == "SIGTERM" and summary["restarts"] == 1 and not summary["finished"]
+    assert summary["stopped"] == "SIGINT" and summary["restarts"] == 1 and not summary["finished"]
+    assert "error" not in summary
     assert summary["final_step"] == int(stopped[1])
     assert (tmp_path / f"runs/tiny/checkpoint_{int(stopped[1]):08d}/shardrun.json").exists()
