@@ -283,9 +283,11 @@ class CheckpointSpec(_Section):
 class MetricsSpec(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from every rank and the driver.")
     host: str = Field(
-        "0.0.0.0",
-        description="Address the metrics endpoints listen on; 0.0.0.0 is advertised as the node's IP. "
-        "Keep the port range closed to all but the cluster's network (deploy/azure does).",
+        "auto",
+        description="Address the metrics endpoints listen on. auto: 127.0.0.1 for a run on this machine alone "
+        "(a local Ray instance, or `shardrun train` on one node), so a laptop opens no port to its network; "
+        "0.0.0.0 on a cluster (RAY_ADDRESS set, or torchrun across nodes), advertised as the node's IP. Keep the "
+        "port range closed to all but the cluster's network (deploy/azure does).",
     )
     port: int = Field(
         0, ge=0, le=65535,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_dir import prepare_run_dir
 from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import redact
+from shardrun.metrics import bind_host
 from shardrun.trainer.azure_events import WAIT_MARGIN_S
 
 
@@ -65,6 +67,7 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     """
     t0 = started or time.time()
     emit(f"connecting to {connect()}")
+    spec.metrics.host = bind_host(spec.metrics.host, cluster=bool(os.environ.get("RAY_ADDRESS")))
     prepare_run_dir(spec, fresh=fresh, emit=emit)
     # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -19,6 +19,7 @@ from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_log import RunLog
 from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import UserError, redact
+from shardrun.metrics import bind_host
 from shardrun.trainer.entry import worker_main
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.session import Session
@@ -33,6 +34,8 @@ def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInj
                         "torchrun) keeps checkpoints on a disk every rank sees; use `shardrun run` (Ray uploads "
                         "them to object storage) or a mounted path")
     topology = Topology.from_env(spec.scaling.use_gpu)
+    across_nodes = int(os.environ.get("WORLD_SIZE", 1)) > int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
+    spec.metrics.host = bind_host(spec.metrics.host, cluster=across_nodes)
     observer = RunObserver(spec, _print) if topology.is_main else None
     store = LocalCheckpointStore(spec.run_dir, topology, keep=spec.checkpoint.keep)
     reporter = LocalReporter(store, spec, observer)

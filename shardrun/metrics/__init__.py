@@ -30,6 +30,7 @@ class Endpoint:
     """An HTTP /metrics server for one registry; `address` is what Prometheus should scrape."""
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        host = bind_host(host, cluster=False)  # launchers say when it is a cluster; unsaid, loopback
         self.server, self.thread = start_http_server(port, addr=host, registry=registry)
         self.port = self.server.server_port
         self.address = f"{advertised_host(host)}:{self.port}"
@@ -38,6 +39,14 @@ class Endpoint:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+
+
+def bind_host(setting: str, *, cluster: bool) -> str:
+    """metrics.host as an address: auto is every interface on a cluster (Prometheus scrapes from another
+    node) and loopback on a machine alone."""
+    if setting != "auto":
+        return setting
+    return "0.0.0.0" if cluster else "127.0.0.1"
 
 
 def advertised_host(host: str) -> str:

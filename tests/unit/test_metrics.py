@@ -152,3 +152,16 @@ def test_a_failing_append_to_metrics_jsonl_holds_the_records_back_and_never_stop
     assert lines[0] == "step 1" and lines[1].startswith(f"metrics.jsonl: cannot append to {blocked} (")
     assert lines[2:] == ["step 2", "step 3", "metrics.jsonl: written again (3 records held back are in)"]
     assert [json.loads(line)["step"] for line in blocked.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_metrics_listen_on_loopback_unless_the_launcher_says_it_is_a_cluster():
+    from shardrun.metrics import bind_host
+
+    assert MetricsSpec().host == "auto"
+    assert bind_host("auto", cluster=False) == "127.0.0.1" and bind_host("auto", cluster=True) == "0.0.0.0"
+    assert bind_host("10.0.0.4", cluster=False) == "10.0.0.4"
+    m = WorkerMetrics(MetricsSpec(), run="laptop", rank=0, local_rank=0)  # a spec no launcher resolved
+    try:
+        assert m.endpoint.server.server_address[0] == "127.0.0.1"
+    finally:
+        m.close()
