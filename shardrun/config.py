@@ -49,7 +49,8 @@ class ModelSpec(_Section):
     entrypoint: str | None = Field(
         None,
         description="User model factory 'package.module:function'; it gets model.args as "
-        "keyword arguments and returns an nn.Module whose forward(inputs, targets) is the loss.",
+        "keyword arguments and returns an nn.Module whose forward(inputs, targets) is the loss. It is code: "
+        "`shardrun check` and every worker import and run it.",
     )
     args: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for the entrypoint."

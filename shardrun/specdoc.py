@@ -31,6 +31,11 @@ and prints it with every default filled in. `--set key.path=value` overrides any
 command line, e.g. `--set deepspeed.zero_stage=3` (the value is read as YAML). An unknown key or a
 bad value stops the command before anything starts, naming the field.
 
+A job spec is code: `model.entrypoint` imports a module and calls a function of it, on your machine
+(`shardrun check` included) and on every worker. Run specs you would run as scripts, and review them
+as you review code. Storage secrets in it (SAS tokens, keys) are masked in what shardrun prints and in
+the job.yaml it saves in the run dir.
+
 This page is generated from the spec's models in `shardrun/config.py`: edit the field
 descriptions there, then run `{COMMAND}`.
 A test fails while the page is stale.
