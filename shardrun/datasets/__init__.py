@@ -27,12 +27,13 @@ def __getattr__(name: str):
 
 def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: int,  # noqa: A001
          grad_accum_steps: int, index: DataIndex | dict | None = None,
-         partitions: int | None = None) -> Stream:
+         partitions: int | None = None, vocab_size: int | None = None) -> Stream:
     """This rank's stream of micro-batches, continuing from `position` (None: the start).
 
     `index` is the run's data index (built once by the driver); without it this rank reads the
     file footers itself. `partitions` is a new run's partition count when data.partitions is unset
-    (JobSpec.partitions); a resumed run keeps the count in its position.
+    (JobSpec.partitions); a resumed run keeps the count in its position. `vocab_size`: token ids must be
+    below it (a row group with others is a bad row group, failed or skipped under data.on_bad_file).
     """
     from shardrun.datasets.index import DataIndex, build
     from shardrun.datasets.stream import Stream
@@ -43,7 +44,7 @@ def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: i
         index = DataIndex.from_dict(index)
     return Stream(spec, index, rank=topology.rank, world_size=topology.world_size,
                   micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                  position=position, device=topology.device, partitions=partitions)
+                  position=position, device=topology.device, partitions=partitions, vocab_size=vocab_size)
 
 
 __all__ = ["open", "build_index", "DataIndex", "Stream"]

@@ -23,9 +23,11 @@ class BadRowGroup(Exception):
 class RowGroupReader:
     """Thread-safe: each call opens its own reader over the file (footer cached after the first)."""
 
-    def __init__(self, spec: DataSpec, index: DataIndex):
+    def __init__(self, spec: DataSpec, index: DataIndex, vocab_size: int | None = None):
         self.spec = spec
         self.index = index
+        self.vocab_size = vocab_size
+        """Token ids must be below it (the model's vocabulary), when known."""
         self._filesystems = [filesystem(p)[0] for p in index.paths]
         self._footers: dict[int, pq.FileMetaData] = {}
         self._lock = threading.Lock()
@@ -58,24 +60,25 @@ class RowGroupReader:
                               f"{self.index.rg_rows[g]} when the run started (the file changed)")
         try:
             if self.spec.format == "tokens":
-                return token_rows(table.column(0), self.spec.seq_len + 1)
+                return token_rows(table.column(0), self.spec.seq_len + 1, self.vocab_size)
             return {c: column_array(c, table.column(c)) for c in self.columns}
         except ValueError as e:
             raise BadRowGroup(f"{self.index.describe(g)}: {e}") from None
 
 
-def token_rows(col: pa.ChunkedArray | pa.Array, row_len: int) -> np.ndarray:
-    """Token sequences as an (n, row_len) int32 array: longer rows cut, shorter ones padded with PAD."""
+def token_rows(col: pa.ChunkedArray | pa.Array, row_len: int, vocab_size: int | None = None) -> np.ndarray:
+    """Token sequences as an (n, row_len) int32 array: longer rows cut, shorter ones padded with PAD; a
+    ValueError for null rows or ids, and ids outside 0..vocab_size - 1."""
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     if col.null_count:
         raise ValueError(f"{col.null_count} rows are null")
     n = len(col)
     if pa.types.is_fixed_size_list(col.type):
-        values = _ints(col.flatten())
+        values = _ints(col.flatten(), vocab_size)
         return values.reshape(n, col.type.list_size)[:, :row_len]  # a view: no copy for int32
     offsets = col.offsets.to_numpy()
-    values = _ints(col.values)
+    values = _ints(col.values, vocab_size)
     lengths = np.diff(offsets)
     if n and lengths.min() >= row_len:
         return values[offsets[:-1, None] + np.arange(row_len)]
@@ -85,15 +88,19 @@ def token_rows(col: pa.ChunkedArray | pa.Array, row_len: int) -> np.ndarray:
     return out
 
 
-def _ints(arr: pa.Array) -> np.ndarray:
+def _ints(arr: pa.Array, vocab_size: int | None = None) -> np.ndarray:
+    if arr.null_count:  # numpy would make them NaN, then -2147483648
+        raise ValueError(f"{arr.null_count} token ids inside the rows are null")
     values = arr.to_numpy(zero_copy_only=False)
-    if values.dtype != np.int32:
-        if len(values) and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
-            raise ValueError(f"token ids range {values.min()}..{values.max()}, outside 0..2^31-1")
-        values = values.astype(np.int32)
-    elif len(values) and values.min() < 0:
-        raise ValueError(f"token ids must not be negative (found {values.min()})")
-    return values
+    if not len(values):
+        return values.astype(np.int32, copy=False)
+    low, high = values.min(), values.max()
+    limit = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
+    if low < 0 or high >= limit:
+        within = f"the model's vocabulary (0..{vocab_size - 1}, model.vocab_size)" if vocab_size is not None \
+            else "0..2^31-1"
+        raise ValueError(f"token ids range {low}..{high}, outside {within}")
+    return values.astype(np.int32, copy=False)
 
 
 def column_array(name: str, col: pa.ChunkedArray) -> np.ndarray:

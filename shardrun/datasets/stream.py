@@ -40,7 +40,7 @@ class Stream:
     def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
                  device: str = "cpu", log=None, chunk_rows: int | None = None,
-                 partitions: int | None = None):
+                 partitions: int | None = None, vocab_size: int | None = None):
         self.spec = spec
         self.index = index
         self.rank = rank
@@ -67,7 +67,7 @@ class Stream:
         if self.plan.steps_in_epoch(self.epoch, self.per_partition, self.offset) < 1 and self.offset == 0:
             raise UserError(self._too_small(self.epoch))
 
-        self.reader = RowGroupReader(spec, index)
+        self.reader = RowGroupReader(spec, index, vocab_size)
         self.skipped_row_groups: list[str] = []
         self.decoded: list[tuple[int, int]] = []
         """(epoch, row group) of every decode this rank started (tests check no two ranks share one)."""

@@ -56,9 +56,10 @@ def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: di
     metrics, endpoints = start_metrics(spec, topology, collectives)
     restored = restore(spec, session.store, topology, metrics)
     startup.info("engine ready", extra={"engine": restored.engine})
+    vocab = spec.model.vocab_size if spec.model.type == "gpt" else None  # an entrypoint model's is its own
     stream = datasets.open(spec.data, topology, restored.position, micro_batch_size=spec.deepspeed.micro_batch_size,
                            grad_accum_steps=spec.grad_accum_for(topology.world_size), index=data_index,
-                           partitions=spec.partitions)
+                           partitions=spec.partitions, vocab_size=vocab)
     startup.info("data open")
     return Trainer(spec, session, topology, restored=restored, stream=stream, collectives=collectives,
                    metrics=metrics, endpoints=endpoints, watcher=watcher_for(spec, topology), faults=faults)

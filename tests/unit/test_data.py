@@ -333,3 +333,29 @@ def test_data_too_small_for_one_step_is_an_error_before_any_training(tmp_path, c
     err = capsys.readouterr().err
     assert "rows make no whole step of a global batch of 200000 samples over 2 partitions" in err, err
     assert not (tmp_path / "small").exists()
+
+
+def _token_file(path: Path, rows: list, row_group_size: int) -> None:
+    pq.write_table(pa.table({"tokens": pa.array(rows, pa.list_(pa.int64()))}), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize(("bad_row", "vocab", "why"), [
+    ([1, None, 3, 4, 5, 6, 7, 8, 9], None, "1 token ids inside the rows are null"),
+    ([1, 2, 3, 4, 300, 6, 7, 8, 9], 256,
+     r"token ids range 1\.\.300, outside the model's vocabulary \(0\.\.255, model\.vocab_size\)"),
+])
+def test_bad_token_ids_name_their_row_group_or_are_skipped(tmp_path, bad_row, vocab, why):
+    good = [list(range(i, i + 9)) for i in range(10)]
+    _token_file(tmp_path / "part-000.parquet", good[:5] + [bad_row] + good[6:], row_group_size=5)
+    spec = spec_for(tmp_path, partitions=1, shuffle_window=10)
+    s = Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=10, grad_accum_steps=1,
+               vocab_size=vocab)
+    with pytest.raises(UserError, match=rf"part-000\.parquet row group 1: {why}"):
+        s.next_batch()
+    s.close()
+    skip = spec_for(tmp_path, partitions=1, shuffle_window=10, on_bad_file="skip")
+    s = Stream(skip, build_index(skip), rank=0, world_size=1, micro_batch_size=10, grad_accum_steps=1,
+               vocab_size=vocab, log=[].append)
+    batch = s.next_batch()
+    s.close()
+    assert s.stats()["skipped_row_groups"] == 1 and int((batch["targets"] == -100).all(dim=1).sum()) == 5
