@@ -35,3 +35,14 @@ def _table(ids, fixed):
         col = pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, ROW_LEN, dtype=np.int32)),
                                        pa.array(values))
     return pa.table({"tokens": col})
+
+
+def corrupt_row_group(path: Path, group: int) -> None:
+    """Overwrite the data pages of a row group, keeping the footer: the file opens and indexes, that group
+    fails when it is read."""
+    meta = pq.read_metadata(path)
+    col = meta.row_group(group).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(data))

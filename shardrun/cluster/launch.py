@@ -15,6 +15,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from shardrun import fs
 from shardrun.cluster.connect import connect
 from shardrun.cluster.events import EventChannel, EventForwarder
+from shardrun.cluster.failures import deterministic_error, deterministic_errors_not_retried
 from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
@@ -84,11 +85,13 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     latest, error = None, None
     stops = StopSignals(lambda reason: actor.request_stop.remote(reason), emit)
     try:
-        with stops, EventForwarder(actor, observer):
+        with stops, EventForwarder(actor, observer), deterministic_errors_not_retried():
             result = fit_beside_the_main_thread(trainer)
         latest = result.checkpoint.path if result.checkpoint else None
     except BaseException as e:
-        error = e
+        error = deterministic_error(e) or e
+        if error is not e:  # the worker's own message, not Ray Train's wrapping of it
+            raise error from None
         raise
     finally:
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from datagen import ROW_LEN, write_layout
+from datagen import ROW_LEN, corrupt_row_group, write_layout
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -226,19 +226,9 @@ def test_wrong_schema_is_named(tmp_path):
         build_index(DataSpec(paths=[str(tmp_path / "part-000.parquet")], seq_len=8))
 
 
-def _corrupt_second_row_group(path: Path) -> None:
-    """Overwrite the data pages of row group 1, keeping the footer: the file opens, that group fails."""
-    meta = pq.read_metadata(path)
-    col = meta.row_group(1).column(0)
-    start = col.dictionary_page_offset or col.data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
-    path.write_bytes(bytes(data))
-
-
 def test_a_corrupt_row_group_is_named_when_met_or_skipped_as_padding(tmp_path):
     write_layout(tmp_path, [[10, 10, 10, 10]])
-    _corrupt_second_row_group(tmp_path / "part-000.parquet")
+    corrupt_row_group(tmp_path / "part-000.parquet", 1)
     spec = spec_for(tmp_path, partitions=1, shuffle_window=40)
     (s,) = make_world(spec, build_index(spec), 1, 40)
     with pytest.raises(UserError, match=r"part-000\.parquet row group 1: cannot be read"):

@@ -1,0 +1,27 @@
+"""A deterministic error met by the workers (here: a corrupt row group) ends a `shardrun run` at once with its
+own message, even with failure.max_failures: -1, which would otherwise restart the group for good."""
+
+import shutil
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from datagen import corrupt_row_group
+from helpers import child_env, run, tiny_spec, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_a_bad_row_group_met_mid_run_ends_the_run_once_whatever_max_failures(tmp_path, corpus):
+    data = tmp_path / "corpus"
+    shutil.copytree(corpus, data)
+    for path in sorted(data.glob("*.parquet")):
+        for group in range(1, pq.read_metadata(path).num_row_groups):  # the footers stay readable
+            corrupt_row_group(path, group)
+    spec = write_spec(tmp_path / "job.yaml", tiny_spec(data, tmp_path / "runs", run={"max_steps": 50},
+                                                         failure={"max_failures": -1}))
+    done = run([sys.executable, "-m", "shardrun", "run", str(spec)], timeout=240, env=child_env(), check=False)
+    out = done.stdout
+    assert done.returncode == 2, out[-4000:]
+    assert "shardrun: error: " in out and "cannot be read" in out and "row group" in out, out[-4000:]
+    assert "restart 1" not in out, out[-4000:]  # the group was not started again
