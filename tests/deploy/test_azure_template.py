@@ -35,6 +35,7 @@ VM = "Microsoft.Compute/virtualMachines"
 NSG = "Microsoft.Network/networkSecurityGroups"
 ROLE_IDS = {
     "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
+    "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1": "Storage Blob Data Reader",
     "4633458b-17de-408a-b874-0445c86b69e6": "Key Vault Secrets User",
     "b86a8fe4-44ce-4948-aee5-eccb2c155cd7": "Key Vault Secrets Officer",
 }
@@ -353,7 +354,8 @@ def test_custom_data_is_the_generated_cloud_init_with_the_deployment_in_its_env_
     assert re.fullmatch(r"https://[a-z0-9-]{3,24}\.vault\.azure\.net", env["SHARDRUN_KEY_VAULT_URL"])
     assert env["SHARDRUN_SOURCE"] == REQUIRED["shardrunSource"]
     assert env["SHARDRUN_IDENTITY_CLIENT_ID"] == env["AZURE_CLIENT_ID"] != ""
-    assert re.fullmatch(r"abfs://shardrun@[a-z0-9]{3,24}\.dfs\.core\.windows\.net/", env["SHARDRUN_STORAGE_URI"])
+    assert re.fullmatch(r"abfs://shardrun@[a-z0-9]{3,24}\.dfs\.core\.windows\.net/", env["SHARDRUN_RUNS_URI"])
+    assert re.fullmatch(r"abfs://data@[a-z0-9]{3,24}\.dfs\.core\.windows\.net/", env["SHARDRUN_DATA_URI"])
     head_doc, head_files = custom_data_files(t.resource(VM)["properties"]["osProfile"]["customData"])
     assert head_doc["runcmd"] == [["/opt/shardrun/src/deploy/bootstrap/bootstrap.sh", "head"]]
     assert "/opt/shardrun/src/deploy/monitoring/prometheus.yml" in head_files
@@ -426,22 +428,92 @@ def test_head_and_workers_share_one_user_assigned_identity():
     assert "userAssignedIdentities" in identities[0][0]
 
 
-def test_the_identity_may_read_blobs_and_the_secret_and_nothing_more():
-    t = evaluated()
-    granted = {}
-    for assignment in t.resources("Microsoft.Authorization/roleAssignments"):
-        role = ROLE_IDS[re.search(r"[0-9a-f-]{36}", assignment["properties"]["roleDefinitionId"]).group()]
-        granted[role] = (assignment["scope"], assignment["properties"]["principalId"])
-    assert set(granted) == {"Storage Blob Data Contributor", "Key Vault Secrets User"}
-    assert granted["Storage Blob Data Contributor"][0].startswith("Microsoft.Storage/storageAccounts/")
-    assert granted["Key Vault Secrets User"][0].startswith("Microsoft.KeyVault/vaults/")
-    assert all("userAssignedIdentities" in principal and principal.endswith(".principalId")
-               for _, principal in granted.values())
-    # the operator, when named, may write the secret and upload data
-    with_admin = evaluated(adminPrincipalId="00000000-0000-0000-0000-000000000001")
-    roles = {ROLE_IDS[re.search(r"[0-9a-f-]{36}", a["properties"]["roleDefinitionId"]).group()]
-             for a in with_admin.resources("Microsoft.Authorization/roleAssignments")}
-    assert "Key Vault Secrets Officer" in roles
+ROLE_ASSIGNMENT = "Microsoft.Authorization/roleAssignments"
+ADMIN = "00000000-0000-0000-0000-000000000001"
+# Built-in roles that may write, delete or re-permission blobs, or hand out keys or SAS that can.
+WRITE_ROLES = {"Storage Blob Data Contributor", "Storage Blob Data Owner", "Storage Account Contributor",
+               "Contributor", "Owner"}
+
+
+def grants(t: Template) -> set[tuple[str, str, str]]:
+    """Every role assignment deployed with t's parameters, as (who, role, scope): who is "nodes" for the
+    identity that the head and the scale set carry, "admin" for adminPrincipalId."""
+    (nodes,) = t.resource(VM)["identity"]["userAssignedIdentities"]
+    out = set()
+    for assignment in t.resources(ROLE_ASSIGNMENT):
+        properties = assignment["properties"]
+        role = ROLE_IDS[re.search(r"[0-9a-f-]{36}", properties["roleDefinitionId"]).group()]
+        principal = properties["principalId"]
+        if principal == f"reference({nodes}, 2023-01-31).principalId":
+            who = "nodes"
+            assert properties["principalType"] == "ServicePrincipal"
+        else:
+            assert principal == t.parameters["adminPrincipalId"] != "", principal
+            who = "admin"
+            assert properties["principalType"] == t.parameters["adminPrincipalType"]
+        out.add((who, role, assignment["scope"]))
+    return out
+
+
+def scopes(t: Template) -> dict[str, str]:
+    account = f"Microsoft.Storage/storageAccounts/{t.variable('storageName')}"
+    return {"account": account,
+            "vault": f"Microsoft.KeyVault/vaults/{t.variable('keyVaultName')}",
+            **{use: f"{account}/blobServices/default/containers/{t.parameters[parameter]}"
+               for use, parameter in (("runs", "storageContainer"), ("data", "dataContainer"))
+               if parameter in t.parameters}}
+
+
+def test_no_node_may_write_storage_beyond_the_runs_container():
+    # Whatever a job can write, the operator's laptop may unpickle (shardrun export, generate): the nodes'
+    # identity writes the runs container only, never the account, the data or another container.
+    t = evaluated(adminPrincipalId=ADMIN)
+    runs = scopes(t)["runs"]
+    for who, role, scope in grants(t):
+        if who == "nodes" and role in WRITE_ROLES:
+            assert scope == runs, f"the nodes' identity has {role} at {scope}, beyond the runs container {runs}"
+
+
+def test_each_principal_gets_its_roles_at_their_scopes():
+    for parameters in ({}, {"storageContainer": "ckpt", "dataContainer": "corpus"}):
+        t = evaluated(adminPrincipalId=ADMIN, **parameters)
+        at = scopes(t)
+        assert grants(t) == {
+            ("nodes", "Storage Blob Data Contributor", at["runs"]),  # checkpoints, job.yaml, metrics, summary
+            ("nodes", "Storage Blob Data Reader", at["data"]),       # the driver's index, the workers' reads
+            ("nodes", "Key Vault Secrets User", at["vault"]),         # the Ray token
+            ("admin", "Storage Blob Data Contributor", at["account"]),  # uploads data, reads and cleans runs
+            ("admin", "Key Vault Secrets Officer", at["vault"]),      # writes the Ray token
+        }, parameters
+        # without adminPrincipalId, the nodes' three and nothing else
+        t = evaluated(**parameters)
+        assert {who for who, _, _ in grants(t)} == {"nodes"}
+        assert len(grants(t)) == 3
+
+
+def test_the_container_scopes_name_containers_the_template_creates_first():
+    t = evaluated(storageContainer="ckpt", dataContainer="corpus")
+    account = t.variable("storageName")
+    containers = {c["name"]: c for c in t.resources("Microsoft.Storage/storageAccounts/blobServices/containers")}
+    assert set(containers) == {f"{account}/default/ckpt", f"{account}/default/corpus"}
+    assert all(c["properties"]["publicAccess"] == "None" for c in containers.values())
+    for assignment in t.resources(ROLE_ASSIGNMENT):
+        scope = assignment["scope"]
+        if "/containers/" in scope:
+            name = scope.rsplit("/", 1)[1]
+            assert any(f"storageAccounts/blobServices/containers, {account}, default, {name})" in d
+                       for d in assignment["dependsOn"]), (scope, assignment["dependsOn"])
+    # role assignment names are GUIDs unique per (scope, principal, role): none is reused
+    names = [a["name"] for a in evaluated(adminPrincipalId=ADMIN).resources(ROLE_ASSIGNMENT)]
+    assert len(set(names)) == len(names) == 5
+
+
+def test_runs_and_data_are_two_valid_containers_by_default():
+    parameters = template_json()["parameters"]
+    runs, data = parameters["storageContainer"]["defaultValue"], parameters["dataContainer"]["defaultValue"]
+    assert runs != data
+    for name in (runs, data):
+        assert re.fullmatch(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}", name), name
 
 
 def test_image_and_size_defaults():
@@ -460,8 +532,19 @@ def test_outputs_give_the_tunnel_the_storage_and_the_vault():
     outputs = {name: t.value(spec["value"]) for name, spec in t.template["outputs"].items()}
     assert outputs["sshTunnelCommand"].startswith("ssh -L 8265:localhost:8265 -L 3000:localhost:3000")
     assert " azureuser@reference(" in outputs["sshTunnelCommand"]  # the head's public IP, known once deployed
-    assert outputs["storageAccountUri"].startswith("abfs://shardrun@")
+    account = t.variable("storageName")
+    assert outputs["runsUri"] == f"abfs://shardrun@{account}.dfs.core.windows.net/"
+    assert outputs["dataUri"] == f"abfs://data@{account}.dfs.core.windows.net/"
+    assert (outputs["runsContainer"], outputs["dataContainer"], outputs["storageAccountName"]) == ("shardrun", "data",
+                                                                                                   account)
     assert {"headPublicIp", "keyVaultName", "keyVaultUrl", "identityClientId", "workerScaleSetName"} <= set(outputs)
+
+
+def test_the_outputs_the_guide_reads_exist():
+    guide = (REPO / "docs" / "deploy-azure.md").read_text()
+    read = set(re.findall(r"jq -r \.(\w+)\.value", guide))
+    assert {"runsUri", "dataUri", "dataContainer", "storageAccountName"} <= read
+    assert read <= set(template_json()["outputs"]), read - set(template_json()["outputs"])
 
 
 # -- checkov -----------------------------------------------------------------------------------------
