@@ -47,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="validate here, then run the job on a Ray cluster through its Jobs API")
     _add_spec_args(p)
     p.add_argument("--address", default=None, help="the Ray dashboard, http://HEAD:8265 (default: RAY_ADDRESS)")
-    p.add_argument("--working-dir", default=None, help="the folder sent to the cluster (default: this one)")
+    p.add_argument("--working-dir", default=None,
+                   help="the folder sent to the cluster (default: the spec's project folder, the nearest one above "
+                        "it with .git, pyproject.toml or setup.py)")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    p.add_argument("--allow-secrets", action="store_true",
+                   help="upload the working dir even when it is a home folder or holds credentials (.ssh, ...)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="an environment variable for the job's driver and workers, e.g. NCCL_SOCKET_IFNAME=eth0 "
                         "(repeatable)")
@@ -252,7 +256,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardrun import jobs
 
     return jobs.submit(args.spec, args.overrides, at=args.address, working_dir=args.working_dir,
-                       wait=not args.no_wait, emit=_emit, env=args.env)
+                       wait=not args.no_wait, emit=_emit, env=args.env, allow_secrets=args.allow_secrets)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -17,6 +17,17 @@ from pathlib import Path
 
 from shardrun import config, fs
 from shardrun.errors import UserError
+from shardrun.working_dir import (
+    ALWAYS_EXCLUDED,
+    ray_excludes,
+    ray_gitignore,
+    refuse_home,
+    refuse_secrets,
+    secrets_in,
+    upload_line,
+    uploaded_files,
+    working_folder,
+)
 
 STOP_WAIT_S = 300
 """What `ray job stop` waits after its SIGTERM before a SIGKILL (RAY_JOB_STOP_WAIT_TIME_S): time for the
@@ -81,16 +92,20 @@ def env_vars(pairs: list[str]) -> dict[str, str]:
 
 
 def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir: str | None, wait: bool,
-           emit: Callable[[str], None], env: list[str] = ()) -> int:
+           emit: Callable[[str], None], env: list[str] = (), allow_secrets: bool = False) -> int:
     """Validate the spec here, then submit `shardrun run` with the working dir; follow it unless not wait.
-    env: KEY=VALUE pairs for the job's driver and every one of its workers (Ray's runtime_env env_vars)."""
+    env: KEY=VALUE pairs for the job's driver and every one of its workers (Ray's runtime_env env_vars).
+    allow_secrets: upload a home folder or one with credentials at its top."""
     spec = config.load(spec_path, overrides)  # errors before anything reaches the cluster
     variables = env_vars(list(env))
-    work = Path(working_dir or os.getcwd()).resolve()
     path = Path(spec_path).resolve()
-    if not path.is_relative_to(work):
-        raise UserError(f"{spec_path} is outside the working dir {work} that goes to the cluster; run from the "
-                        "folder that holds it, or give --working-dir")
+    home = Path.home().resolve()
+    work = working_folder(path, working_dir, home)
+    if not allow_secrets:
+        refuse_home(work, home)  # before counting: a home folder can take minutes to walk
+    files = uploaded_files(work, ray_excludes(), ray_gitignore())
+    if not allow_secrets:
+        refuse_secrets(work, secrets_in(list(files)))
     jobs = client(at)
     import shardrun
 
@@ -99,11 +114,13 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
                            *(f"--set {_quote(o)}" for o in overrides)])
     runtime_env = {
         "working_dir": str(work),
+        "excludes": list(ALWAYS_EXCLUDED),
         # this client's shardrun on the cluster; its dependencies are the cluster's (deploy/bootstrap
         # installs the same constraints.txt)
         "py_modules": [str(Path(shardrun.__file__).parent)],
         "env_vars": variables,
     }
+    emit(upload_line(work, files))
     jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
                     metadata={"shardrun_run": spec.name})
     emit(f"submitted {submission} to {address(at)}: {entrypoint}")
