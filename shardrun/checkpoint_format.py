@@ -30,6 +30,8 @@ LATEST = "latest"
 STAGING_PREFIX = ".staging-"
 STEP_DIR = re.compile(r"^(?:checkpoint_|step_)(\d+)$")
 """A checkpoint folder, of either writer; group 1 is the step."""
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of a run's committed checkpoints, in the run dir (written in place by Ray)."""
 RUN_CHECKPOINTS = re.compile(rf"^(checkpoint_\d+|{LOCAL_FOLDER})$")
 """An entry of a run dir that holds checkpoints."""
 
@@ -163,6 +165,21 @@ def pick(run_dir: str, step: int | None = None) -> dict:
         raise UserError(f"{redact(run_dir)} has no complete checkpoint yet (checkpoint.every_steps decides when one "
                         "is saved)")
     return complete[-1]
+
+
+def resume_from(recorded: int | None, complete: list[int]) -> int | None:
+    """The step to resume from when the launcher's record names checkpoint `recorded` (None: no record, or
+    none in it) and `complete` are the steps of the complete checkpoints in storage: None to take the record's,
+    else the newest complete one (the record was lost or cut off, the run ended before it was written, or
+    it names a checkpoint that is not complete)."""
+    newest = max(complete, default=None)
+    return None if newest is None or recorded == newest else newest
+
+
+def step_of(path: str) -> int | None:
+    """The step of a checkpoint folder from its name (either writer's), or None."""
+    match = STEP_DIR.match(path.rstrip("/").rsplit("/", 1)[-1])
+    return int(match[1]) if match else None
 
 
 def newest_complete_step(run_dir: str) -> int | None:

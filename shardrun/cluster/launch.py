@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from shardrun import checkpoint_format as layout
 from shardrun import fs
 from shardrun.cluster.connect import connect
 from shardrun.cluster.events import EventChannel, EventForwarder
@@ -70,13 +72,14 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     emit(f"connecting to {connect()}")
     spec.metrics.host = bind_host(spec.metrics.host, cluster=bool(os.environ.get("RAY_ADDRESS")))
     prepare_run_dir(spec, fresh=fresh, emit=emit)
+    set_aside_unreadable_snapshot(spec.run_dir, emit)
     # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = EventChannel.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level)
     observer = RunObserver(spec, emit)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "events": actor,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "events": actor, "run_dir": spec.run_dir,
                            "data_index": data_index},
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
         scaling_config=scaling_config(spec),
@@ -102,6 +105,26 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
             summary["error"] = redact(f"{type(error).__name__}: {error}")
         fs.write_json(fs.join(spec.run_dir, "summary.json"), summary)
     return summary
+
+
+def set_aside_unreadable_snapshot(run_dir: str, emit: Callable[[str], None]) -> None:
+    """Ray Train writes its record of a run's checkpoints in place: a crash or a full disk at that moment
+    leaves it empty or cut off, and Ray Train then refuses to start the run. Such a record is moved aside; the
+    workers resume from the newest complete checkpoint in storage instead (RayCheckpointStore)."""
+    path = fs.join(run_dir, layout.RAY_SNAPSHOT)
+    text = fs.read_text(path)
+    if text is None:
+        return
+    try:
+        json.loads(text)
+        return
+    except ValueError as e:
+        why = f"{e}" if text.strip() else "it is empty"
+    aside = fs.join(run_dir, f"{layout.RAY_SNAPSHOT}.unreadable-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    storage, source = fs.filesystem(path)
+    storage.move(source, fs.filesystem(aside)[1])
+    emit(f"Ray's record of this run's checkpoints ({layout.RAY_SNAPSHOT}) was unreadable ({why}); moved it to "
+         f"{redact(aside)}: the run resumes from the newest complete checkpoint in storage")
 
 
 def fit_beside_the_main_thread(trainer: TorchTrainer):

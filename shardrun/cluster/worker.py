@@ -21,16 +21,33 @@ from shardrun.trainer.session import Session
 
 class RayCheckpointStore:
     """Checkpoints through ray.train.report (merged per rank into the run's storage), committed by the
-    controller."""
+    controller; resumed from Ray's record of them, or from the newest complete one in storage when that is
+    newer (the record was lost, or the run ended before Ray wrote it)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._newer_in_storage(ray.train.get_checkpoint())
         if checkpoint is None:
             yield None
             return
         with checkpoint.as_directory() as directory:
             yield directory
+
+    def _newer_in_storage(self, recorded: ray.train.Checkpoint | None) -> ray.train.Checkpoint | None:
+        found = {c["step"]: c for c in layout.list_checkpoints(self.run_dir) if c["complete"]} \
+            if fs.exists(self.run_dir) else {}
+        step = layout.resume_from(layout.step_of(recorded.path) if recorded else None, list(found))
+        if step is None:
+            return recorded
+        if ray.train.get_context().get_world_rank() == 0:
+            had = f"names step {layout.step_of(recorded.path)}" if recorded else "names no checkpoint"
+            fs.log(f"Ray's record of this run's checkpoints {had}; resuming from the newest complete checkpoint "
+                   f"in storage, {found[step]['path']}")
+        storage, _ = fs.filesystem(self.run_dir)
+        return ray.train.Checkpoint(path=found[step]["fs_path"], filesystem=storage)
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int, metrics: dict) -> Iterator[str]:
@@ -168,5 +185,5 @@ def train_fn(config: dict) -> None:
     from shardrun.trainer.entry import worker_main
     from shardrun.trainer.faults import FaultInjector
 
-    session = Session(RayCheckpointStore(), RayReporter(config["events"]), RayPlacement())
+    session = Session(RayCheckpointStore(config["run_dir"]), RayReporter(config["events"]), RayPlacement())
     worker_main(config["spec"], session, data_index=config.get("data_index"), faults=FaultInjector.from_env())

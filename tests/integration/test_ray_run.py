@@ -1,4 +1,5 @@
-"""`shardrun run` on a local Ray instance (Ray Train V2 + DeepSpeed): train, checkpoint, resume by name."""
+"""`shardrun run` on a local Ray instance (Ray Train V2 + DeepSpeed): train, checkpoint, resume by name (even
+when Ray's record of the checkpoints is lost)."""
 
 import json
 import shutil
@@ -42,14 +43,20 @@ def test_same_name_twice_resumes_where_the_first_stopped(tmp_path, corpus, stale
     assert first["tokens"] == 20 * 2 * 4 * 32
     assert (run_dir / "job.yaml").exists()
 
+    # Ray writes its record of the checkpoints in place: a crash or a full disk then leaves it empty, and Ray
+    # Train would refuse to start; the run resumes from the newest complete checkpoint in storage instead
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("")
     out = run([sys.executable, "-m", "shardrun", "run", str(path), "--set", "run.max_steps=40"],
               timeout=180, env=stale_ray_address).stdout
+    assert "(checkpoint_manager_snapshot.json) was unreadable (it is empty); moved it to " in out, out[-4000:]
+    assert "Ray's record of this run's checkpoints names no checkpoint; resuming from the newest complete " \
+           f"checkpoint in storage, {run_dir / 'checkpoint_00000020'}" in out, out[-4000:]
     assert "resuming from step 20 with 2 workers" in out
     second = json.loads((run_dir / "summary.json").read_text())
     assert (second["start_step"], second["final_step"], second["steps"]) == (20, 40, 20)
     assert second["checkpoint"].endswith("checkpoint_00000040")
     kept = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
-    assert kept == ["checkpoint_00000040"]
+    assert kept == ["checkpoint_00000020", "checkpoint_00000040"]  # Ray prunes only what its new record holds
     # the driver kept the per-log-step record across both runs and took its targets out at the end
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 10, 20, 21, 30, 40]
