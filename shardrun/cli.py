@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
     p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
+                        "(only for storage you trust: loading runs what the files name)")
 
     p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
     p.add_argument("source", metavar="RUN_OR_EXPORT",
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
+                        "(only for storage you trust: loading runs what the files name)")
 
     p = sub.add_parser("report", help="plots (PNG) and an HTML page from a run's metrics.jsonl")
     p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")
@@ -303,7 +309,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from shardrun.export import export
 
-    done = export(args.run, args.out, step=args.step, dtype=args.dtype, emit=_emit)
+    done = export(args.run, args.out, step=args.step, dtype=args.dtype, emit=_emit, trust=args.trust_checkpoint)
     _emit(f"exported step {done['step']} ({done['dtype']}, {done['bytes'] / 1e6:,.1f} MB) from {done['source']} "
           f"to {done['out']}")
     return 0
@@ -318,7 +324,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = args.source
     with tempfile.TemporaryDirectory() as tmp:
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            export(source, tmp, emit=_emit)
+            export(source, tmp, emit=_emit, trust=args.trust_checkpoint)
             source = tmp
         text = generate.generate(generate.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)

@@ -76,9 +76,10 @@ def local_folder(run_dir: str, chosen: dict, emit: Callable[[str], None] = print
 
 
 def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32",
-           emit: Callable[[str], None] = print) -> dict:
+           emit: Callable[[str], None] = print, trust: bool = False) -> dict:
     """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint; the run
-    dir may be local or behind a URI (abfs://, s3://)."""
+    dir may be local or behind a URI (abfs://, s3://). trust: load its files even where their pickles would
+    call more than DeepSpeed's own classes (check_pickles)."""
     from safetensors.torch import save_model
 
     from shardrun.trainer.models import gpt_config
@@ -91,6 +92,8 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
     chosen = pick(run_dir, step)
     model = GPT(gpt_config(spec))
     with local_folder(run_dir, chosen, emit) as folder:
+        if not trust:
+            check_pickles(folder)
         model.load_state_dict(consolidated_state(folder))
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
@@ -107,6 +110,28 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {**config, "out": out, "bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
+
+
+TRUSTED_GLOBALS = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
+"""What DeepSpeed's checkpoint files name beyond torch's tensors and plain data: plain values, no behaviour."""
+
+
+def check_pickles(folder: str) -> None:
+    """Refuse a checkpoint whose DeepSpeed files would call anything but torch's tensors, plain data and
+    TRUSTED_GLOBALS when loaded. DeepSpeed loads its files with a full unpickle: whoever can write the run's
+    storage could otherwise run code here. Read from the opcodes alone (nothing is loaded to check)."""
+    tag = json.loads(Path(folder, MANIFEST).read_text())["tag"]
+    for path in sorted(Path(folder, tag).rglob("*.pt")):  # the files export loads: DeepSpeed's
+        named = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - TRUSTED_GLOBALS
+        if named:
+            raise UserError(f"{path.relative_to(folder)} would call {', '.join(sorted(named))} when loaded: a "
+                            "checkpoint that shardrun and DeepSpeed did not write alone. Check who can write the "
+                            "run's storage; export it anyway, if you trust it, with --trust-checkpoint")
 
 
 EXPORT_FILES = {"model.safetensors", "config.json"}

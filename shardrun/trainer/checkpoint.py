@@ -37,9 +37,11 @@ class TrainState:
 
 
 def rng_state() -> dict:
+    """Every RNG's state in plain data and tensors, which torch.load reads with weights_only (no pickle code)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, keys.tolist(), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -49,10 +51,22 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+NUMPY_ARRAY = (np.ndarray, np.dtype, np.dtypes.UInt32DType,
+               (getattr(np, "_core", None) or np.core).multiarray._reconstruct)  # numpy 2 moved it to _core
+"""What rank files written before their numpy state became a list name: a numpy array, no behaviour."""
+
+
+def load_rank_file(path: str) -> dict:
+    """A rank's file, with weights_only (tensors and plain data only: a planted pickle cannot run)."""
+    with torch.serialization.safe_globals(list(NUMPY_ARRAY)):
+        return torch.load(path, weights_only=True)
 
 
 def seed_rank(seed: int, rank: int, step: int = 0) -> None:
@@ -138,8 +152,7 @@ def load(engine, directory: str, topology: Topology, manifest: dict, *, universa
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {manifest['tag']} in {universal or directory}")
     same_world = manifest["world_size"] == topology.world_size
-    own = torch.load(os.path.join(directory, layout.rank_file(topology.rank if same_world else 0)),
-                     weights_only=False)
+    own = load_rank_file(os.path.join(directory, layout.rank_file(topology.rank if same_world else 0)))
     state = TrainState(**own["train"])
     if same_world:
         set_rng_state(own["rng"])

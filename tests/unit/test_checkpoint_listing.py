@@ -4,9 +4,9 @@ import pytest
 from helpers import write_checkpoint
 
 from shardrun.checkpoint_format import list_checkpoints as checkpoints
-from shardrun.checkpoint_format import pick
+from shardrun.checkpoint_format import pick, resume_from
 from shardrun.errors import UserError
-from shardrun.export import check_out, model_spec, replace_folder
+from shardrun.export import check_out, check_pickles, export, model_spec, replace_folder
 
 
 def test_complete_and_incomplete_checkpoints_are_told_apart(tmp_path):
@@ -86,3 +86,42 @@ def test_export_goes_to_a_folder_of_its_own_and_replaces_an_earlier_export_whole
     replace_folder(str(new), str(earlier))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "notes", "runs"]
     assert {p.name: p.read_text() for p in earlier.iterdir()} == {"model.safetensors": "new", "config.json": "new"}
+
+
+@pytest.mark.parametrize(("recorded", "complete", "resume"), [
+    (20, [10, 20], None),  # the record names the newest complete checkpoint: take it
+    (None, [], None),  # a new run
+    (None, [10, 20], 20),  # no record (lost, or the run ended before Ray wrote it)
+    (10, [10, 20], 20),  # a record older than storage
+    (30, [10, 20], 20),  # a record naming a checkpoint that is not complete
+])
+def test_resume_takes_the_newest_complete_checkpoint_over_an_older_or_missing_record(recorded, complete, resume):
+    assert resume_from(recorded, complete) == resume
+
+
+class _Planted:
+    """A pickle that runs a command when loaded, as someone who can write the run's storage could plant."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_export_refuses_a_checkpoint_whose_files_would_run_code_and_loads_nothing_to_know(tmp_path):
+    import torch
+
+    run = tmp_path / "runs/tiny"
+    folder = write_checkpoint(run / "checkpoint_00000004", 4, world=1, ranks=(0,), stage=0)
+    (run / "job.yaml").write_text("name: tiny\nmodel: {n_layer: 1, n_head: 1, n_embd: 8, block_size: 8}\n")
+    marker = tmp_path / "pwned"
+    torch.save({"module": {}, "extra": _Planted(marker)}, folder / "global_step4/mp_rank_00_model_states.pt")
+    with pytest.raises(UserError, match=r"global_step4/mp_rank_00_model_states\.pt would call (posix|os)\.system "
+                                        r"when loaded.*--trust-checkpoint"):
+        export(str(run), str(tmp_path / "export"))
+    assert not marker.exists() and not (tmp_path / "export").exists()
+    torch.save({"module": {}, "step": torch.ones(2)}, folder / "global_step4/mp_rank_00_model_states.pt")
+    check_pickles(str(folder))  # torch's tensors and plain data pass
