@@ -24,6 +24,7 @@ from shardrun.trainer.session import Session
 from shardrun.trainer.topology import Topology
 
 startup = logging.getLogger("shardrun.trainer.startup")
+startup.propagate = False  # only its own listeners: a launcher's root handler (Ray's JSON one) cannot format it
 
 
 def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | None = None, *,
