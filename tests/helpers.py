@@ -106,3 +106,14 @@ def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=
         for name in names:
             (folder / f"global_step{step}" / name).write_bytes(b"y" * 20)
     return folder
+
+
+class Planted:
+    """A pickle that runs a command when loaded (touches `marker`), as whoever can write a run's storage could
+    plant one in a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

@@ -1,7 +1,7 @@
 """shardrun checkpoints: which checkpoint folders are complete, and which one export takes."""
 
 import pytest
-from helpers import write_checkpoint
+from helpers import Planted, write_checkpoint
 
 from shardrun.checkpoint_format import list_checkpoints as checkpoints
 from shardrun.checkpoint_format import pick, resume_from
@@ -99,18 +99,6 @@ def test_resume_takes_the_newest_complete_checkpoint_over_an_older_or_missing_re
     assert resume_from(recorded, complete) == resume
 
 
-class _Planted:
-    """A pickle that runs a command when loaded, as someone who can write the run's storage could plant."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_export_refuses_a_checkpoint_whose_files_would_run_code_and_loads_nothing_to_know(tmp_path):
     import torch
 
@@ -118,7 +106,7 @@ def test_export_refuses_a_checkpoint_whose_files_would_run_code_and_loads_nothin
     folder = write_checkpoint(run / "checkpoint_00000004", 4, world=1, ranks=(0,), stage=0)
     (run / "job.yaml").write_text("name: tiny\nmodel: {n_layer: 1, n_head: 1, n_embd: 8, block_size: 8}\n")
     marker = tmp_path / "pwned"
-    torch.save({"module": {}, "extra": _Planted(marker)}, folder / "global_step4/mp_rank_00_model_states.pt")
+    torch.save({"module": {}, "extra": Planted(marker)}, folder / "global_step4/mp_rank_00_model_states.pt")
     with pytest.raises(UserError, match=r"global_step4/mp_rank_00_model_states\.pt would call (posix|os)\.system "
                                         r"when loaded.*--trust-checkpoint"):
         export(str(run), str(tmp_path / "export"))

@@ -7,18 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from helpers import Planted
 
 from shardrun.trainer.checkpoint import load_rank_file, rng_state, set_rng_state
-
-
-class _Planted:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_rng_states_come_back_exactly_from_plain_data(tmp_path):
@@ -40,7 +31,7 @@ def test_an_earlier_rank_file_with_a_numpy_array_still_loads(tmp_path):
 
 
 def test_a_planted_pickle_is_refused_without_running(tmp_path):
-    torch.save({"train": {"step": 1}, "rng": _Planted(tmp_path / "pwned")}, tmp_path / "rank_0.pt")
+    torch.save({"train": {"step": 1}, "rng": Planted(tmp_path / "pwned")}, tmp_path / "rank_0.pt")
     with pytest.raises(pickle.UnpicklingError):
         load_rank_file(str(tmp_path / "rank_0.pt"))
     assert not (tmp_path / "pwned").exists()
