@@ -325,6 +325,12 @@ class FailureSpec(_Section):
     max_nonfinite_steps: int = Field(
         5, ge=1, description="Consecutive skipped non-finite steps after which the run stops with an error."
     )
+    data_wait_timeout_s: float = Field(
+        600.0, gt=0,
+        description="A row group whose read gives nothing for this long (a stalled mount or object store) ends "
+        "the worker group, naming the file and row group, instead of a silent wait that no collective timeout "
+        "ends when every rank waits on the same storage.",
+    )
     collective_timeout_s: float = Field(
         300.0, gt=0,
         description="Once training runs, a collective that waits longer than this fails the group (a dead "

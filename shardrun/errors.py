@@ -11,6 +11,11 @@ class TrainingDiverged(Exception):
     """The loss stopped being finite (failure.nonfinite_loss); the message says at which step and what to try."""
 
 
+class DataStalled(Exception):
+    """Storage gave no data in failure.data_wait_timeout_s; the message names the file and row group. Not the
+    user's to fix: a restart may find the storage answering again."""
+
+
 class Preempted(Exception):
     """This group stopped after checkpointing because a VM it runs on is being taken away; it resumes
     from that checkpoint (Ray Train restarts it; under torchrun, start the run again)."""

@@ -27,7 +27,7 @@ def __getattr__(name: str):
 
 def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: int,  # noqa: A001
          grad_accum_steps: int, index: DataIndex | dict | None = None,
-         partitions: int | None = None, vocab_size: int | None = None) -> Stream:
+         partitions: int | None = None, vocab_size: int | None = None, wait_timeout: float = 600.0) -> Stream:
     """This rank's stream of micro-batches, continuing from `position` (None: the start).
 
     `index` is the run's data index (built once by the driver); without it this rank reads the
@@ -44,7 +44,8 @@ def open(spec: DataSpec, topology, position: dict | None, *, micro_batch_size: i
         index = DataIndex.from_dict(index)
     return Stream(spec, index, rank=topology.rank, world_size=topology.world_size,
                   micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                  position=position, device=topology.device, partitions=partitions, vocab_size=vocab_size)
+                  position=position, device=topology.device, partitions=partitions, vocab_size=vocab_size,
+                  wait_timeout=wait_timeout)
 
 
 __all__ = ["open", "build_index", "DataIndex", "Stream"]

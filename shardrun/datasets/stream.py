@@ -12,6 +12,7 @@ resumes with exactly the next sample.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -25,7 +26,7 @@ from shardrun.config import DataSpec, check_partitions
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.plan import Plan
 from shardrun.datasets.reader import PAD, BadRowGroup, RowGroupReader
-from shardrun.errors import UserError
+from shardrun.errors import DataStalled, UserError
 
 POSITION_VERSION = 1
 IGNORE_INDEX = -100
@@ -40,7 +41,7 @@ class Stream:
     def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
                  device: str = "cpu", log=None, chunk_rows: int | None = None,
-                 partitions: int | None = None, vocab_size: int | None = None):
+                 partitions: int | None = None, vocab_size: int | None = None, wait_timeout: float = 600.0):
         self.spec = spec
         self.index = index
         self.rank = rank
@@ -50,6 +51,10 @@ class Stream:
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.device = torch.device(device)
         self._log = log or fs.log
+        self.wait_timeout = wait_timeout
+        """Seconds a row group's read may give nothing before the stream gives up (DataStalled); the producer
+        meets it and hands it to next_batch like any error of its own."""
+        self._stalled = False
 
         partitions = spec.partitions or partitions or world_size  # a new run's count; see JobSpec.partitions
         self.epoch, self.offset = 0, 0
@@ -167,7 +172,8 @@ class Stream:
                 except queue.Empty:
                     pass
                 self._producer.join(timeout=0.05)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # a read stuck in storage would hold the close, and the run's end, for good
+        self._pool.shutdown(wait=not self._stalled, cancel_futures=True)
         self._cache.clear()
 
     def __enter__(self) -> Stream:
@@ -284,7 +290,11 @@ class Stream:
             if future is None:  # not read ahead: read now
                 future = self._cache[g] = self._pool.submit(self._read, g)
         try:
-            return future.result()
+            return future.result(timeout=self.wait_timeout)
+        except concurrent.futures.TimeoutError:
+            self._stalled = True
+            raise DataStalled(f"{self.index.describe(g)}: no data after {self.wait_timeout:g} s "
+                              "(failure.data_wait_timeout_s): the storage behind it stalls") from None
         except BadRowGroup as e:
             if self.spec.on_bad_file != "skip":
                 raise UserError(f"{e} (data.on_bad_file: skip leaves it out)") from None

@@ -60,7 +60,8 @@ def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: di
     vocab = spec.model.vocab_size if spec.model.type == "gpt" else None  # an entrypoint model's is its own
     stream = datasets.open(spec.data, topology, restored.position, micro_batch_size=spec.deepspeed.micro_batch_size,
                            grad_accum_steps=spec.grad_accum_for(topology.world_size), index=data_index,
-                           partitions=spec.partitions, vocab_size=vocab)
+                           partitions=spec.partitions, vocab_size=vocab,
+                           wait_timeout=spec.failure.data_wait_timeout_s)
     startup.info("data open")
     return Trainer(spec, session, topology, restored=restored, stream=stream, collectives=collectives,
                    metrics=metrics, endpoints=endpoints, watcher=watcher_for(spec, topology), faults=faults)

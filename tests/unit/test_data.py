@@ -349,3 +349,26 @@ def test_bad_token_ids_name_their_row_group_or_are_skipped(tmp_path, bad_row, vo
     batch = s.next_batch()
     s.close()
     assert s.stats()["skipped_row_groups"] == 1 and int((batch["targets"] == -100).all(dim=1).sum()) == 5
+
+
+def test_a_stalled_read_ends_the_stream_naming_its_row_group_and_close_does_not_wait_for_it(tmp_path):
+    import threading
+    import time
+
+    from shardrun.errors import DataStalled
+
+    write_layout(tmp_path, [[10, 10]])
+    spec = spec_for(tmp_path, partitions=1, shuffle_window=20)
+    s = Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=4, grad_accum_steps=1,
+               wait_timeout=0.5)
+    released = threading.Event()
+    s.reader.read = lambda g: released.wait(60)  # a mount that stopped answering
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DataStalled, match=r"part-000\.parquet row group \d: no data after 0\.5 s "
+                                              r"\(failure\.data_wait_timeout_s\)"):
+            s.next_batch()
+        assert time.monotonic() - t0 < 10  # raised, then closed without waiting for the stuck read
+    finally:
+        released.set()
+        s.close()
