@@ -30,6 +30,12 @@ def _add_spec_args(p: argparse.ArgumentParser, *, fresh: bool = False) -> None:
                        help="start the run over: an earlier run of this name is moved aside")
 
 
+def _add_trust_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
+                        "(only for storage you trust: loading runs what the files name)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardrun", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -82,9 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
     p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
-                        "(only for storage you trust: loading runs what the files name)")
+    _add_trust_arg(p)
 
     p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
     p.add_argument("source", metavar="RUN_OR_EXPORT",
@@ -94,9 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--trust-checkpoint", action="store_true",
-                   help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
-                        "(only for storage you trust: loading runs what the files name)")
+    _add_trust_arg(p)
 
     p = sub.add_parser("report", help="plots (PNG) and an HTML page from a run's metrics.jsonl")
     p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")

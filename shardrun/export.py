@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from shardrun import fs
-from shardrun.checkpoint_format import MANIFEST, local_run_dir, pick
+from shardrun.checkpoint_format import local_run_dir, pick, read_manifest
 from shardrun.config import ModelSpec
 from shardrun.errors import UserError, redact
 
@@ -44,7 +44,7 @@ def model_spec(run_dir: str) -> ModelSpec:
 
 def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     """The whole model's fp32 weights from a checkpoint, ZeRO shards gathered (on the CPU)."""
-    manifest = json.loads(Path(checkpoint_dir, MANIFEST).read_text())
+    manifest = read_manifest(checkpoint_dir)
     tag = manifest["tag"]
     if manifest.get("zero_stage", 1) == 0:  # no ZeRO: one file holds the module
         [states] = Path(checkpoint_dir, tag).glob("mp_rank_*_model_states.pt")
@@ -125,7 +125,7 @@ def check_pickles(folder: str) -> None:
     """Refuse a checkpoint whose DeepSpeed files would call anything but torch's tensors, plain data and
     TRUSTED_GLOBALS when loaded. DeepSpeed loads its files with a full unpickle: whoever can write the run's
     storage could otherwise run code here. Read from the opcodes alone (nothing is loaded to check)."""
-    tag = json.loads(Path(folder, MANIFEST).read_text())["tag"]
+    tag = read_manifest(folder)["tag"]
     for path in sorted(Path(folder, tag).rglob("*.pt")):  # the files export loads: DeepSpeed's
         named = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - TRUSTED_GLOBALS
         if named:

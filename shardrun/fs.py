@@ -148,17 +148,17 @@ def sync_tree(root: str, names: Iterable[str] | None = None) -> int:
     return total
 
 
-def move_aside(path: str) -> str:
-    """Rename a run folder out of the way (for --fresh) and return its new name; nothing is deleted."""
+def move_aside(path: str, label: str = "replaced", *, advice: str = "delete it") -> str:
+    """Rename a folder or file out of the way, to `<path>.<label>-<UTC time>`, and return its new name; nothing
+    is deleted. `advice` says what to do where the storage cannot rename it."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     base, query = split_query(path)
-    new = f"{base.rstrip('/')}.replaced-{stamp}{query}"
+    new = f"{base.rstrip('/')}.{label}-{stamp}{query}"
     fs, p = filesystem(path)
     try:
         fs.move(p, filesystem(new)[1])
     except OSError as e:  # object stores without folders (Blob storage without a hierarchical namespace)
-        raise UserError(f"--fresh cannot move {redact(path)} aside on this storage ({e}); delete it, or give "
-                        "the run another name") from None
+        raise UserError(f"cannot move {redact(path)} aside on this storage ({e}); {advice}") from None
     return new
 
 

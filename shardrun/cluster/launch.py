@@ -120,9 +120,8 @@ def set_aside_unreadable_snapshot(run_dir: str, emit: Callable[[str], None]) -> 
         return
     except ValueError as e:
         why = f"{e}" if text.strip() else "it is empty"
-    aside = fs.join(run_dir, f"{layout.RAY_SNAPSHOT}.unreadable-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    storage, source = fs.filesystem(path)
-    storage.move(source, fs.filesystem(aside)[1])
+    aside = fs.move_aside(path, "unreadable", advice="delete it; the run then resumes from the newest complete "
+                          "checkpoint in storage")
     emit(f"Ray's record of this run's checkpoints ({layout.RAY_SNAPSHOT}) was unreadable ({why}); moved it to "
          f"{redact(aside)}: the run resumes from the newest complete checkpoint in storage")
 

@@ -39,11 +39,12 @@ class RayCheckpointStore:
     def _newer_in_storage(self, recorded: ray.train.Checkpoint | None) -> ray.train.Checkpoint | None:
         found = {c["step"]: c for c in layout.list_checkpoints(self.run_dir) if c["complete"]} \
             if fs.exists(self.run_dir) else {}
-        step = layout.resume_from(layout.step_of(recorded.path) if recorded else None, list(found))
+        recorded_step = layout.step_of(recorded.path) if recorded else None
+        step = layout.resume_from(recorded_step, list(found))
         if step is None:
             return recorded
         if ray.train.get_context().get_world_rank() == 0:
-            had = f"names step {layout.step_of(recorded.path)}" if recorded else "names no checkpoint"
+            had = f"names step {recorded_step}" if recorded else "names no checkpoint"
             fs.log(f"Ray's record of this run's checkpoints {had}; resuming from the newest complete checkpoint "
                    f"in storage, {found[step]['path']}")
         storage, _ = fs.filesystem(self.run_dir)

@@ -152,20 +152,17 @@ def test_in_bar_mode_a_permanent_line_comes_at_least_every_so_many_seconds(tty):
     assert sum(line.startswith("[shardrun] step") for line in _screen(read(stream))) == 12
 
 
-def test_plain_on_a_terminal_when_asked(tty, monkeypatch):
+@pytest.mark.parametrize(("variable", "value"), [("SHARDRUN_PROGRESS", "plain"), ("TERM", "dumb")])
+def test_a_terminal_gets_plain_lines_when_asked_or_dumb(tty, monkeypatch, variable, value):
     open_stream, read = tty
-    monkeypatch.setenv("SHARDRUN_PROGRESS", "plain")
+    monkeypatch.setenv(variable, value)
     stream = open_stream()
     lines = _run(stream)
     assert read(stream) == _text(lines)
 
 
-def test_a_dumb_terminal_gets_plain_lines_and_bar_can_be_forced(tty, monkeypatch):
-    open_stream, read = tty
+def test_the_bar_can_be_forced_where_no_terminal_is(monkeypatch):
     monkeypatch.setenv("TERM", "dumb")
-    stream = open_stream()
-    lines = _run(stream)
-    assert read(stream) == _text(lines)
     monkeypatch.setenv("SHARDRUN_PROGRESS", "bar")
     out = io.StringIO()
     _run(out)
