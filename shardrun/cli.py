@@ -72,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "runs", help="the runs in a storage location: state, step, loss, newest complete checkpoint, age",
-        description="The run dirs in STORAGE. state: finished, stopped (SIGTERM), failed: ERROR (from summary.json); "
-        "without a summary.json newer than metrics.jsonl: running (files changed in the last 5 minutes) or "
-        "interrupted; unreadable: WHY. Runs that --fresh moved aside (NAME.replaced-TIME) are listed too, "
-        "marked 'moved aside'.")
+        description="The run dirs in STORAGE. state: running (USER@HOST) while a run holds the run dir's lease "
+        "(NAME.lease.json); else finished, stopped (SIGTERM), failed: ERROR (from summary.json); without a "
+        "summary.json newer than metrics.jsonl: interrupted (for runs without a lease file: running if files "
+        "changed in the last 5 minutes); unreadable: WHY. Runs that --fresh moved aside (NAME.replaced-TIME) "
+        "are listed too, marked 'moved aside'.")
     p.add_argument("storage", metavar="STORAGE", nargs="?", default=config.CheckpointSpec().storage,
                    help="checkpoint.storage: a path or URI (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
@@ -185,7 +186,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from shardrun.lease import Lease
+
     spec = load_spec(args)
+    with Lease(spec.run_dir, "run", emit=_emit):  # before anything is written; a second run of the name stops here
+        return _run(args, spec)
+
+
+def _run(args: argparse.Namespace, spec: config.JobSpec) -> int:
     _emit(f"job spec, resolved:\n{spec.to_yaml()}")
     data_index = ensure_data(spec)
     from shardrun.cluster.connect import connect
@@ -203,8 +211,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args)
+    if os.environ.get("RANK", "0") != "0":  # rank 0 holds the run dir for the job
+        return _train(args, spec, main=False)
+    from shardrun.lease import Lease
+
+    with Lease(spec.run_dir, "train", emit=_emit):
+        return _train(args, spec, main=True)
+
+
+def _train(args: argparse.Namespace, spec: config.JobSpec, *, main: bool) -> int:
     data_index = None  # other ranks read the footers themselves once rank 0 has made the data
-    if os.environ.get("RANK", "0") == "0":
+    if main:
         from shardrun.driver.run_dir import prepare_run_dir
 
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")

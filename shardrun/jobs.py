@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shardrun import config, fs
 from shardrun.errors import UserError
+from shardrun.lease import RunDirBusy
 from shardrun.working_dir import (
     ALWAYS_EXCLUDED,
     ray_excludes,
@@ -107,6 +108,7 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
     if not allow_secrets:
         refuse_secrets(work, secrets_in(list(files)))
     jobs = client(at)
+    refuse_running(jobs, spec.name)
     import shardrun
 
     submission = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
@@ -128,6 +130,19 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
         emit(f"follow it with: shardrun logs {submission} --follow --address {address(at)}")
         return 0
     return follow(jobs, submission, emit)
+
+
+def refuse_running(jobs, name: str) -> None:
+    """A run name with a job on the cluster that has not ended is refused, the job named (the likeliest way to two
+    runs in one run dir: Ctrl-C on `shardrun submit`, whose job goes on, then submitting again)."""
+    going = [j for j in jobs.list_jobs()
+             if (j.metadata or {}).get("shardrun_run") == name and j.status.value not in EXIT]
+    if going:
+        job = max(going, key=lambda j: j.start_time or 0)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((job.start_time or 0) / 1000))
+        raise RunDirBusy(f"run {name!r} is already on this cluster: job {job.submission_id}, {job.status.value} "
+                         f"since {started} UTC. Follow it (`shardrun logs {job.submission_id} --follow`), stop it "
+                         f"(`shardrun stop {job.submission_id}`), or give this run another name.")
 
 
 def follow(jobs, submission: str, emit: Callable[[str], None]) -> int:

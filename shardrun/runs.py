@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
+from shardrun import lease
 from shardrun.checkpoint_format import RUN_CHECKPOINTS, newest_complete_step
 from shardrun.errors import UserError, redact
 from shardrun.fs import filesystem, is_uri, join
@@ -49,17 +50,21 @@ def list_runs(storage: str) -> list[dict]:
     if fs.get_file_info(f"{root.rstrip('/')}/job.yaml").type == pafs.FileType.File:
         raise UserError(f"{redact(storage)} is a run dir: STORAGE is the folder above it")
     runs = []
-    for entry in sorted(fs.get_file_info(pafs.FileSelector(root)), key=lambda e: e.base_name):
+    entries = sorted(fs.get_file_info(pafs.FileSelector(root)), key=lambda e: e.base_name)
+    leased = {e.base_name[: -len(lease.SUFFIX)] for e in entries if e.base_name.endswith(lease.SUFFIX)}
+    for entry in entries:
         if entry.type == pafs.FileType.Directory:
-            run = describe(fs, entry.path, join(location, entry.base_name))
+            run_dir = join(location, entry.base_name)
+            holder = lease.read(run_dir) if entry.base_name in leased else None
+            run = describe(fs, entry.path, run_dir, holder)
             if run is not None:
                 runs.append(run)
     return runs
 
 
-def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
+def describe(fs: pafs.FileSystem, path: str, run_dir: str, holder: lease.Holder | None = None) -> dict | None:
     """A run dir's name, run_dir, state, moved_aside, step, loss, checkpoint (the newest complete one's step, or
-    None) and modified (ISO 8601, UTC); None if it is no run."""
+    None) and modified (ISO 8601, UTC); None if it is no run. holder: its lease's, if it has one."""
     name = path.rstrip("/").rsplit("/", 1)[-1]
     try:
         entries = {e.base_name: e for e in fs.get_file_info(pafs.FileSelector(path))}
@@ -80,7 +85,7 @@ def describe(fs: pafs.FileSystem, path: str, run_dir: str) -> dict | None:
     if problems:
         state = "unreadable: " + "; ".join(problems)
     else:
-        state = _state(summary, summary_info, metrics_info, modified)
+        state = _state(summary, summary_info, metrics_info, modified, holder)
     if last:
         step, loss = last["step"], last["loss"]
     else:
@@ -142,10 +147,15 @@ def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
 
 
 def _state(summary: dict | None, summary_info: pafs.FileInfo | None, metrics_info: pafs.FileInfo | None,
-           modified: datetime | None) -> str:
-    """From a current summary.json: finished, stopped (REASON), stopped or failed: ERROR. Without one
-    (none, or one older than the last metrics row, left by an earlier invocation): running, if the run's
-    files changed in the last RECENT_SECONDS, else interrupted."""
+           modified: datetime | None, holder: lease.Holder | None = None) -> str:
+    """running (USER@HOST) while a live lease holds the run dir. Else from a current summary.json: finished,
+    stopped (REASON), stopped or failed: ERROR. Without one (none, or one older than the last metrics row, left
+    by an earlier invocation): interrupted if an expired lease is left (its holder is gone); with no lease (runs
+    of shardrun before leases), running if the run's files changed in the last RECENT_SECONDS, else
+    interrupted."""
+    now = time.time()
+    if holder is not None and lease.live(holder, now):
+        return f"running ({holder.user}@{holder.host}{', job ' + holder.job if holder.job else ''})"
     current = summary is not None and not (metrics_info and metrics_info.mtime and summary_info.mtime
                                            and metrics_info.mtime > summary_info.mtime)
     if current:
@@ -154,7 +164,7 @@ def _state(summary: dict | None, summary_info: pafs.FileInfo | None, metrics_inf
         if summary.get("stopped"):
             return f"stopped ({summary['stopped']})"
         return "finished" if summary.get("finished") else "stopped"
-    if modified is not None and time.time() - modified.timestamp() < RECENT_SECONDS:
+    if holder is None and modified is not None and now - modified.timestamp() < RECENT_SECONDS:
         return "running"
     return "interrupted"
 

@@ -71,6 +71,14 @@ def test_submit_follows_the_default_job_to_success_and_stop_checkpoints_first(tm
         assert time.monotonic() < deadline, "the second job did not reach step 30"
         time.sleep(1)
     assert "step     30/5000" in shardrun("logs", "gpt-stdlib", "--address", dashboard, env=env).stdout
+    # while it runs, a second submit of the name is refused, the job named; so is a run beside it on the head
+    again = shardrun("submit", "examples/gpt-stdlib.yaml", *common, "--no-wait", env=env)
+    job = queued.stdout.split("submitted ", 1)[1].split()[0]
+    assert again.returncode == 2 and f"already on this cluster: job {job}, RUNNING" in again.stdout, again.stdout
+    beside = shardrun("run", "examples/gpt-stdlib.yaml", *common[2:], env=env)
+    assert beside.returncode == 2 and "is in use by `shardrun run`" in beside.stdout, beside.stdout
+    assert f"Ray job {job}" in beside.stdout and f"shardrun stop {job}" in beside.stdout
+    assert "running (" in shardrun("runs", str(tmp_path / "runs"), env=env).stdout
     stopped = shardrun("stop", "gpt-stdlib", "--address", dashboard, env=env)
     assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), stopped.stdout
     summary = json.loads((tmp_path / "runs" / "gpt-stdlib" / "summary.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "shardrun"
 
 LAYERS = [
-    ("shardrun", "shardrun.errors", "shardrun.config", "shardrun.fs", "shardrun.net",
+    ("shardrun", "shardrun.errors", "shardrun.config", "shardrun.fs", "shardrun.net", "shardrun.lease",
      "shardrun.checkpoint_format"),
     ("shardrun.datasets", "shardrun.metrics"),
     ("shardrun.trainer",),

@@ -41,6 +41,9 @@ def submitted(monkeypatch):
     seen = {"lines": []}
 
     class Cluster:
+        def list_jobs(self):
+            return []
+
         def submit_job(self, **kwargs):
             seen.update(kwargs)
 
