@@ -59,10 +59,11 @@ def tag(step: int) -> str:
     return f"global_step{step}"
 
 
-def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str) -> dict:
-    """What rank 0 writes last into MANIFEST: the train state, the tag and how the checkpoint was written."""
+def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str, data: dict | None = None) -> dict:
+    """What rank 0 writes last into MANIFEST: the train state, the tag, how the checkpoint was written and the
+    data position (the driver checks a resume against it before any worker starts)."""
     return {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
-            "precision": precision}
+            "precision": precision, "data": data}
 
 
 def read_manifest(directory: str) -> dict:
@@ -148,7 +149,7 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
     info["why"] = incomplete_because(found, files)
     if not info["why"]:
         info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
-                    precision=found.get("precision"))
+                    precision=found.get("precision"), data=found.get("data"))
     return info
 
 

@@ -151,8 +151,9 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
     return spec
 
 
-def ensure_data(spec: config.JobSpec) -> dict:
-    """Build data.prepare's corpus if it is missing; then index the files (named if bad).
+def ensure_data(spec: config.JobSpec, *, resume: bool = True) -> dict:
+    """Build data.prepare's corpus if it is missing; then index the files (named if bad); when resuming, check
+    that the newest complete checkpoint's data position fits them.
 
     Returns the data index as a plain dict for the workers: file footers are read once per run.
     """
@@ -177,7 +178,27 @@ def ensure_data(spec: config.JobSpec) -> dict:
                         f"samples over {spec.partitions} partitions (deepspeed.micro_batch_size x grad_accum_steps x "
                         "workers); add data, or lower the batch or data.partitions")
     _emit(summary(index, spec.global_batch, spec.partitions))
+    if resume:
+        check_resume(spec, index)
     return index.to_dict()
+
+
+def check_resume(spec: config.JobSpec, index) -> None:
+    """The data, seed and partitions of the checkpoint a run resumes from, checked here rather than once the
+    workers have built the model and loaded the checkpoint. The newest complete one is the one resumed from
+    (Ray's record never names a newer one); checkpoints from before the manifest held the position are left
+    to the workers' own check."""
+    from shardrun.checkpoint_format import list_checkpoints
+    from shardrun.datasets.stream import check_position
+
+    if not fs.exists(spec.run_dir):
+        return
+    complete = [c for c in list_checkpoints(spec.run_dir) if c["complete"]]
+    if complete and complete[-1].get("data"):
+        try:
+            check_position(complete[-1]["data"], spec.data, index)
+        except UserError as e:
+            raise UserError(f"resuming {spec.name} from its checkpoint of step {complete[-1]['step']}: {e}") from None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -195,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, spec: config.JobSpec) -> int:
     _emit(f"job spec, resolved:\n{spec.to_yaml()}")
-    data_index = ensure_data(spec)
+    data_index = ensure_data(spec, resume=not args.fresh)
     from shardrun.cluster.connect import connect
 
     # Ray prints its workers' logs here, storage URLs with their SAS signatures among them
@@ -225,7 +246,7 @@ def _train(args: argparse.Namespace, spec: config.JobSpec, *, main: bool) -> int
         from shardrun.driver.run_dir import prepare_run_dir
 
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")
-        data_index = ensure_data(spec)
+        data_index = ensure_data(spec, resume=not args.fresh)
         prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
     from shardrun.driver.local import run_local
     from shardrun.trainer.faults import FaultInjector

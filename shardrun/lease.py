@@ -16,6 +16,7 @@ out within one renewal and says so.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
@@ -112,6 +113,7 @@ class Lease:
         self.local = not fs.is_uri(run_dir)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._made_folder: str | None = None
         self.lost_to: Holder | None = None
         """Set when a renewal found another run's lease in place of this one."""
 
@@ -145,7 +147,10 @@ class Lease:
                     raise self._busy(now)
                 return False
             return True
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(parent):
+            os.makedirs(parent)
+            self._made_folder = parent  # removed again at the end if the run left it empty
         if stale is not None:  # renamed away first: of two runs that both found it stale, one renames it
             try:
                 os.rename(self.path, f"{self.path}.stale-{self.holder.id}")
@@ -209,6 +214,9 @@ class Lease:
                 storage.delete_file(path)
         except OSError as e:  # it expires by itself
             self.emit(f"could not delete the lease {redact(self.path)} ({e}); it expires in {self.holder.ttl_s:.0f} s")
+        if self._made_folder:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there
+                os.rmdir(self._made_folder)
 
     def _busy(self, holder: Holder | None) -> RunDirBusy:
         if holder is None:

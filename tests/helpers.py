@@ -89,13 +89,14 @@ def kill_group(proc: subprocess.Popen, grace: float = 0) -> None:
         pass
 
 
-def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2):
-    """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks), or with a
-    part missing (a rank's file, the manifest, DeepSpeed's tag folder)."""
+def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2, data=None):
+    """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks, the data
+    position `data` in the manifest), or with a part missing (a rank's file, the manifest, DeepSpeed's tag
+    folder)."""
     folder.mkdir(parents=True)
     if manifest:
         (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
-                                                          "world_size": world, "zero_stage": stage}))
+                                                          "world_size": world, "zero_stage": stage, "data": data}))
     for r in ranks:
         (folder / f"rank_{r}.pt").write_bytes(b"x" * 10)
     if tag:

@@ -37,6 +37,26 @@ outweighs the copying; the loop takes the steps of a chunk from the queue togeth
 CHUNK_ROWS = 1024
 
 
+def check_position(position: dict, spec: DataSpec, index: DataIndex) -> None:
+    """A UserError when a checkpoint's data position cannot resume on this data and spec: another version of the
+    stream, another seed, other files (their fingerprint), another partition count. The workers check it when
+    they resume; the driver, before Ray, against the newest complete checkpoint's manifest."""
+    if position.get("version") != POSITION_VERSION:
+        raise UserError(f"the checkpoint's data position {position} is from another version of "
+                        "shardrun's stream; start over with --fresh")
+    if position["seed"] != spec.seed:
+        raise UserError(f"data.seed is {spec.seed} but the checkpoint's stream used seed "
+                        f"{position['seed']}; keep the seed to resume, or start over with --fresh")
+    if position["fingerprint"] != index.fingerprint:
+        raise UserError(
+            f"the data changed: it now holds {index.rows} rows in {index.num_row_groups} "
+            f"row groups, the checkpoint's {position['rows']} rows in {position['row_groups']}; "
+            "resume on the same files, or start over with --fresh")
+    if spec.partitions and spec.partitions != position["partitions"]:
+        raise UserError(f"data.partitions is {spec.partitions} but the run started with "
+                        f"{position['partitions']}; the partition count is fixed for a run")
+
+
 class Stream:
     def __init__(self, spec: DataSpec, index: DataIndex, *, rank: int, world_size: int,
                  micro_batch_size: int, grad_accum_steps: int, position: dict | None = None,
@@ -103,20 +123,7 @@ class Stream:
                 "fingerprint": self.index.fingerprint, "epoch": self.epoch, "offset": self.offset}
 
     def _check_position(self, position: dict) -> int:
-        if position.get("version") != POSITION_VERSION:
-            raise UserError(f"the checkpoint's data position {position} is from another version of "
-                            "shardrun's stream; start over with --fresh")
-        if position["seed"] != self.spec.seed:
-            raise UserError(f"data.seed is {self.spec.seed} but the checkpoint's stream used seed "
-                            f"{position['seed']}; keep the seed to resume, or start over with --fresh")
-        if position["fingerprint"] != self.index.fingerprint:
-            raise UserError(
-                f"the data changed: it now holds {self.index.rows} rows in {self.index.num_row_groups} "
-                f"row groups, the checkpoint's {position['rows']} rows in {position['row_groups']}; "
-                "resume on the same files, or start over with --fresh")
-        if self.spec.partitions and self.spec.partitions != position["partitions"]:
-            raise UserError(f"data.partitions is {self.spec.partitions} but the run started with "
-                            f"{position['partitions']}; the partition count is fixed for a run")
+        check_position(position, self.spec, self.index)
         self.epoch, self.offset = int(position["epoch"]), int(position["offset"])
         return int(position["partitions"])
 

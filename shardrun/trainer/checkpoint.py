@@ -91,7 +91,7 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
     )
     if topology.is_main:
         manifest = layout.manifest(asdict(state), world_size=topology.world_size, zero_stage=zero_stage,
-                                   precision=precision)
+                                   precision=precision, data=data_position)
         fs.write_json(os.path.join(directory, layout.MANIFEST), manifest)
 
 

@@ -5,7 +5,7 @@ import sys
 import threading
 
 import pytest
-from helpers import child_env, run, tiny_spec, write_spec
+from helpers import child_env, run, tiny_spec, write_checkpoint, write_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,7 +86,30 @@ def test_a_ray_address_where_nothing_answers_is_an_error_not_a_wait(tmp_path, co
     assert result.returncode == 2
     assert (f"shardrun: error: nothing answers at RAY_ADDRESS='{address}' ([Errno 111] Connection refused): "
             "check the address") in result.stdout
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # neither the run dir nor its lease
+
+
+@pytest.mark.parametrize("position,expect", [
+    ({"seed": 7}, "data.seed is 0 but the checkpoint's stream used seed 7"),
+    ({"fingerprint": "other files"}, "the data changed: it now holds"),
+    ({"partitions": 4}, "data.partitions is 2 but the run started with 4"),
+], ids=["seed", "data", "partitions"])
+def test_a_resume_on_other_data_seed_or_partitions_exits_2_before_ray(tmp_path, corpus, ray_stand_in, position,
+                                                                      expect):
+    from shardrun.config import DataSpec
+    from shardrun.datasets import build_index
+
+    spec = tiny_spec(corpus, tmp_path / "runs", data={"paths": [str(corpus)], "seq_len": 32, "partitions": 2})
+    path = write_spec(tmp_path / "job.yaml", spec)
+    index = build_index(DataSpec(**spec["data"]))
+    written = {"version": 1, "seed": 0, "partitions": 2, "rows": index.rows, "row_groups": index.num_row_groups,
+               "fingerprint": index.fingerprint, "epoch": 0, "offset": 8, **position}
+    write_checkpoint(tmp_path / "runs" / "tiny" / "checkpoint_00000005", 5, data=written)
+    result = run([sys.executable, "-m", "shardrun", "run", str(path)], timeout=60, check=False,
+                 env=child_env(RAY_ADDRESS=ray_stand_in.address))
+    assert result.returncode == 2, result.stdout
+    assert f"shardrun: error: resuming tiny from its checkpoint of step 5: {expect}" in result.stdout
+    assert ray_stand_in.connections == 0
 
 
 def test_prepare_text_cli(tmp_path):
