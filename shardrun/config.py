@@ -311,6 +311,12 @@ class FailureSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
     )
+    same_failure_limit: int = Field(
+        3, ge=0,
+        description="A worker error that comes back at the same step (same rank, same message) in this many "
+        "attempts of the worker group ends the run, whatever max_failures says: a restart would meet it again "
+        "(0: no limit).",
+    )
     max_preemptions: int = Field(
         -1, ge=-1,
         description="Restarts after a node was taken away (a drained, preempted node), counted apart from "

@@ -16,6 +16,11 @@ class DataStalled(Exception):
     user's to fix: a restart may find the storage answering again."""
 
 
+class RepeatedFailure(Exception):
+    """A worker's error came back at the same step in failure.same_failure_limit attempts of the group: a
+    restart would meet it again. The message says which error, where and how often."""
+
+
 class Preempted(Exception):
     """This group stopped after checkpointing because a VM it runs on is being taken away; it resumes
     from that checkpoint (Ray Train restarts it; under torchrun, start the run again)."""

@@ -7,6 +7,7 @@ import threading
 
 import ray
 
+from shardrun.cluster.failures import RepeatCounter
 from shardrun.driver.run_log import RunLog
 
 MAX_RETRY_S = 60.0
@@ -16,8 +17,9 @@ MAX_RETRY_S = 60.0
 class EventChannel:
     """Holds the RunLog of a run across worker-group restarts; lines wait here for the driver."""
 
-    def __init__(self, max_steps: int, byte_level: bool):
+    def __init__(self, max_steps: int, byte_level: bool, same_failure_limit: int = 0):
         self.log = RunLog(max_steps=max_steps, byte_level=byte_level)
+        self.failures = RepeatCounter(same_failure_limit)
         self.events: list[tuple[str, dict, str]] = []
         self.done = False
         self.stop_reason: str | None = None
@@ -31,6 +33,9 @@ class EventChannel:
 
     def note(self, line: str) -> None:
         self.events.append(("note", {}, line))
+
+    def failed(self, rank: int, step: int | None, kind: str, message: str) -> str | None:
+        return self.failures.failed(rank, step, kind, message)
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason

@@ -1,19 +1,21 @@
 """Which worker failures Ray Train may retry. A deterministic error (bad data met mid-run, the non-finite
 policy's stop, a changed data set on resume) fails the same way after every restart: with
 failure.max_failures -1 it would rebuild the model and reload the checkpoint forever, on machines paid by the
-hour. Such an error ends the run at once, with its own message."""
+hour. Such an error ends the run at once, with its own message; so does any error that came back at the same
+step in failure.same_failure_limit attempts (RepeatCounter, kept by the driver's event channel)."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
-from shardrun.errors import TrainingDiverged, UserError
+from shardrun.errors import RepeatedFailure, TrainingDiverged, UserError, redact
 
-DETERMINISTIC = (UserError, TrainingDiverged)
+DETERMINISTIC = (UserError, TrainingDiverged, RepeatedFailure)
 
 
 def deterministic_error(error: BaseException) -> BaseException | None:
@@ -24,6 +26,36 @@ def deterministic_error(error: BaseException) -> BaseException | None:
         if isinstance(cause, DETERMINISTIC):
             return cause
     return None
+
+
+def signature(kind: str, message: str) -> str:
+    """An error's type and first line with its numbers masked (ports, addresses, pids and timings differ
+    from one attempt to the next; the error does not)."""
+    first = (message.strip().splitlines() or [""])[0]
+    return f"{kind}: {re.sub(r'[0-9]+', '#', first)[:300]}"
+
+
+class RepeatCounter:
+    """Worker errors across the attempts of a worker group, by rank, step and signature: the one that comes
+    back `limit` times (0: never) is called repeated. Each rank ends an attempt with one error at most, so
+    a count is a count of attempts."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen: dict[tuple[int, int | None, str], int] = {}
+
+    def failed(self, rank: int, step: int | None, kind: str, message: str) -> str | None:
+        """The message that ends the run if this error (its type's name and message) has now come back `limit`
+        times, else None."""
+        key = (rank, step, signature(kind, message))
+        self.seen[key] = count = self.seen.get(key, 0) + 1
+        if not self.limit or count < self.limit:
+            return None
+        where = f"after step {step}" if step is not None else "while starting"
+        first = (message.strip().splitlines() or [""])[0][:500]
+        return redact(f"rank {rank} failed {where} in {count} attempts of the worker group with the same error, "
+                      f"{kind}: {first}; a restart would meet it again, so the run ends here "
+                      f"(failure.same_failure_limit: {self.limit})")
 
 
 class FailurePolicy(DefaultFailurePolicy):

@@ -75,7 +75,8 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
     set_aside_unreadable_snapshot(spec.run_dir, emit)
     # on the driver's node, as Ray Train's controller is: a worker node that dies must not take it along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = EventChannel.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level)
+    actor = EventChannel.options(scheduling_strategy=here).remote(spec.run.max_steps, spec.model.byte_level,
+                                                                  spec.failure.same_failure_limit)
     observer = RunObserver(spec, emit)
     trainer = TorchTrainer(
         train_fn,

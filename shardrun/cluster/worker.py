@@ -94,6 +94,12 @@ class RayReporter:
     def finished(self) -> None:
         ray.get(self.channel.finished.remote())
 
+    def failed(self, rank: int, step: int | None, error: BaseException) -> str | None:
+        try:
+            return ray.get(self.channel.failed.remote(rank, step, type(error).__name__, str(error)), timeout=30)
+        except Exception:  # noqa: BLE001 - the channel gone with the driver: the error goes up as it is
+            return None
+
 
 class RayPlacement:
     """Nodes through Ray: drain the node of a preempted VM, wait for drained nodes to go, and read Ray Train's

@@ -124,6 +124,9 @@ class LocalReporter:
     def note(self, line: str) -> None:
         self._emit(lambda: self.observer.note({}, line), line)
 
+    def failed(self, rank: int, step: int | None, error: BaseException) -> str | None:
+        return None  # no restarts counted here: torchrun's (--max-restarts) are new processes
+
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
 

@@ -12,6 +12,7 @@ import logging
 
 from shardrun import datasets
 from shardrun.config import JobSpec
+from shardrun.errors import Preempted, RepeatedFailure, TrainingDiverged, UserError
 from shardrun.trainer import engine as engines
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.collectives import Collectives
@@ -33,20 +34,40 @@ def worker_main(spec: JobSpec | dict, session: Session, topology: Topology | Non
     TrainState reached."""
     if isinstance(spec, dict):
         spec = JobSpec.model_validate(spec)
-    trainer = build(spec, session, topology or Topology.from_env(spec.scaling.use_gpu), data_index=data_index,
-                    faults=faults or FaultInjector())
+    topology = topology or Topology.from_env(spec.scaling.use_gpu)
+    trainer: Trainer | None = None
     try:
+        trainer = build(spec, session, topology, data_index=data_index, faults=faults or FaultInjector())
         trainer.train()
-    except RuntimeError as e:
-        timeout = trainer.collectives.timeout
-        if timeout is None or "timed out" not in str(e).lower():
+    except Exception as e:
+        ended = ended_by(e, trainer, session, topology.rank)
+        if ended is e:
             raise
-        raise RuntimeError(f"rank {trainer.topology.rank} waited more than failure.collective_timeout_s "
-                           f"({timeout:g} s) at step {trainer.state.step} for another rank, which died or hangs: "
-                           f"{e}") from e
+        raise ended from ended.__cause__
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
     return trainer.state
+
+
+def ended_by(error: Exception, trainer: Trainer | None, session: Session, rank: int) -> Exception:
+    """The error this rank ends with: a deterministic one (bad input, a diverged loss) or a preemption as it is;
+    a collective that timed out said in shardrun's words; the same error at the same step as in earlier
+    attempts of the group, as many as failure.same_failure_limit, a RepeatedFailure (not retried)."""
+    if isinstance(error, UserError | TrainingDiverged | Preempted):
+        return error
+    step = trainer.state.step if trainer is not None else None
+    timeout = trainer.collectives.timeout if trainer is not None else None
+    if isinstance(error, RuntimeError) and timeout is not None and "timed out" in str(error).lower():
+        said = RuntimeError(f"rank {rank} waited more than failure.collective_timeout_s ({timeout:g} s) at step "
+                            f"{step} for another rank, which died or hangs: {error}")
+        said.__cause__, error = error, said
+    repeated = session.reporter.failed(rank, step, error)
+    if repeated is None:
+        return error
+    ended = RepeatedFailure(repeated)
+    ended.__cause__ = error
+    return ended
 
 
 def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: dict | None,

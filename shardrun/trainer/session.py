@@ -21,7 +21,7 @@ class CheckpointStore(Protocol):
 
 
 class RunReporter(Protocol):
-    """Rank 0's reports; stop_requested is asked from a background thread."""
+    """Rank 0's reports (failed: any rank's); stop_requested is asked from a background thread."""
 
     def started(self, info: dict) -> None:
         """The worker group started at info['step']."""
@@ -40,6 +40,10 @@ class RunReporter(Protocol):
 
     def finished(self) -> None:
         """Training reached max_steps."""
+
+    def failed(self, rank: int, step: int | None, error: BaseException) -> str | None:
+        """Any rank, as it ends with `error` after `step` (None: while starting): why the run must end here
+        instead of restarting (the same error at the same step in too many attempts), or None."""
 
 
 class Placement(Protocol):

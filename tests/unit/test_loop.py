@@ -18,11 +18,12 @@ from helpers import tiny_spec
 
 from shardrun import checkpoint_format as layout
 from shardrun.config import DeepSpeedSpec, FailureSpec, parse
-from shardrun.errors import Preempted, TrainingDiverged
+from shardrun.errors import Preempted, RepeatedFailure, TrainingDiverged, UserError
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.checkpointer import Checkpointer
 from shardrun.trainer.collectives import LONG_TIMEOUT_S, Collectives
 from shardrun.trainer.control import FLAGS, StepAction, decide
+from shardrun.trainer.entry import ended_by
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.loop import Trainer
 from shardrun.trainer.nonfinite import NonFinitePolicy
@@ -137,6 +138,13 @@ class RecordingSession:
 
     def finished(self):
         self.events.append(("finished", None))
+
+    repeated: str | None = None
+    """What failed answers."""
+
+    def failed(self, rank, step, error):
+        self.events.append(("failed", (rank, step, str(error))))
+        return self.repeated
 
     def leaving(self, reason):
         self.events.append(("leaving", reason))
@@ -373,3 +381,26 @@ def test_a_lone_process_has_no_placement_and_stops_on_a_preemption(tmp_path):
     with pytest.raises(Preempted):
         t.train()
     assert session.saved == [3] and not any(e[0] == "leaving" for e in session.events)
+
+
+# -- how a rank ends ------------------------------------------------------------------------------------
+
+
+def test_a_crash_is_reported_with_its_step_and_ends_the_run_when_the_launcher_says_it_repeats(tmp_path):
+    crash = FaultInjector("crash:step=3:rank=0")
+    session = RecordingSession(str(tmp_path))
+    t = trainer(tmp_path, session.as_session(), faults=crash)
+    with pytest.raises(RuntimeError, match="injected crash") as raised:
+        t.train()
+    assert ended_by(raised.value, t, session.as_session(), 0) is raised.value  # retried as Ray decides
+    assert session.events[-1] == ("failed", (0, 3, "injected crash (SHARDRUN_FAULT) after step 3 on rank 0"))
+
+    session.repeated = "rank 0 failed after step 3 in 3 attempts of the worker group with the same error"
+    ended = ended_by(raised.value, t, session.as_session(), 0)
+    assert isinstance(ended, RepeatedFailure) and ended.__cause__ is raised.value and "3 attempts" in str(ended)
+
+
+@pytest.mark.parametrize("error", [UserError("bad row group"), TrainingDiverged("nan"), Preempted("vm goes")])
+def test_deterministic_errors_and_preemptions_end_a_rank_as_they_are_uncounted(tmp_path, error):
+    session = RecordingSession(str(tmp_path), repeated="would end it")
+    assert ended_by(error, None, session.as_session(), 1) is error and not session.events
