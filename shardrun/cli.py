@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="train on Ray (RAY_ADDRESS, else a local instance)")
     _add_spec_args(p, fresh=True)
+    p.add_argument("--overrides-from", default=None, help=argparse.SUPPRESS)  # submit's secret --set values
 
     p = sub.add_parser("train", help="train in this process without Ray (alone or under torchrun)")
     _add_spec_args(p, fresh=True)
@@ -141,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_spec(args: argparse.Namespace) -> config.JobSpec:
     """Validate the spec and everything the driver can check before any cluster resource."""
+    if getattr(args, "overrides_from", None):
+        from shardrun.jobs import overrides_from
+
+        args.overrides = [*args.overrides, *overrides_from(args.overrides_from)]
     spec = config.load(args.spec, args.overrides)
     if spec.model.entrypoint:
         from shardrun.trainer.models import resolve_entrypoint

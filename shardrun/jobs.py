@@ -8,15 +8,17 @@ the file in RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token, and sent as `Authorizatio
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from shardrun import config, fs
-from shardrun.errors import UserError
+from shardrun.errors import UserError, redact
 from shardrun.lease import RunDirBusy
 from shardrun.working_dir import (
     ALWAYS_EXCLUDED,
@@ -35,6 +37,20 @@ STOP_WAIT_S = 300
 workers to write a checkpoint at the next step."""
 
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 143}
+OVERRIDES_FILE = "overrides.json"
+"""In the package named by `shardrun run --overrides-from`: the --set values that hold secrets, as a JSON list."""
+
+
+def overrides_from(package: str) -> list[str]:
+    """The --set values that `submit` sent in a package of their own (see submit)."""
+    import importlib
+
+    try:
+        module = importlib.import_module(package)
+        return json.loads(Path(module.__file__).with_name(OVERRIDES_FILE).read_text())
+    except (ImportError, OSError, ValueError) as e:
+        raise UserError(f"--overrides-from {package}: cannot read the job's --set values ({e}); submit the job "
+                        "again") from None
 
 
 def token() -> str | None:
@@ -112,19 +128,29 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
     import shardrun
 
     submission = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(2)}"
-    entrypoint = " ".join(["python", "-m", "shardrun", "run", _quote(str(path.relative_to(work))),
-                           *(f"--set {_quote(o)}" for o in overrides)])
-    runtime_env = {
-        "working_dir": str(work),
-        "excludes": list(ALWAYS_EXCLUDED),
-        # this client's shardrun on the cluster; its dependencies are the cluster's (deploy/bootstrap
-        # installs the same constraints.txt)
-        "py_modules": [str(Path(shardrun.__file__).parent)],
-        "env_vars": variables,
-    }
-    emit(upload_line(work, files))
-    jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
-                    metadata={"shardrun_run": spec.name})
+    # Overrides of which one holds a secret (a SAS in a storage URI) stay off the command line, which `ray job
+    # list`, the dashboard and `ps` show: they travel in a file of their own, uploaded as the working dir is.
+    hidden = list(overrides) if any(redact(o) != o for o in overrides) else []
+    shown = [] if hidden else list(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        modules = [str(Path(shardrun.__file__).parent)]  # this client's shardrun (the cluster has its deps)
+        entrypoint = " ".join(["python", "-m", "shardrun", "run", _quote(str(path.relative_to(work))),
+                               *(f"--set {_quote(o)}" for o in shown)])
+        if hidden:
+            package = Path(tmp, f"shardrun_overrides_{secrets.token_hex(4)}")
+            package.mkdir()
+            (package / "__init__.py").write_text("")
+            (package / OVERRIDES_FILE).write_text(json.dumps(hidden))
+            modules.append(str(package))
+            entrypoint += f" --overrides-from {package.name}"
+        runtime_env = {"working_dir": str(work), "excludes": list(ALWAYS_EXCLUDED), "py_modules": modules,
+                       "env_vars": variables}
+        emit(upload_line(work, files))
+        jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
+                        metadata={"shardrun_run": spec.name})
+    if hidden:
+        emit("a --set value holds a secret: the --set values go to the job in a file, not on its command line ("
+             + ", ".join(redact(o) for o in hidden) + ")")
     emit(f"submitted {submission} to {address(at)}: {entrypoint}")
     if not wait:
         emit(f"follow it with: shardrun logs {submission} --follow --address {address(at)}")

@@ -53,9 +53,12 @@ def test_submit_follows_the_default_job_to_success_and_stop_checkpoints_first(tm
     common = ["--address", dashboard, "--set", f"checkpoint.storage={tmp_path / 'runs'}",
               "--set", f"data.paths=[{tmp_path / 'data'}]", "--set", "data.prepare.max_mb=1",
               "--set", "failure.scheduled_events=off"]
+    # a value that looks like a secret: every --set value reaches the job in a file, off its command line
+    targets = tmp_path / "targets" / "token=abc"
     done = shardrun("submit", "examples/gpt-stdlib.yaml", *common, "--set", "run.max_steps=10",
-                    "--set", "run.log_every=5", env=env)
+                    "--set", "run.log_every=5", "--set", f"metrics.targets_dir={targets}", env=env)
     assert done.returncode == 0, done.stdout[-6000:]
+    assert "gpt-stdlib.yaml --overrides-from shardrun_overrides_" in done.stdout and targets.is_dir(), done.stdout
     assert "step     10/10" in done.stdout and "SUCCEEDED" in done.stdout
     assert (tmp_path / "runs" / "gpt-stdlib" / "summary.json").exists()
     assert "SUCCEEDED" in shardrun("status", "gpt-stdlib", "--address", dashboard, env=env, check=True).stdout

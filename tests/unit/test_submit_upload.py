@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shardrun import jobs, working_dir
+from shardrun import cli, jobs, working_dir
 from shardrun.errors import UserError
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "gpt-stdlib.yaml"
@@ -36,8 +36,9 @@ def home(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def submitted(monkeypatch):
-    """jobs.submit against a fake cluster: what reached submit_job, and the lines said."""
+def submitted(monkeypatch, tmp_path):
+    """jobs.submit against a fake cluster: what reached submit_job (py_modules copied to tmp_path/modules, as
+    Ray uploads them), and the lines said."""
     seen = {"lines": []}
 
     class Cluster:
@@ -46,11 +47,14 @@ def submitted(monkeypatch):
 
         def submit_job(self, **kwargs):
             seen.update(kwargs)
+            for module in kwargs["runtime_env"]["py_modules"][1:]:
+                shutil.copytree(module, tmp_path / "modules" / Path(module).name)
 
     monkeypatch.setattr(jobs, "client", lambda at: Cluster())
 
     def submit(spec: Path, **options) -> dict:
-        jobs.submit(str(spec), [], at="http://127.0.0.1:8265", wait=False, emit=seen["lines"].append,
+        jobs.submit(str(spec), options.pop("overrides", []), at="http://127.0.0.1:8265", wait=False,
+                    emit=seen["lines"].append,
                     working_dir=options.pop("working_dir", None), **options)
         return seen
 
@@ -187,3 +191,22 @@ def test_submit_has_an_allow_secrets_flag():
 
     assert build_parser().parse_args(["submit", "job.yaml", "--allow-secrets"]).allow_secrets
     assert not build_parser().parse_args(["submit", "job.yaml"]).allow_secrets
+
+
+def test_set_values_holding_a_secret_reach_the_job_in_a_file_not_on_its_command_line(home, submitted, tmp_path,
+                                                                                      monkeypatch):
+    spec = a_project(home / "proj")
+    plain = submitted(spec, overrides=["run.max_steps=7"])
+    assert plain["entrypoint"].endswith(" run configs/job.yaml --set run.max_steps=7")
+    storage = "checkpoint.storage=abfs://runs@acct.dfs.core.windows.net/r?sv=2024&sig=SECRETSIG"
+    seen = submitted(spec, overrides=["run.max_steps=7", storage])
+    assert "SECRETSIG" not in seen["entrypoint"] and "--set" not in seen["entrypoint"]
+    package = seen["entrypoint"].split("--overrides-from ")[1]
+    said = "\n".join(seen["lines"])
+    assert "SECRETSIG" not in said and "not on its command line (run.max_steps=7, checkpoint.storage=abfs" in said
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    assert jobs.overrides_from(package) == ["run.max_steps=7", storage]  # in their order
+    args = cli.build_parser().parse_args(["run", "job.yaml", "--overrides-from", package])
+    assert args.overrides_from == package
+    with pytest.raises(UserError, match="--overrides-from shardrun_overrides_gone: cannot read"):
+        jobs.overrides_from("shardrun_overrides_gone")
