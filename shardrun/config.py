@@ -28,6 +28,9 @@ class _Section(BaseModel):
 
 SEED_LIMIT = 2**32
 """Seeds go to numpy's legacy RNG, which takes 0 <= seed < 2**32."""
+LONG_TIMEOUT_S = 1800.0
+"""torch's and Ray Train's default collective timeout, which shardrun keeps for group start-up and checkpoint
+saves (the ranks wait at barriers for the slowest checkpoint writer)."""
 NAME_LIMIT = 200
 """Characters of a run name: the longest file names made from it (`<name>.replaced-<time>`, `<name>.json`) stay
 within the 255 bytes a file system allows."""
@@ -336,6 +339,13 @@ class FailureSpec(_Section):
         description="A row group whose read gives nothing for this long (a stalled mount or object store) ends "
         "the worker group, naming the file and row group, instead of a silent wait that no collective timeout "
         "ends when every rank waits on the same storage.",
+    )
+    checkpoint_timeout_s: float = Field(
+        900.0, gt=0, lt=LONG_TIMEOUT_S,
+        description="A checkpoint's upload to checkpoint.storage, or its conversion for another world size, "
+        "that takes longer ends the worker group with the checkpoint named (retried under max_failures), "
+        f"before the other ranks' {LONG_TIMEOUT_S / 60:.0f}-minute wait at the save's barrier ends it "
+        "without a word.",
     )
     collective_timeout_s: float = Field(
         300.0, gt=0,

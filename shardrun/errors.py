@@ -21,6 +21,11 @@ class RepeatedFailure(Exception):
     restart would meet it again. The message says which error, where and how often."""
 
 
+class CheckpointStalled(Exception):
+    """A checkpoint's upload or its conversion to DeepSpeed's universal format took longer than
+    failure.checkpoint_timeout_s; the message names the checkpoint. Retried under max_failures."""
+
+
 class Preempted(Exception):
     """This group stopped after checkpointing because a VM it runs on is being taken away; it resumes
     from that checkpoint (Ray Train restarts it; under torchrun, start the run again)."""

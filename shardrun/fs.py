@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, TextIO
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TextIO, TypeVar
 
 from shardrun.errors import UserError, redact
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+
+T = TypeVar("T")
 
 
 def is_uri(path: str) -> bool:
@@ -160,6 +163,28 @@ def move_aside(path: str, label: str = "replaced", *, advice: str = "delete it")
     except OSError as e:  # object stores without folders (Blob storage without a hierarchical namespace)
         raise UserError(f"cannot move {redact(path)} aside on this storage ({e}); {advice}") from None
     return new
+
+
+def bounded(fn: Callable[[], T], seconds: float, stalled: Callable[[], Exception]) -> T:
+    """fn() in a thread of its own, waited on for at most `seconds`: a call into storage that stops answering
+    (a hung mount, an object store that no longer replies) raises stalled() here rather than hanging the
+    caller. The stuck call stays behind in its daemon thread; the caller's process is meant to end."""
+    done: dict = {}
+
+    def call() -> None:
+        try:
+            done["result"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller as it is
+            done["error"] = e
+
+    thread = threading.Thread(target=call, name="shardrun-bounded", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise stalled()
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
 
 
 def log(line: str, *, file: TextIO | None = None) -> None:

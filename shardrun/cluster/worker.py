@@ -16,6 +16,7 @@ import ray.train
 
 from shardrun import checkpoint_format as layout
 from shardrun import fs
+from shardrun.errors import CheckpointStalled, redact
 from shardrun.trainer.session import Session
 
 
@@ -24,8 +25,9 @@ class RayCheckpointStore:
     controller; resumed from Ray's record of them, or from the newest complete one in storage when that is
     newer (the record was lost, or the run ended before Ray wrote it)."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, *, upload_timeout_s: float):
         self.run_dir = run_dir
+        self.upload_timeout_s = upload_timeout_s
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -59,7 +61,7 @@ class RayCheckpointStore:
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(staging),
                 checkpoint_dir_name=layout.ray_dir_name(step),
-                checkpoint_upload_fn=_upload_and_sync,
+                checkpoint_upload_fn=self._upload,
             )
             # Wait until the controller has committed it. Reports queue on the workers until the
             # controller polls them: a group that dies before then would restart from an older
@@ -68,6 +70,14 @@ class RayCheckpointStore:
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _upload(self, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
+        """_upload_and_sync within failure.checkpoint_timeout_s: storage that stops answering ends this rank
+        with the checkpoint named."""
+        rank = ray.train.get_context().get_world_rank()
+        return fs.bounded(lambda: _upload_and_sync(checkpoint, name), self.upload_timeout_s, lambda: CheckpointStalled(
+            f"rank {rank}: uploading checkpoint {redact(fs.join(self.run_dir, name))} took more than "
+            f"failure.checkpoint_timeout_s ({self.upload_timeout_s:g} s): the storage stalls"))
 
 
 class RayReporter:
@@ -192,5 +202,7 @@ def train_fn(config: dict) -> None:
     from shardrun.trainer.entry import worker_main
     from shardrun.trainer.faults import FaultInjector
 
-    session = Session(RayCheckpointStore(config["run_dir"]), RayReporter(config["events"]), RayPlacement())
+    store = RayCheckpointStore(config["run_dir"],
+                               upload_timeout_s=config["spec"]["failure"]["checkpoint_timeout_s"])
+    session = Session(store, RayReporter(config["events"]), RayPlacement())
     worker_main(config["spec"], session, data_index=config.get("data_index"), faults=FaultInjector.from_env())

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from shardrun import checkpoint_format as layout
 from shardrun import fs
+from shardrun.errors import CheckpointStalled
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.topology import Topology
 
@@ -105,11 +106,12 @@ def needs_universal(manifest: dict, topology: Topology) -> bool:
     return not (manifest.get("zero_stage") == 0 and manifest.get("precision") == "fp32")
 
 
-def to_universal(directory: str, manifest: dict, topology: Topology, run_name: str) -> str:
+def to_universal(directory: str, manifest: dict, topology: Topology, run_name: str, *, timeout_s: float) -> str:
     """Convert the checkpoint into a node-local universal checkpoint; returns its root folder.
 
     The first rank of each node converts (`python -m deepspeed.checkpoint.ds_to_universal`) while the
-    others wait; every rank then loads from its node's copy. remove_universal cleans it up."""
+    others wait; every rank then loads from its node's copy. remove_universal cleans it up. A conversion
+    that takes longer than timeout_s is stopped (CheckpointStalled)."""
     root = universal_root(run_name, topology)
     if topology.local_rank == 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -118,7 +120,13 @@ def to_universal(directory: str, manifest: dict, topology: Topology, run_name: s
                "--input_folder", os.path.join(directory, manifest["tag"]),
                "--output_folder", os.path.join(root, manifest["tag"]),
                "--inject_missing_state", "--num_extract_workers", "2", "--num_merge_workers", "1"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        except subprocess.TimeoutExpired:
+            raise CheckpointStalled(f"converting checkpoint {directory} ({manifest['world_size']} workers) for "
+                                    f"{topology.world_size} workers took more than failure.checkpoint_timeout_s "
+                                    f"({timeout_s:g} s); it was stopped") from None
         if done.returncode != 0:
             raise RuntimeError(f"converting checkpoint {directory} ({manifest['world_size']} workers) for "
                                f"{topology.world_size} workers failed:\n{(done.stdout + done.stderr)[-3000:]}")

@@ -11,10 +11,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from shardrun.config import LONG_TIMEOUT_S  # noqa: F401 - the loop's long timeout, here with its use
 from shardrun.trainer.topology import Topology
-
-LONG_TIMEOUT_S = 1800.0
-"""torch's and Ray Train's default collective timeout: group start-up and checkpoint saves."""
 
 
 class Collectives:

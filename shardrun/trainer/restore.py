@@ -42,7 +42,8 @@ def restore(spec: JobSpec, store: CheckpointStore, topology: Topology,
         manifest = layout.read_manifest(path)
         universal = None
         if checkpoint.needs_universal(manifest, topology):
-            universal = checkpoint.to_universal(path, manifest, topology, spec.name)
+            universal = checkpoint.to_universal(path, manifest, topology, spec.name,
+                                                timeout_s=spec.failure.checkpoint_timeout_s)
         try:
             restored = _build(spec, topology, load_universal=universal is not None)
             restored.state, restored.position = checkpoint.load(restored.engine, path, topology, manifest,
