@@ -6,9 +6,16 @@ A run dir (`<checkpoint.storage>/<name>`, a path or URI) holds its checkpoints a
   checkpoints/step_<step:08d>/ written by `shardrun train` (one process or torchrun), with `latest` naming
                                the newest committed one; `.staging-step_<step>` while it is written
 and each checkpoint folder as
-  shardrun.json            rank 0, written last: step, tokens, world size, ZeRO stage, precision, DeepSpeed tag
+  shardrun.json            rank 0, after its other files: step, tokens, world size, ZeRO stage, precision,
+                           DeepSpeed tag, data position
   rank_<r>.pt              every rank: train state, data position, its RNG states
   <tag>/...                DeepSpeed's model and (sharded) optimizer states
+  commit.json              under Ray, rank 0, last, once Ray Train has committed the checkpoint (every rank's
+                           upload done): every file's size
+
+Committed means: under `shardrun train`, renamed into place (staging folders never match STEP_DIR); under
+Ray, commit.json there with every file at its recorded size, or, for a checkpoint without one (the group
+ended between Ray's commit and the marker; shardrun before markers), named in Ray's record of the run.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of a run's committed checkpoints, in the run dir (written in place by Ray)."""
 RUN_CHECKPOINTS = re.compile(rf"^(checkpoint_\d+|{LOCAL_FOLDER})$")
 """An entry of a run dir that holds checkpoints."""
+COMMIT = "commit.json"
+"""In a checkpoint folder written through Ray: the marker of its commit, with every file's size."""
 
 
 ZERO_SHARD = re.compile(r"(?:bf16_)?zero_pp_rank_(?P<rank>\d+)_mp_rank_\d+_(?P<kind>optim|model)_states\.pt")
@@ -64,6 +73,34 @@ def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str, d
     data position (the driver checks a resume against it before any worker starts)."""
     return {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
             "precision": precision, "data": data}
+
+
+def commit_record(step: int, sizes: dict[str, int]) -> dict:
+    """What COMMIT holds: the step and every file's size (relative name -> bytes), the marker itself left out."""
+    return {"step": step, "files": {name: size for name, size in sorted(sizes.items()) if name != COMMIT}}
+
+
+def uncommitted_because(record: dict | None, sizes: dict[str, int], named_by_ray: bool) -> str:
+    """Why a Ray checkpoint folder whose files are `sizes` is not committed; "" when it is. record: its
+    COMMIT's content (None: there is none); named_by_ray: Ray's record of the run lists it."""
+    if record is None:
+        return "" if named_by_ray else ("not committed: no commit.json, and Ray's record of the run does not name "
+                                        "it (a rank ended during its upload)")
+    differ = sorted(name for name, size in record.get("files", {}).items() if sizes.get(name) != size)
+    if differ:
+        return f"files differ from its commit record (cut off or replaced): {differ[:5]}"
+    return ""
+
+
+def ray_committed(fs: pafs.FileSystem, root: str) -> set[str]:
+    """The checkpoint folders that Ray's record of the run (RAY_SNAPSHOT) lists; none when it is missing or
+    unreadable."""
+    try:
+        with fs.open_input_stream(f"{root.rstrip('/')}/{RAY_SNAPSHOT}") as f:
+            snapshot = json.loads(f.read())
+        return {r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return set()
 
 
 def read_manifest(directory: str) -> dict:
@@ -116,13 +153,18 @@ def list_checkpoints(run_dir: str) -> list[dict]:
     else:
         fs, root = pafs.LocalFileSystem(), local_run_dir(run_dir)
     found = []
+    named_by_ray: set[str] | None = None  # read once, when a Ray checkpoint is met
     for parent in (root, f"{root.rstrip('/')}/{LOCAL_FOLDER}"):
         if fs.get_file_info(parent).type != pafs.FileType.Directory:
             continue
         for entry in fs.get_file_info(pafs.FileSelector(parent)):
             match = STEP_DIR.match(entry.base_name)
             if entry.type == pafs.FileType.Directory and match:
-                found.append(_describe(fs, entry.path, int(match[1]), run_dir))
+                through_ray = parent == root
+                if through_ray and named_by_ray is None:
+                    named_by_ray = ray_committed(fs, root)
+                found.append(_describe(fs, entry.path, int(match[1]), run_dir,
+                                       named_by_ray=entry.base_name in named_by_ray if through_ray else None))
     return sorted(found, key=lambda c: c["step"])
 
 
@@ -134,9 +176,10 @@ def local_run_dir(run_dir: str) -> str:
     return path
 
 
-def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
-    files = {f.path[len(path):].lstrip("/"): f.size for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-             if f.type == pafs.FileType.File}
+def _describe(fs: pafs.FileSystem, path: str, step: int, source: str, *, named_by_ray: bool | None) -> dict:
+    """named_by_ray: None for a checkpoint of `shardrun train` (its rename was its commit), else whether Ray's
+    record lists it."""
+    files = folder_sizes(fs, path)
     size = sum(files.values())
     info = {"step": step, "path": display_path(source, path), "bytes": size, "complete": False, "why": "",
             "fs_path": path}
@@ -147,10 +190,27 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str) -> dict:
         info["why"] = f"no readable {MANIFEST} (rank 0 had not finished)"
         return info
     info["why"] = incomplete_because(found, files)
+    if not info["why"] and named_by_ray is not None:
+        info["why"] = uncommitted_because(_read_json(fs, f"{path}/{COMMIT}"), files, named_by_ray)
     if not info["why"]:
         info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
                     precision=found.get("precision"), data=found.get("data"))
     return info
+
+
+def folder_sizes(fs: pafs.FileSystem, path: str) -> dict[str, int]:
+    """Every file under a folder: relative name -> bytes."""
+    return {f.path[len(path):].lstrip("/"): f.size for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            if f.type == pafs.FileType.File}
+
+
+def _read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            data = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def pick(run_dir: str, step: int | None = None) -> dict:

@@ -89,10 +89,11 @@ def kill_group(proc: subprocess.Popen, grace: float = 0) -> None:
         pass
 
 
-def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2, data=None):
+def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=True, stage=2, data=None,
+                     committed=True):
     """A checkpoint folder laid out as DeepSpeed and shardrun write it (ZeRO `stage`, `world` ranks, the data
     position `data` in the manifest), or with a part missing (a rank's file, the manifest, DeepSpeed's tag
-    folder)."""
+    folder). A Ray checkpoint (checkpoint_<step>) gets its commit marker unless not `committed`."""
     folder.mkdir(parents=True)
     if manifest:
         (folder / "shardrun.json").write_text(json.dumps({"step": step, "tag": f"global_step{step}",
@@ -106,7 +107,17 @@ def write_checkpoint(folder, step, *, world=2, ranks=(0, 1), manifest=True, tag=
         names += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)] if stage else []
         for name in names:
             (folder / f"global_step{step}" / name).write_bytes(b"y" * 20)
+    if committed and folder.name.startswith("checkpoint_"):
+        commit(folder)
     return folder
+
+
+def commit(folder):
+    """Write a Ray checkpoint folder's commit marker as rank 0 does once Ray Train committed it."""
+    from shardrun import checkpoint_format as layout
+
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    (folder / layout.COMMIT).write_text(json.dumps(layout.commit_record(int(folder.name.split("_")[1]), sizes)))
 
 
 class Planted:

@@ -68,8 +68,21 @@ class RayCheckpointStore:
             # checkpoint (or none), though this one is already in storage.
             ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            if ray.train.get_context().get_world_rank() == 0:
+                fs.bounded(lambda: self._mark_committed(step), self.upload_timeout_s, lambda: CheckpointStalled(
+                    f"rank 0: writing {layout.COMMIT} into checkpoint {redact(self._folder(step))} took more than "
+                    f"failure.checkpoint_timeout_s ({self.upload_timeout_s:g} s): the storage stalls"))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _folder(self, step: int) -> str:
+        return fs.join(self.run_dir, layout.ray_dir_name(step))
+
+    def _mark_committed(self, step: int) -> None:
+        """The commit marker, once Ray Train has committed the checkpoint (every rank's upload done): every
+        file's size as storage lists it, so that a file cut off or replaced later is seen."""
+        sizes = layout.folder_sizes(*fs.filesystem(self._folder(step)))
+        fs.write_json(fs.join(self._folder(step), layout.COMMIT), layout.commit_record(step, sizes))
 
     def _upload(self, checkpoint: ray.train.Checkpoint, name: str) -> ray.train.Checkpoint:
         """_upload_and_sync within failure.checkpoint_timeout_s: storage that stops answering ends this rank

@@ -86,4 +86,5 @@ def test_submit_follows_the_default_job_to_success_and_stop_checkpoints_first(tm
     assert stopped.returncode == 0 and stopped.stdout.strip().endswith("STOPPED"), stopped.stdout
     summary = json.loads((tmp_path / "runs" / "gpt-stdlib" / "summary.json").read_text())
     assert summary["stopped"] == "SIGTERM" and summary["final_step"] >= 30, summary
-    assert (tmp_path / "runs" / "gpt-stdlib" / f"checkpoint_{summary['final_step']:08d}" / "shardrun.json").exists()
+    last = tmp_path / "runs" / "gpt-stdlib" / f"checkpoint_{summary['final_step']:08d}"
+    assert (last / "shardrun.json").exists() and (last / "commit.json").exists()  # committed, and marked so

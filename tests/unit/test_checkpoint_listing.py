@@ -1,7 +1,7 @@
 """shardrun checkpoints: which checkpoint folders are complete, and which one export takes."""
 
 import pytest
-from helpers import Planted, write_checkpoint
+from helpers import Planted, commit, write_checkpoint
 
 from shardrun.checkpoint_format import list_checkpoints as checkpoints
 from shardrun.checkpoint_format import pick, resume_from
@@ -53,6 +53,25 @@ def test_a_file_cut_off_while_written_makes_the_checkpoint_incomplete(tmp_path):
                             "states.pt', 'rank_1.pt']")
     with pytest.raises(UserError, match="has no complete checkpoint yet"):
         pick(str(tmp_path))
+
+
+def test_under_ray_complete_means_committed_by_the_marker_or_rays_record(tmp_path):
+    write_checkpoint(tmp_path / "checkpoint_00000004", 4)
+    cut = write_checkpoint(tmp_path / "checkpoint_00000008", 8)
+    (cut / "global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"y" * 7)  # cut off, not empty
+    write_checkpoint(tmp_path / "checkpoint_00000012", 12, committed=False)  # a rank died in its upload
+    write_checkpoint(tmp_path / "checkpoint_00000016", 16, committed=False)  # Ray committed it, then the group ended
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text(
+        '{"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000016", "metrics": {"step": 16}}]}')
+    write_checkpoint(tmp_path / "checkpoints/step_00000020", 20, committed=False)  # `train`: the rename commits
+    found = {c["step"]: c for c in checkpoints(str(tmp_path))}
+    assert found[4]["complete"] and found[16]["complete"] and found[20]["complete"]
+    assert found[8]["why"] == ("files differ from its commit record (cut off or replaced): "
+                               "['global_step8/zero_pp_rank_1_mp_rank_00_optim_states.pt']")
+    assert found[12]["why"] == ("not committed: no commit.json, and Ray's record of the run does not name it "
+                                "(a rank ended during its upload)")
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("")  # cut off: it names nothing
+    assert not {c["step"]: c for c in checkpoints(str(tmp_path))}[16]["complete"]
 
 
 def test_not_a_run_dir_is_named(tmp_path):
@@ -107,6 +126,7 @@ def test_export_refuses_a_checkpoint_whose_files_would_run_code_and_loads_nothin
     (run / "job.yaml").write_text("name: tiny\nmodel: {n_layer: 1, n_head: 1, n_embd: 8, block_size: 8}\n")
     marker = tmp_path / "pwned"
     torch.save({"module": {}, "extra": Planted(marker)}, folder / "global_step4/mp_rank_00_model_states.pt")
+    commit(folder)  # whoever can write the storage can write the commit marker too
     with pytest.raises(UserError, match=r"global_step4/mp_rank_00_model_states\.pt would call (posix|os)\.system "
                                         r"when loaded.*--trust-checkpoint"):
         export(str(run), str(tmp_path / "export"))
