@@ -181,6 +181,12 @@ class OptimizerSpec(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay (adamw).")
+    implementation: Literal["torch", "deepspeed"] = Field(
+        "torch",
+        description="torch: torch.optim's Adam/AdamW inside DeepSpeed (its fused kernel on GPU), which compiles "
+        "nothing; deepspeed: DeepSpeed's FusedAdam (GPU) or CPU Adam, built with nvcc or a C++ compiler on first "
+        "use unless the image has them prebuilt (DS_BUILD_FUSED_ADAM=1 when DeepSpeed is installed).",
+    )
 
     @field_validator("betas")
     @classmethod

@@ -97,13 +97,12 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
 
 
 def needs_universal(manifest: dict, topology: Topology) -> bool:
-    """A checkpoint from another world size whose optimizer state is sharded by rank.
+    """A checkpoint from another world size whose optimizer state is sharded by rank (ZeRO 1-3).
 
-    Without ZeRO and in fp32, DeepSpeed keeps the whole optimizer state in the model file, which
-    loads on any world size as it is."""
-    if manifest["world_size"] == topology.world_size:
-        return False
-    return not (manifest.get("zero_stage") == 0 and manifest.get("precision") == "fp32")
+    At ZeRO 0 DeepSpeed keeps the whole optimizer state (fp32 master weights included, in bf16 and fp16)
+    in the model file, which loads on any world size as it is: it writes no optimizer shards, and the
+    universal converter, which looks for them, would fail."""
+    return manifest["world_size"] != topology.world_size and manifest.get("zero_stage", 0) != 0
 
 
 def to_universal(directory: str, manifest: dict, topology: Topology, run_name: str, *, timeout_s: float) -> str:

@@ -29,8 +29,10 @@ def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool, grad_a
                 "betas": list(opt.betas),
                 "eps": opt.eps,
                 "weight_decay": opt.weight_decay if opt.type == "adamw" else 0.0,
-                # DeepSpeed's fused CPU Adam compiles a C++ op on first use; torch's is as fast here.
-                "torch_adam": not on_gpu,
+                # DeepSpeed's own Adam (FusedAdam, CPU Adam) is compiled on first use: with no nvcc on a GPU
+                # image, deepspeed.initialize fails on every rank. torch's compiles nothing.
+                "torch_adam": opt.implementation == "torch",
+                **({"fused": True} if opt.implementation == "torch" and on_gpu else {}),
             },
         },
         "scheduler": _scheduler(spec, max_steps),

@@ -25,6 +25,9 @@ from shardrun.trainer.ds_config import build_ds_config  # noqa: E402
 from shardrun.trainer.topology import Topology  # noqa: E402
 
 DeepSpeedEngine = deepspeed.DeepSpeedEngine
+if os.environ.get("DS_ACCELERATOR") == "cpu" and not extensions.can_have_shm_op():
+    # a machine without a C++ compiler: DeepSpeed's CPU collectives go through gloo alone
+    deepspeed.ops.__compatible_ops__[extensions.SHM_OP] = False
 
 
 class _DropKnownNoise(logging.Filter):

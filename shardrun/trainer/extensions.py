@@ -33,6 +33,19 @@ def path_with_our_ninja(path: str | None) -> str | None:
     return os.pathsep.join(filter(None, [here, path]))
 
 
+SHM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's CPU shared-memory comm op (its ShareMemCommBuilder's NAME)."""
+
+
+def can_have_shm_op() -> bool:
+    """Whether DeepSpeed's CPU shared-memory comm op is built already or can be: a C++ compiler on PATH, or its
+    library in the build folder. Without either, DeepSpeed would fail at start on every rank; gloo alone works."""
+    import shutil
+
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", str(default_dir()))) / SHM_OP / f"{SHM_OP}.so"
+    return built.exists() or shutil.which("c++") is not None
+
+
 def prepare() -> None:
     """Before deepspeed is imported: TORCH_EXTENSIONS_DIR (unless set) and PATH, for this process and its
     children."""

@@ -49,7 +49,48 @@ def test_ds_config_from_spec():
     assert cfg["optimizer"]["params"]["torch_adam"] is True
     assert cfg["scheduler"]["type"] == "WarmupCosineLR"
     assert cfg["scheduler"]["params"]["total_num_steps"] == 100
-    assert build_ds_config(spec, max_steps=100, on_gpu=True)["optimizer"]["params"]["torch_adam"] is False
+    on_gpu = build_ds_config(spec, max_steps=100, on_gpu=True)["optimizer"]["params"]
+    assert on_gpu["torch_adam"] is True and on_gpu["fused"] is True  # torch's fused AdamW: nothing to compile
+    own = DeepSpeedSpec(optimizer={"implementation": "deepspeed"})
+    assert build_ds_config(own, max_steps=100, on_gpu=True)["optimizer"]["params"]["torch_adam"] is False
+
+
+NO_COMPILER_STEP = """
+import json, os, sys, torch
+import shardrun.trainer.engine  # DeepSpeed with its CPU accelerator, as a worker imports it
+import deepspeed
+from shardrun.config import DeepSpeedSpec
+from shardrun.trainer.ds_config import build_ds_config
+from shardrun.trainer.engine import init_distributed
+from shardrun.trainer.topology import Topology
+init_distributed(Topology(rank=0, world_size=1, local_rank=0, device="cpu"))
+spec = DeepSpeedSpec(zero_stage=int(sys.argv[1]), micro_batch_size=2, optimizer={"implementation": sys.argv[2]})
+config = build_ds_config(spec, max_steps=4, on_gpu=True)  # the config a GPU worker gets
+model = torch.nn.Linear(8, 8)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+loss = engine(torch.randn(2, 8)).pow(2).mean()
+engine.backward(loss)
+engine.step()
+print("stepped with", type(engine.optimizer).__name__, getattr(engine.optimizer, "optimizer", engine.optimizer))
+"""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stage", [0, 2])
+def test_the_default_optimizer_needs_no_compiler(tmp_path, stage):
+    """With no C++ compiler or nvcc on PATH and an empty extensions folder, the optimizer a GPU worker's config
+    names is built and steps, and nothing is compiled; DeepSpeed's own needs the compiler it lacks."""
+    env = {"PATH": str(tmp_path / "nothing"), "HOME": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+           "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", NO_COMPILER_STEP, str(stage), "torch"], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "stepped with" in done.stdout and "AdamW" in done.stdout
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
+    if stage == 2:
+        theirs = subprocess.run([sys.executable, "-c", NO_COMPILER_STEP, str(stage), "deepspeed"], env=env,
+                                capture_output=True, text=True, timeout=240)
+        assert theirs.returncode != 0 and "cpu_adam" in theirs.stderr  # a C++ op: it cannot be built here
 
 
 def test_ds_config_schedule_edges():
