@@ -28,7 +28,8 @@ BOOTSTRAP_ENV_PLACEHOLDER = "__SHARDRUN_BOOTSTRAP_ENV__"
 # customData is at most 64 KiB (base64 of the document); keep a margin.
 MAX_CUSTOM_DATA = 60 * 1024
 
-BOOTSTRAP_SCRIPTS = ("lib.sh", "bootstrap.sh", "install.sh", "fetch-token.sh", "ray-node.sh", "monitoring.sh")
+BOOTSTRAP_SCRIPTS = ("lib.sh", "bootstrap.sh", "install.sh", "fetch-token.sh", "node-env.sh", "ray-node.sh",
+                     "monitoring.sh")
 ROLES = {"head": "cloudInitHead", "worker": "cloudInitWorker"}
 
 

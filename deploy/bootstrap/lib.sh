@@ -87,3 +87,55 @@ ensure_user() {
     id -u "$user" >/dev/null 2>&1 && return 0
     useradd --system --create-home --home-dir "$home" --shell /usr/sbin/nologin "$user"
 }
+
+# Prints this VM's IP, the address Ray binds: SHARDRUN_NODE_IP, else the primary private IP from the metadata
+# service. Fails when neither gives one.
+node_ip() {
+    if [[ -n ${SHARDRUN_NODE_IP:-} ]]; then
+        printf '%s\n' "$SHARDRUN_NODE_IP"
+        return
+    fi
+    imds_get '/metadata/instance/network/interface/0/ipv4/ipAddress/0/privateIpAddress?api-version=2021-02-01&format=text'
+}
+
+# Prints the network interface that holds the IPv4 address $1 (this VM's IP), else the one of the default
+# route (`ip route get` only looks the route up: nothing is sent). Fails when it finds none, or only lo.
+socket_ifname() {
+    local address=${1:-} name=''
+    if [[ -n $address ]]; then
+        name=$(ip -o -4 addr show 2>/dev/null |
+            awk -v address="$address" '{ split($4, a, "/"); if (a[1] == address) { print $2; exit } }') || name=''
+    fi
+    if [[ -z $name ]]; then
+        name=$(ip -o -4 route get 1.1.1.1 2>/dev/null |
+            awk '{ for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit } }') || name=''
+    fi
+    name=${name%%@*}
+    [[ -n $name && $name != lo ]] || return 1
+    printf '%s\n' "$name"
+}
+
+# Warns when this VM's NVIDIA GPU cannot run torch's CUDA 13 builds (torch 2.11 and newer on PyPI): they need
+# driver 580 or newer (SHARDRUN_MIN_NVIDIA_DRIVER), and compute capability 7.5 (Turing) or newer: no Volta
+# (V100) or older. Quiet on a VM without nvidia-smi (SHARDRUN_NVIDIA_SMI, for tests); never fails.
+check_nvidia_driver() {
+    local min=${SHARDRUN_MIN_NVIDIA_DRIVER:-580} smi=${SHARDRUN_NVIDIA_SMI:-nvidia-smi} line name driver cap
+    command -v "$smi" >/dev/null 2>&1 || return 0
+    line=$("$smi" --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -n 1) || line=''
+    if [[ $line != *,* ]]; then
+        log "note: nvidia-smi lists no GPU (a CPU VM, or the NVIDIA driver is not loaded)"
+        return 0
+    fi
+    name=$(sed 's/^ *//; s/ *$//' <<<"${line%,*}")
+    driver=$(tr -d ' ' <<<"${line##*,}")
+    if [[ $driver =~ ^([0-9]+)\. ]] && ((BASH_REMATCH[1] < min)); then
+        log "warning: the NVIDIA driver is $driver ($name), older than $min: torch 2.11 and newer are CUDA 13" \
+            "builds and see no GPU with it. Deploy an image with driver $min or newer (imageVersion," \
+            "docs/deploy-azure.md), or install a torch built for an older CUDA"
+    fi
+    cap=$("$smi" --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ') || cap=''
+    if [[ $cap =~ ^([0-9]+)\.([0-9]+)$ ]] && ((BASH_REMATCH[1] * 10 + BASH_REMATCH[2] < 75)); then
+        log "warning: $name has compute capability $cap: torch's CUDA 13 builds (torch 2.11 and newer) support" \
+            "7.5 (Turing) and newer only, not Volta (V100) or older. Use another VM size"
+    fi
+}

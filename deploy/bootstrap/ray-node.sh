@@ -26,6 +26,10 @@
 #   SHARDRUN_RAY_ARGS           more `ray start` arguments, separated by spaces (e.g. --num-cpus=1 --temp-dir=/x)
 #   SHARDRUN_TOKEN_FILE         where fetch-token.sh writes the token (default /etc/shardrun/ray-auth-token)
 #   SHARDRUN_USER               the user the Ray service runs as (default shardrun, created when missing)
+#   SHARDRUN_TMP_MOUNT          the temporary disk's mount point (default /mnt): the service starts after it
+#   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME, TMPDIR, RAY_TMPDIR   from bootstrap.env (node-env.sh writes them at
+#                               first boot), inherited by Ray's processes; a TMPDIR that is not a writable
+#                               folder is dropped (/tmp)
 #   SHARDRUN_SYSTEMCTL, SHARDRUN_ROOT   tests: the systemctl command, a prefix for the unit files written
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -37,15 +41,6 @@ role=${1:-}
 venv=${SHARDRUN_VENV:-/opt/shardrun/venv}
 token_file=${SHARDRUN_TOKEN_FILE:-/etc/shardrun/ray-auth-token}
 ray_port=${SHARDRUN_RAY_PORT:-6379}
-
-node_ip() {
-    if [[ -n ${SHARDRUN_NODE_IP:-} ]]; then
-        printf '%s\n' "$SHARDRUN_NODE_IP"
-        return
-    fi
-    imds_get '/metadata/instance/network/interface/0/ipv4/ipAddress/0/privateIpAddress?api-version=2021-02-01&format=text' ||
-        die "cannot ask the metadata service for this VM's IP; set SHARDRUN_NODE_IP"
-}
 
 run_foreground() {
     local ip extra=()
@@ -65,7 +60,12 @@ run_foreground() {
         [[ $dashboard_host == 0.0.0.0 ]] && dashboard_host=127.0.0.1
         export RAY_API_SERVER_ADDRESS=${RAY_API_SERVER_ADDRESS:-http://$dashboard_host:${SHARDRUN_DASHBOARD_PORT:-8265}}
     fi
-    ip=$(node_ip)
+    ip=$(node_ip) || die "cannot ask the metadata service for this VM's IP; set SHARDRUN_NODE_IP"
+    # node-env.sh prepare creates TMPDIR (the temporary disk) before each start; without the disk, /tmp.
+    if [[ -n ${TMPDIR:-} ]] && ! [[ -d $TMPDIR && -w $TMPDIR ]]; then
+        log "warning: TMPDIR=$TMPDIR is not a writable folder (is the temporary disk mounted?): using /tmp"
+        unset TMPDIR
+    fi
     read -r -a extra <<<"${SHARDRUN_RAY_ARGS:-}"
     local argv=("$venv/bin/ray" start --block "--node-ip-address=$ip"
         "--metrics-export-port=${SHARDRUN_METRICS_PORT:-8080}" --disable-usage-stats)
@@ -84,7 +84,13 @@ run_foreground() {
 install_units() {
     local user=${SHARDRUN_USER:-shardrun}
     local units=${SHARDRUN_ROOT:-}/etc/systemd/system
-    local changed=0
+    local changed=0 tmp_mount=${SHARDRUN_TMP_MOUNT:-/mnt} tmp_mount_unit
+    if command -v systemd-escape >/dev/null; then
+        tmp_mount_unit=$(systemd-escape --path --suffix=mount "$tmp_mount")
+    else
+        tmp_mount_unit=${tmp_mount#/}
+        tmp_mount_unit=${tmp_mount_unit//\//-}.mount
+    fi
     ensure_user "$user" /var/lib/shardrun
     write_if_changed "$units/shardrun-ray-token.service" 0644 <<EOF && changed=1
 # Written by deploy/bootstrap/ray-node.sh.
@@ -109,7 +115,8 @@ EOF
 [Unit]
 Description=shardrun: Ray $role node (token authentication)
 Requires=shardrun-ray-token.service
-After=shardrun-ray-token.service network-online.target
+# The temporary disk (TMPDIR), when there is one: ordered after its mount, not requiring it.
+After=shardrun-ray-token.service network-online.target $tmp_mount_unit
 Wants=network-online.target
 
 [Service]
@@ -120,6 +127,9 @@ LoadCredential=ray-auth-token:$token_file
 Environment=RAY_AUTH_TOKEN_PATH=%d/ray-auth-token
 Environment=SHARDRUN_NO_SYSTEMD=1
 Environment=SHARDRUN_VENV=$venv
+# As root (+): creates TMPDIR on the temporary disk, which is blank after a deallocation; warns about an old
+# NVIDIA driver. NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME and TMPDIR come from bootstrap.env (node-env.sh write).
+ExecStartPre=+$SHARDRUN_BOOTSTRAP_DIR/node-env.sh prepare
 ExecStart=$SHARDRUN_BOOTSTRAP_DIR/ray-node.sh $role
 # A worker started before the head retries until the head answers.
 Restart=always

@@ -2,11 +2,12 @@
 
 - `cloud-init schema` (Debian's cloud-init, unpacked into .tools by `make setup`) on both documents;
 - the documents write exactly the repository's files, and run bootstrap.sh with the node's role;
+- the documents and main.json's copies of them carry node-env.sh, run before the Ray node starts;
 - `bash -n` and shellcheck on every script;
 - the scripts themselves, with every Azure-specific call pointed elsewhere: fetch-token.sh against a fake
   metadata service and Key Vault on 127.0.0.1, ray-node.sh with a stand-in `ray` and `systemctl`,
   install.sh's reuse of an existing environment, monitoring.sh writing its configuration under a temp root
-  (checked by promtool).
+  (checked by promtool), node-env.sh with a stand-in `ip`, `mountpoint` and `nvidia-smi`.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def document(role: str) -> Path:
 def script_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """An environment for a bootstrap script: no proxy, no cloud-init env file, nothing from a real VM."""
     env = {k: v for k, v in os.environ.items()
-           if not k.lower().endswith("_proxy") and not k.startswith(("SHARDRUN_", "RAY_"))}
+           if not k.lower().endswith("_proxy") and not k.startswith(("SHARDRUN_", "RAY_", "NCCL_", "GLOO_"))
+           and k != "TMPDIR"}
     env.update(NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", SHARDRUN_ENV_FILE=str(tmp_path / "no-such.env"),
                SHARDRUN_IMDS_URL="http://127.0.0.1:9", SHARDRUN_APT="0")
     env.update(extra)
@@ -115,6 +117,39 @@ def test_the_document_writes_the_repository_files_and_runs_bootstrap(role):
         assert content == (REPO / relative).read_bytes(), relative
         runnable = relative.endswith(".sh") and not relative.endswith("lib.sh")
         assert permissions == ("0755" if runnable else "0644"), relative
+
+
+def document_files(text: str) -> dict[str, str]:
+    """The repository files that a cloud-init document writes, by path relative to the repository."""
+    return {entry["path"][len(VM_SRC) + 1:]: gzip.decompress(base64.b64decode(entry["content"])).decode()
+            for entry in yaml.safe_load(text)["write_files"] if entry["path"].startswith(VM_SRC + "/")}
+
+
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_every_vm_sets_its_socket_interfaces_and_tmpdir_at_first_boot(role):
+    """The node's NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME and TMPDIR need no manual step, on later VMs too."""
+    files = document_files(document(role).read_text())
+    bootstrap = files["deploy/bootstrap/bootstrap.sh"]
+    # node-env.sh writes bootstrap.env before ray-node.sh starts the node that reads it
+    write = bootstrap.index('"$SHARDRUN_BOOTSTRAP_DIR/node-env.sh" write\n')
+    assert write < bootstrap.index('"$SHARDRUN_BOOTSTRAP_DIR/ray-node.sh" "$role"')
+    node_env = files["deploy/bootstrap/node-env.sh"]
+    assert "for key in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do" in node_env
+    assert 'add_default "$key" "$ifname"' in node_env
+    assert 'add_default TMPDIR "$tmp_mount/shardrun-tmp"' in node_env and "chmod 1777" in node_env
+    assert "socket_ifname()" in files["deploy/bootstrap/lib.sh"]
+    assert "check_nvidia_driver()" in files["deploy/bootstrap/lib.sh"]
+    # the Ray unit prepares TMPDIR as root before every start (the temporary disk is blank after a deallocation)
+    assert "ExecStartPre=+$SHARDRUN_BOOTSTRAP_DIR/node-env.sh prepare" in files["deploy/bootstrap/ray-node.sh"]
+
+
+def test_main_json_carries_the_same_documents():
+    variables = json.loads((AZURE / "main.json").read_text())["variables"]
+    for role, variable in (("head", "cloudInitHead"), ("worker", "cloudInitWorker")):
+        assert variables[variable] == document(role).read_text(), f"{variable}: run python deploy/azure/build.py"
+        files = document_files(variables[variable])
+        assert files["deploy/bootstrap/node-env.sh"] == (BOOTSTRAP / "node-env.sh").read_text()
+        assert "NCCL_SOCKET_IFNAME" in files["deploy/bootstrap/node-env.sh"]
 
 
 # -- the scripts, statically -------------------------------------------------------------------------
@@ -277,7 +312,9 @@ token = open(os.environ["RAY_AUTH_TOKEN_PATH"]).read() if os.environ.get("RAY_AU
 print(json.dumps({"argv": sys.argv[1:], "mode": os.environ.get("RAY_AUTH_MODE"), "token": token,
                   "token_path": os.environ.get("RAY_AUTH_TOKEN_PATH"),
                   "prometheus": os.environ.get("RAY_PROMETHEUS_HOST"),
-                  "api_server": os.environ.get("RAY_API_SERVER_ADDRESS")}))' "$@"
+                  "api_server": os.environ.get("RAY_API_SERVER_ADDRESS"),
+                  "env": {k: os.environ.get(k) for k in ("NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "TMPDIR",
+                                                          "RAY_TMPDIR")}}))' "$@"
 """
 
 
@@ -354,6 +391,10 @@ def test_ray_node_installs_systemd_units_that_load_the_token_as_a_credential(tmp
     assert "Environment=RAY_AUTH_TOKEN_PATH=%d/ray-auth-token" in ray_unit
     assert f"ExecStart={BOOTSTRAP}/ray-node.sh worker" in ray_unit
     assert "Requires=shardrun-ray-token.service" in ray_unit and "LimitMEMLOCK=infinity" in ray_unit
+    # TMPDIR on the temporary disk: created as root before every start, after /mnt is mounted (not requiring it)
+    assert f"ExecStartPre=+{BOOTSTRAP}/node-env.sh prepare" in ray_unit
+    assert "After=shardrun-ray-token.service network-online.target mnt.mount" in ray_unit
+    assert "RequiresMountsFor" not in ray_unit
     assert f"ExecStart={BOOTSTRAP}/fetch-token.sh" in token_unit and "Type=oneshot" in token_unit
     assert "RAY_AUTH_TOKEN=" not in ray_unit + token_unit
     enable = "enable shardrun-ray-token.service shardrun-ray.service"
@@ -371,8 +412,143 @@ def test_ray_node_installs_systemd_units_that_load_the_token_as_a_credential(tmp
         assert not [p for p in problems if "Unknown key" in p or "Invalid" in p or "Failed to parse" in p], problems
 
 
+def test_ray_node_passes_the_env_file_interfaces_and_tmpdir_to_ray(tmp_path, fake_venv):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env_file = tmp_path / "bootstrap.env"
+    env_file.write_text(f"NCCL_SOCKET_IFNAME=eth0\nGLOO_SOCKET_IFNAME=eth0\nTMPDIR={scratch}\nRAY_TMPDIR=/tmp\n")
+    started = ray_start("worker", tmp_path, fake_venv, SHARDRUN_HEAD_ADDRESS="198.18.0.1",
+                        SHARDRUN_ENV_FILE=str(env_file))
+    assert started["env"] == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0", "TMPDIR": str(scratch),
+                              "RAY_TMPDIR": "/tmp"}
+    # the temporary disk is missing (not mounted): /tmp rather than a folder that is not there
+    env_file.write_text(f"TMPDIR={tmp_path / 'not-mounted' / 'shardrun-tmp'}\n")
+    started = ray_start("worker", tmp_path, fake_venv, SHARDRUN_HEAD_ADDRESS="198.18.0.1",
+                        SHARDRUN_ENV_FILE=str(env_file))
+    assert started["env"]["TMPDIR"] is None
+
+
 def test_ray_node_refuses_an_unknown_role(tmp_path):
     result = run_script("ray-node.sh", "boss", env=script_env(tmp_path))
+    assert result.returncode == 1 and "usage" in result.stderr
+
+
+# -- node-env.sh -------------------------------------------------------------------------------------
+
+# Stand-ins for what node-env.sh asks the VM: `ip` (this VM: eth0 holds 10.42.0.5, ib0 an IPoIB address; the
+# default route goes out of eth1, so that the two ways of finding the interface differ), `mountpoint` (only
+# $FAKE_MOUNTED is a mount) and `nvidia-smi` ($FAKE_GPU "name, driver", $FAKE_CAP).
+FAKE_IP = r"""#!/usr/bin/env bash
+case "$*" in
+    *"addr show"*)
+        echo '1: lo    inet 127.0.0.1/8 scope host lo\       valid_lft forever preferred_lft forever'
+        echo '2: eth0    inet 10.42.0.5/24 metric 100 brd 10.42.0.255 scope global eth0\       valid_lft forever'
+        echo '4: ib0    inet 172.16.1.5/16 brd 172.16.255.255 scope global ib0\       valid_lft forever' ;;
+    *"route get 1.1.1.1"*) echo '1.1.1.1 via 10.42.0.1 dev eth1 src 10.42.0.6 uid 0 \    cache' ;;
+    *) exit 2 ;;
+esac
+"""
+FAKE_MOUNTPOINT = '#!/usr/bin/env bash\n[[ -n ${FAKE_MOUNTED:-} && ${!#} == "$FAKE_MOUNTED" ]]\n'
+FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+case "$*" in *compute_cap*) echo "$FAKE_CAP" ;; *driver_version*) echo "$FAKE_GPU" ;; *) exit 6 ;; esac
+"""
+
+
+def node_env(tmp_path: Path, mode: str, env_text: str = "", *, mounted: bool = True, gpu: str | None = None,
+             **extra: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """Runs node-env.sh MODE with the stand-ins; returns the result, the env file and the temporary disk."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fakes = {"ip": FAKE_IP, "mountpoint": FAKE_MOUNTPOINT, "nvidia-smi": FAKE_NVIDIA_SMI}
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env_file, disk = tmp_path / "bootstrap.env", tmp_path / "mnt"
+    if not env_file.exists():
+        env_file.write_text(env_text)
+    disk.mkdir(exist_ok=True)
+    # never this machine's own nvidia-smi: the stand-in on a "GPU VM", none on a CPU VM
+    env = script_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SHARDRUN_ENV_FILE=str(env_file),
+                     SHARDRUN_TMP_MOUNT=str(disk), SHARDRUN_NVIDIA_SMI=str(bin_dir / "nvidia-smi") if gpu else
+                     str(tmp_path / "no-nvidia-smi"), FAKE_GPU=(gpu or "|").split("|")[0],
+                     FAKE_CAP=(gpu or "|").split("|")[1], **extra)
+    if mounted:
+        env["FAKE_MOUNTED"] = str(disk)
+    return run_script("node-env.sh", mode, env=env), env_file, disk
+
+
+def env_lines(env_file: Path) -> dict[str, str]:
+    lines = [line for line in env_file.read_text().splitlines() if line and not line.startswith("#")]
+    keys = [line.split("=", 1)[0] for line in lines]
+    assert len(keys) == len(set(keys)), lines  # never a key twice
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_node_env_writes_the_interface_of_the_node_ip_and_tmpdir_on_the_temporary_disk(tmp_path):
+    result, env_file, disk = node_env(tmp_path, "write", "SHARDRUN_HEAD_ADDRESS=10.42.0.4\n",
+                                      SHARDRUN_NODE_IP="10.42.0.5")
+    assert result.returncode == 0, result.stderr
+    assert env_lines(env_file) == {"SHARDRUN_HEAD_ADDRESS": "10.42.0.4", "NCCL_SOCKET_IFNAME": "eth0",
+                                   "GLOO_SOCKET_IFNAME": "eth0", "TMPDIR": f"{disk}/shardrun-tmp", "RAY_TMPDIR": "/tmp"}
+    assert stat.S_IMODE((disk / "shardrun-tmp").stat().st_mode) == 0o1777  # sticky, writable by everyone: as /tmp
+    # again (bootstrap.sh is run again by hand): nothing added twice
+    before = env_file.read_text()
+    result, _, _ = node_env(tmp_path, "write", SHARDRUN_NODE_IP="10.42.0.5")
+    assert result.returncode == 0, result.stderr
+    assert env_file.read_text() == before and "already: kept" in result.stderr
+
+
+def test_node_env_keeps_what_the_env_file_sets_and_falls_back_to_the_default_route(tmp_path):
+    # no node IP (the metadata service does not answer here): the interface of the default route
+    result, env_file, _ = node_env(tmp_path, "write", "NCCL_SOCKET_IFNAME==ib0\nTMPDIR=/scratch\n")
+    assert result.returncode == 0, result.stderr
+    assert env_lines(env_file) == {"NCCL_SOCKET_IFNAME": "=ib0", "TMPDIR": "/scratch", "GLOO_SOCKET_IFNAME": "eth1",
+                                   "RAY_TMPDIR": "/tmp"}
+
+
+def test_node_env_without_a_temporary_disk_leaves_tmpdir_alone(tmp_path):
+    result, env_file, disk = node_env(tmp_path, "write", mounted=False, SHARDRUN_NODE_IP="10.42.0.5")
+    assert result.returncode == 0, result.stderr
+    assert env_lines(env_file) == {"NCCL_SOCKET_IFNAME": "eth0", "GLOO_SOCKET_IFNAME": "eth0"}
+    assert f"no temporary disk is mounted at {disk}: TMPDIR stays /tmp" in result.stderr
+    assert not (disk / "shardrun-tmp").exists()
+
+
+def test_node_env_prepare_creates_tmpdir_only_on_the_mounted_disk(tmp_path):
+    env_text = f"TMPDIR={tmp_path / 'mnt' / 'shardrun-tmp'}\n"
+    # after a deallocation the disk is blank, and may not be mounted yet: nothing written under its mount point
+    result, _, disk = node_env(tmp_path, "prepare", env_text, mounted=False)
+    assert result.returncode == 0, result.stderr
+    assert "is not mounted" in result.stderr and not (disk / "shardrun-tmp").exists()
+    result, env_file, disk = node_env(tmp_path, "prepare")
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((disk / "shardrun-tmp").stat().st_mode) == 0o1777
+    assert env_file.read_text() == env_text  # prepare never writes the env file
+    # TMPDIR comes from the env file alone, never from the caller's environment
+    result, _, _ = node_env(tmp_path, "prepare", TMPDIR=str(tmp_path / "mine"))
+    assert result.returncode == 0 and not (tmp_path / "mine").exists()
+
+
+@pytest.mark.parametrize(("gpu", "warnings"), [
+    ("NVIDIA A100 80GB PCIe, 580.95.05|8.0", []),
+    ("NVIDIA A100 80GB PCIe, 570.172.08|8.0",
+     ["the NVIDIA driver is 570.172.08 (NVIDIA A100 80GB PCIe), older than 580"]),
+    ("Tesla V100-PCIE-16GB, 580.95.05|7.0", ["Tesla V100-PCIE-16GB has compute capability 7.0", "not Volta"]),
+])
+def test_node_env_warns_about_a_driver_or_gpu_too_old_for_cuda_13(tmp_path, gpu, warnings):
+    for mode in ("write", "prepare"):  # first boot (cloud-init's log) and every start of the Ray node (its journal)
+        result, _, _ = node_env(tmp_path, mode, gpu=gpu, SHARDRUN_NODE_IP="10.42.0.5")
+        assert result.returncode == 0, result.stderr
+        for warning in warnings:
+            assert warning in result.stderr
+        if not warnings:
+            assert "warning" not in result.stderr
+
+
+def test_node_env_is_quiet_about_gpus_on_a_cpu_vm_and_refuses_an_unknown_mode(tmp_path):
+    result, _, _ = node_env(tmp_path, "write", SHARDRUN_NODE_IP="10.42.0.5")
+    assert result.returncode == 0 and "NVIDIA" not in result.stderr
+    result = run_script("node-env.sh", "start", env=script_env(tmp_path))
     assert result.returncode == 1 and "usage" in result.stderr
 
 
