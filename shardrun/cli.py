@@ -253,6 +253,9 @@ def _train(args: argparse.Namespace, spec: config.JobSpec, *, main: bool) -> int
         _emit(f"job spec, resolved:\n{spec.to_yaml()}")
         data_index = ensure_data(spec, resume=not args.fresh)
         prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
+    from shardrun.trainer.extensions import choose_accelerator
+
+    choose_accelerator(spec.scaling.use_gpu)  # before DeepSpeed is imported
     from shardrun.driver.local import run_local
     from shardrun.trainer.faults import FaultInjector
 

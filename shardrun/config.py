@@ -247,7 +247,9 @@ class ScalingSpec(_Section):
     )
     use_gpu: bool = Field(False, description="One or more GPUs per worker; NCCL between them.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
-    gpus_per_worker: float = Field(1.0, ge=0, description="GPUs reserved per worker (use_gpu).")
+    gpus_per_worker: float = Field(
+        1.0, ge=0,
+        description="GPUs reserved per worker (use_gpu): a whole number; each rank trains on the first of its own.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement group strategy for the workers."
     )
@@ -411,6 +413,9 @@ class JobSpec(_Section):
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         if self.scaling.use_gpu and self.scaling.gpus_per_worker == 0:
             raise ValueError("scaling.use_gpu needs scaling.gpus_per_worker above 0")
+        if self.scaling.use_gpu and self.scaling.gpus_per_worker != int(self.scaling.gpus_per_worker):
+            raise ValueError(f"scaling.gpus_per_worker is {self.scaling.gpus_per_worker:g}: NCCL takes a whole GPU "
+                             "per rank (two ranks on one GPU fail with 'duplicate GPU'); use 1, or fewer workers")
         if self.metrics.port and self.metrics.port + self.scaling.max_workers - 1 > 65535:
             raise ValueError(f"metrics.port {self.metrics.port} + local rank goes past 65535 with up to "
                              f"{self.scaling.max_workers} workers on a node; choose a lower port, or 0 (any free)")

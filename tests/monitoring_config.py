@@ -33,7 +33,8 @@ COUNTERS = (
 )
 GAUGES = (
     "shardrun_loss", "shardrun_learning_rate", "shardrun_grad_norm", "shardrun_loss_scale", "shardrun_mfu_ratio",
-    "shardrun_device_memory_allocated_bytes", "shardrun_device_memory_reserved_bytes", "shardrun_world_size",
+    "shardrun_device_memory_allocated_bytes", "shardrun_device_memory_reserved_bytes",
+    "shardrun_device_memory_peak_bytes", "shardrun_world_size",
     "shardrun_data_queue_depth", "shardrun_data_buffered_bytes", "shardrun_step", "shardrun_job_state",
     "shardrun_job_workers",
 )
@@ -45,7 +46,7 @@ HISTOGRAMS = (
 RAY_METRICS = ("ray_node_gpus_utilization", "ray_node_gram_used")
 # Series that a CPU run does not export: the integration tests expect these expressions to come back empty.
 ABSENT_ON_CPU = ("shardrun_mfu_ratio", "shardrun_loss_scale", "shardrun_device_memory_allocated_bytes",
-                 "shardrun_device_memory_reserved_bytes", *RAY_METRICS)
+                 "shardrun_device_memory_reserved_bytes", "shardrun_device_memory_peak_bytes", *RAY_METRICS)
 
 
 def contract_series() -> frozenset[str]:

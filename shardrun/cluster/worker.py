@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import ray
 import ray.train
+import ray.train.torch
 
 from shardrun import checkpoint_format as layout
 from shardrun import fs
@@ -211,11 +212,20 @@ def _upload_and_sync(checkpoint: ray.train.Checkpoint, name: str) -> ray.train.C
 
 def train_fn(config: dict) -> None:
     """Ray Train's train_loop_per_worker."""
+    use_gpu = config["spec"]["scaling"]["use_gpu"]
+    from shardrun.trainer.extensions import choose_accelerator
+
+    choose_accelerator(use_gpu)  # before DeepSpeed is imported
     # imported here: the driver, which pickles this function, needs no DeepSpeed
     from shardrun.trainer.entry import worker_main
     from shardrun.trainer.faults import FaultInjector
+    from shardrun.trainer.topology import Topology
+
+    # Ray Train's choice of this worker's GPU among the node's, which it shows to every worker of the node
+    device = str(ray.train.torch.get_device()) if use_gpu else None
 
     store = RayCheckpointStore(config["run_dir"],
                                upload_timeout_s=config["spec"]["failure"]["checkpoint_timeout_s"])
     session = Session(store, RayReporter(config["events"]), RayPlacement())
-    worker_main(config["spec"], session, data_index=config.get("data_index"), faults=FaultInjector.from_env())
+    worker_main(config["spec"], session, Topology.from_env(use_gpu, device=device), data_index=config.get("data_index"),
+                faults=FaultInjector.from_env())

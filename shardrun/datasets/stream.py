@@ -317,20 +317,26 @@ class Stream:
         if self._step_has_pad:
             inputs = inputs.clamp(min=0)
             targets = targets.masked_fill(targets == PAD, IGNORE_INDEX)
-        pin = self.device.type == "cuda"
         out = []
         for m in range(self.grad_accum_steps):
             sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
-            batch = {"inputs": inputs[sl], "targets": targets[sl]}
-            out.append({k: v.pin_memory() for k, v in batch.items()} if pin else batch)
+            out.append(self._staged({"inputs": inputs[sl], "targets": targets[sl]}))
         return out
+
+    def _staged(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A micro-batch as the device takes it: for a GPU, contiguous and in pinned memory, so that the copy in
+        next_batch runs beside the GPU's work (a strided pinned tensor goes through pageable memory first, and
+        the copy waits). Done here, in the producer's thread, off the loop."""
+        if self.device.type != "cuda":
+            return batch
+        return {k: v.contiguous().pin_memory() for k, v in batch.items()}
 
     def _table_micro_batches(self, cols: dict[str, np.ndarray]) -> list[dict[str, torch.Tensor]]:
         label = self.spec.label
         out = []
         for m in range(self.grad_accum_steps):
             sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
-            out.append({("label" if k == label else k): torch.from_numpy(v[sl]) for k, v in cols.items()})
+            out.append(self._staged({("label" if k == label else k): torch.from_numpy(v[sl]) for k, v in cols.items()}))
         return out
 
 

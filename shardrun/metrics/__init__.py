@@ -66,13 +66,14 @@ def advertised_host(host: str) -> str:
         return "127.0.0.1"
 
 
-def device_memory(device: str) -> tuple[int, int] | None:
-    """(allocated, reserved) bytes of a CUDA device; None elsewhere."""
+def device_memory(device: str) -> tuple[int, int, int] | None:
+    """(allocated, reserved, peak allocated since the start) bytes of a CUDA device; None elsewhere."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    return torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    return (torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device),
+            torch.cuda.max_memory_allocated(device))
 
 
 class WorkerMetrics:
@@ -112,6 +113,8 @@ class WorkerMetrics:
         self.mem_allocated = optional_gauge("shardrun_device_memory_allocated_bytes", "Device memory held by tensors.")
         self.mem_reserved = optional_gauge("shardrun_device_memory_reserved_bytes",
                                            "Device memory reserved by the allocator.")
+        self.mem_peak = optional_gauge("shardrun_device_memory_peak_bytes",
+                                       "Most device memory held by tensors at once since the worker started.")
         self.world_size = gauge("shardrun_world_size", "Ranks in the worker group.")
         self.queue_depth = gauge("shardrun_data_queue_depth", "Steps of batches decoded ahead.")
         self.buffered = gauge("shardrun_data_buffered_bytes", "Bytes of decoded data held by the stream.")
@@ -163,6 +166,7 @@ class WorkerMetrics:
         if memory is not None:
             self.mem_allocated.set(memory[0])
             self.mem_reserved.set(memory[1])
+            self.mem_peak.set(memory[2])
 
     def checkpoint_saved(self, seconds: float) -> None:
         self.save_time.observe(seconds)

@@ -29,9 +29,11 @@ class Collectives:
         """The collective timeout set by set_timeout; None until then (the group's own at start-up)."""
 
     def set_timeout(self, seconds: float) -> None:
-        """How long a collective may wait for the other ranks before it fails the group."""
+        """How long a collective may wait for the other ranks before it fails the group: every process group
+        this rank is in, the training's, the flags' own and those DeepSpeed made (its clone of the world for
+        ZeRO's reductions keeps the backend's default otherwise, NCCL's 10 minutes)."""
         if self.distributed:
-            for group in (None, self.control):  # the training's group, and the flags' own
+            for group in all_groups():
                 distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds), group)
         self.timeout = seconds
 
@@ -61,6 +63,12 @@ class Collectives:
             dist.all_reduce(value)
             value /= self.world_size
         return value
+
+
+def all_groups() -> list:
+    """Every process group of this process that it is a member of (torch's registry of them)."""
+    return [group for group in list(distributed_c10d._world.pg_map)
+            if not distributed_c10d._rank_not_in_group(group)]
 
 
 class StepFlags:

@@ -62,6 +62,10 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule, and the
     gradient accumulation of this world size."""
     init_distributed(topology)
+    accelerator = deepspeed.accelerator.get_accelerator().device_name()
+    if accelerator != torch.device(topology.device).type:
+        raise RuntimeError(f"DeepSpeed's accelerator is {accelerator} but this rank trains on {topology.device}: "
+                           "set DS_ACCELERATOR to match scaling.use_gpu (or unset it)")
     config = build_ds_config(
         spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu",
         grad_accum_steps=spec.grad_accum_for(topology.world_size), load_universal=load_universal,
@@ -72,12 +76,26 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     return engine
 
 
+def precision_advice(device: str, precision: str, capability: tuple[int, int] | None) -> str | None:
+    """A line for a run in fp32 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100):
+    fp32 matmuls there run at a fraction of bf16's rate (H100: 67 against 989 TFLOP/s), while the MFU,
+    counted against the fp32 peak, looks normal."""
+    if not device.startswith("cuda") or precision != "fp32" or capability is None or capability[0] < 8:
+        return None
+    return (f"training in fp32 on a GPU with bf16 tensor cores (compute capability {capability[0]}.{capability[1]}): "
+            "set deepspeed.precision: bf16 for several times the throughput (MFU is counted against the fp32 peak)")
+
+
 def skipped_steps(engine: DeepSpeedEngine) -> int:
     """Updates DeepSpeed left out (gradients not finite, or fp16's loss scaler backing off): a host counter."""
     return int(getattr(engine, "skipped_steps", 0) or 0)
 
 
 def loss_scale(engine: DeepSpeedEngine, precision: str) -> float | None:
-    """fp16's current loss scale; None in other precisions."""
-    return getattr(engine.optimizer, "cur_scale", None) if precision == "fp16" else None
+    """fp16's current loss scale; None in other precisions. ZeRO's optimizers name it cur_scale and
+    loss_scale, ZeRO 0's FP16_Optimizer loss_scale alone."""
+    if precision != "fp16":
+        return None
+    scale = getattr(engine.optimizer, "loss_scale", None)
+    return float(scale) if scale is not None else getattr(engine.optimizer, "cur_scale", None)
 

@@ -46,6 +46,14 @@ def can_have_shm_op() -> bool:
     return built.exists() or shutil.which("c++") is not None
 
 
+def choose_accelerator(use_gpu: bool) -> None:
+    """Before DeepSpeed is imported: its CPU accelerator unless the spec asks for GPUs. DeepSpeed picks CUDA
+    whenever a GPU is visible; with `use_gpu: false` on a GPU machine it would put the model there while the
+    batches stay on the CPU. A DS_ACCELERATOR set by the user is kept."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def prepare() -> None:
     """Before deepspeed is imported: TORCH_EXTENSIONS_DIR (unless set) and PATH, for this process and its
     children."""

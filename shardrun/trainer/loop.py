@@ -37,6 +37,7 @@ class Trainer:
         self.endpoints = endpoints or []
         self.engine, self.state = restored.engine, restored.state
         self.grad_accum = spec.grad_accum_for(topology.world_size)
+        self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.deepspeed.precision)
         self.global_batch = self.stream.global_batch
         self.tokens_per_step = self.global_batch * spec.data.tokens_per_sample
         peak = flops.peak_flops(spec.metrics.peak_flops, topology.device, spec.deepspeed.precision)
@@ -56,6 +57,11 @@ class Trainer:
         self.control.start()
         if self.topology.is_main:
             self.session.reporter.started(self.start_info())
+            device = self.topology.device
+            advice = engines.precision_advice(device, self.spec.deepspeed.precision,
+                                              torch.cuda.get_device_capability(device) if device != "cpu" else None)
+            if advice:
+                self.session.reporter.note(advice)
         start = self.state.step
         while self.state.step < self.spec.run.max_steps:
             loss = self.train_step()
@@ -88,7 +94,7 @@ class Trainer:
             if "inputs" in batch:
                 loss = self.engine(batch["inputs"], batch["targets"])
             else:  # table data: the model takes the columns (and `label`) as keyword arguments
-                loss = self.engine(**batch)
+                loss = self.engine(**self.as_module_dtype(batch))
             loss = self.faults.loss(loss, step=self.state.step + 1, rank=self.topology.rank)
             self.engine.backward(loss)
             self.engine.step()
@@ -103,6 +109,13 @@ class Trainer:
             self.metrics.step_done(step=self.state.step, seconds=self.window.clock() - t0, data_wait=self.last_wait,
                                    samples=self.global_batch // world, tokens=self.tokens_per_step // world)
         return total / self.grad_accum
+
+    def as_module_dtype(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Floating columns in the dtype DeepSpeed cast the module to (bf16, fp16): it casts positional inputs
+        only, and a float32 column meeting bf16 weights fails."""
+        if self.float_dtype is None:
+            return batch
+        return {k: v.to(self.float_dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
     def log_progress(self) -> None:
         """The window's loss over all ranks (one small all-reduce) in the progress record, sent by rank 0."""

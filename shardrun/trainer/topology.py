@@ -28,21 +28,29 @@ class Topology:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, use_gpu: bool) -> Topology:
-        """From the torch.distributed variables (torchrun and Ray Train set them); 1 rank if none."""
+    def from_env(cls, use_gpu: bool, *, device: str | None = None) -> Topology:
+        """From the torch.distributed variables (torchrun and Ray Train set them); 1 rank if none.
+
+        device: the one the launcher chose for this worker (Ray Train's get_device()), else see pick_device."""
         env = os.environ
         local_rank = int(env.get("LOCAL_RANK", 0))
-        if use_gpu:
-            if not torch.cuda.is_available():
-                raise RuntimeError("scaling.use_gpu is true but this worker sees no CUDA device")
-            # Ray Train narrows CUDA_VISIBLE_DEVICES to this worker's GPU; torchrun does not.
-            index = local_rank if torch.cuda.device_count() > local_rank else 0
-            device = f"cuda:{index}"
-        else:
-            device = "cpu"
+        if use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("scaling.use_gpu is true but this worker sees no CUDA device")
         return cls(
             rank=int(env.get("RANK", 0)),
             world_size=int(env.get("WORLD_SIZE", 1)),
             local_rank=local_rank,
-            device=device,
+            device=pick_device(use_gpu, local_rank=local_rank, visible=torch.cuda.device_count() if use_gpu else 0,
+                               given=device),
         )
+
+
+def pick_device(use_gpu: bool, *, local_rank: int, visible: int, given: str | None = None) -> str:
+    """This worker's torch device. Ray Train shows every worker of a node the node's GPUs (for NCCL's
+    peer-to-peer paths) and chooses each worker's own: `given`, which wins. torchrun shows every process all
+    GPUs: the local rank's. One visible GPU (CUDA_VISIBLE_DEVICES narrowed by hand): that one."""
+    if not use_gpu:
+        return "cpu"
+    if given is not None:
+        return given
+    return f"cuda:{local_rank if visible > local_rank else 0}"

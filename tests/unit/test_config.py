@@ -60,6 +60,8 @@ def test_bad_value_names_field_and_value(tmp_path, section, key, value, expect):
      "deepspeed.config: train_batch_size is computed by shardrun for every world size"),
     ({"name": "n" * 201}, "name: String should have at most 200 characters"),
     ({"scaling": {"use_gpu": True, "gpus_per_worker": 0}}, "scaling.use_gpu needs scaling.gpus_per_worker above 0"),
+    ({"scaling": {"use_gpu": True, "gpus_per_worker": 0.5}},
+     "scaling.gpus_per_worker is 0.5: NCCL takes a whole GPU per rank"),
 ])
 def test_values_that_would_fail_only_after_ray_is_up_are_refused_here(tmp_path, sections, expect):
     with pytest.raises(UserError, match="^job spec: " + re.escape(expect)):

@@ -372,3 +372,26 @@ def test_a_stalled_read_ends_the_stream_naming_its_row_group_and_close_does_not_
     finally:
         released.set()
         s.close()
+
+
+def test_batches_for_a_gpu_are_pinned_contiguous_in_the_producer(tmp_path, monkeypatch):
+    """A strided pinned tensor goes through pageable memory on its way to the GPU, and the non_blocking copy
+    waits: the inputs and targets views of each row must be made contiguous before they are pinned."""
+    pinned = []
+
+    def pin(self):  # this machine has no CUDA to pin with: record what would be pinned
+        pinned.append(self)
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    write_layout(tmp_path, [[10] * 4])
+    spec = spec_for(tmp_path)
+    stream = Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=2,
+                    device="cuda")
+    rows = np.arange(4 * ROW_LEN, dtype=np.int32).reshape(4, ROW_LEN)
+    batches = stream._token_micro_batches(rows)
+    assert len(pinned) == 4 and all(t.is_contiguous() for t in pinned)
+    assert torch.equal(batches[1]["targets"], torch.from_numpy(rows[2:4, 1:]))
+    on_cpu = Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=2)
+    on_cpu._token_micro_batches(rows)
+    assert len(pinned) == 4  # nothing pinned for the CPU, no copies made

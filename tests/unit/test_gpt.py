@@ -78,3 +78,19 @@ def test_example_user_model_trains_a_step():
     loss = model(x, torch.roll(x, -1, 1))
     loss.backward()
     assert loss.item() > 0
+
+
+def test_the_loss_leaves_ignored_targets_out_and_keeps_bf16_logits_in_bf16():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = build(ModelSpec(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64))
+    idx = torch.randint(0, 64, (2, 8))
+    targets = torch.randint(0, 64, (2, 8))
+    targets[0, :5] = -100
+    logits = model.logits(idx)
+    expected = F.cross_entropy(logits.view(-1, 64), targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+    low = model.to(torch.bfloat16)
+    loss = low(idx, targets)
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.05

@@ -19,6 +19,7 @@ from helpers import tiny_spec
 from shardrun import checkpoint_format as layout
 from shardrun.config import DeepSpeedSpec, FailureSpec, parse
 from shardrun.errors import Preempted, RepeatedFailure, TrainingDiverged, UserError
+from shardrun.trainer import engine as engines
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.checkpointer import Checkpointer
 from shardrun.trainer.collectives import LONG_TIMEOUT_S, Collectives
@@ -404,3 +405,21 @@ def test_a_crash_is_reported_with_its_step_and_ends_the_run_when_the_launcher_sa
 def test_deterministic_errors_and_preemptions_end_a_rank_as_they_are_uncounted(tmp_path, error):
     session = RecordingSession(str(tmp_path), repeated="would end it")
     assert ended_by(error, None, session.as_session(), 1) is error and not session.events
+
+
+@pytest.mark.parametrize(("optimizer", "scale"), [
+    (type("ZeroOptimizer", (), {"loss_scale": 1024.0, "cur_scale": 1024.0})(), 1024.0),
+    (type("FP16Optimizer", (), {"loss_scale": 512.0})(), 512.0),  # ZeRO 0's: no cur_scale
+])
+def test_the_fp16_loss_scale_is_read_from_either_optimizer(optimizer, scale):
+    engine = type("Engine", (), {"optimizer": optimizer})()
+    assert engines.loss_scale(engine, "fp16") == scale and engines.loss_scale(engine, "bf16") is None
+
+
+def test_table_columns_reach_a_bf16_module_in_its_dtype(tmp_path):
+    t = trainer(tmp_path, RecordingSession(str(tmp_path)).as_session(), deepspeed={"precision": "bf16"})
+    batch = {"x": torch.ones(2, 3), "label": torch.zeros(2), "ids": torch.ones(2, dtype=torch.int64)}
+    cast = t.as_module_dtype(batch)
+    assert (cast["x"].dtype, cast["label"].dtype, cast["ids"].dtype) == (torch.bfloat16, torch.bfloat16, torch.int64)
+    fp32 = trainer(tmp_path, RecordingSession(str(tmp_path)).as_session())
+    assert fp32.as_module_dtype(batch) is batch

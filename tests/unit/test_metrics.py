@@ -58,7 +58,7 @@ def test_worker_series_carry_bounded_labels_and_count_deltas():
         data = {"queue_depth": 3, "buffered_bytes": 1000, "wait_seconds": 0.02, "skipped_files": 1,
                 "skipped_row_groups": 2}
         m.logged(loss=2.5, lr=1e-3, grad_norm=0.7, loss_scale=None, mfu=0.41, skipped_steps=1, data=data,
-                 world_size=4, memory=(10, 20))
+                 world_size=4, memory=(10, 20, 30))
         m.logged(loss=float("nan"), lr=1e-3, grad_norm=float("inf"), loss_scale=None, mfu=None, skipped_steps=0,
                  data={**data, "skipped_row_groups": 3}, world_size=4, memory=None)
         m.checkpoint_saved(1.5)
@@ -78,6 +78,7 @@ def test_worker_series_carry_bounded_labels_and_count_deltas():
     assert value(text, "shardrun_skipped_steps_total", **labels) == 1
     assert value(text, "shardrun_checkpoint_save_seconds_count", **labels) == 1
     assert value(text, "shardrun_device_memory_reserved_bytes", **labels) == 20
+    assert value(text, "shardrun_device_memory_peak_bytes", **labels) == 30
     # labels are run, rank and node only: never a step or sample id
     for line in text.splitlines():
         if line.startswith("shardrun_") and "{" in line:

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +7,7 @@ import pytest
 
 from shardrun.config import DeepSpeedSpec
 from shardrun.trainer.ds_config import build_ds_config, deep_merge
-from shardrun.trainer.topology import Topology
+from shardrun.trainer.topology import Topology, pick_device
 
 
 def test_topology_from_torchrun_env(monkeypatch):
@@ -35,6 +36,28 @@ def test_topology_without_cuda_refuses_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         Topology.from_env(use_gpu=True)
+
+
+@pytest.mark.parametrize(("use_gpu", "local_rank", "visible", "given", "device"), [
+    (False, 1, 2, None, "cpu"),
+    # Ray Train: the node's two GPUs shown to both workers (CUDA_VISIBLE_DEVICES=0,1); this one was given the
+    # second, whatever its local rank says
+    (True, 0, 2, "cuda:1", "cuda:1"),
+    (True, 1, 2, None, "cuda:1"),  # torchrun: every GPU shown, one per local rank
+    (True, 1, 1, None, "cuda:0"),  # narrowed to one GPU by hand
+])
+def test_each_worker_trains_on_its_own_gpu(use_gpu, local_rank, visible, given, device):
+    assert pick_device(use_gpu, local_rank=local_rank, visible=visible, given=given) == device
+
+
+def test_deepspeed_takes_its_cpu_accelerator_unless_the_spec_asks_for_gpus(monkeypatch):
+    from shardrun.trainer.extensions import choose_accelerator
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    choose_accelerator(use_gpu=True)
+    assert "DS_ACCELERATOR" not in os.environ  # DeepSpeed finds CUDA itself
+    choose_accelerator(use_gpu=False)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
 
 
 def test_ds_config_from_spec():
@@ -128,3 +151,17 @@ def test_the_engine_builds_deepspeeds_ops_with_this_environments_ninja(path):
     out = subprocess.run([sys.executable, "-c", code], env={"PATH": path.format(bin=here), "HOME": str(Path.home())},
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert out.strip().splitlines()[-1] == f"{here}:/usr/bin:/bin"
+
+
+@pytest.mark.parametrize(("device", "precision", "capability", "advised"), [
+    ("cuda:0", "fp32", (9, 0), True),  # H100
+    ("cuda:0", "fp32", (8, 0), True),  # A100
+    ("cuda:0", "fp32", (7, 0), False),  # V100: no bf16 tensor cores
+    ("cuda:0", "bf16", (9, 0), False),
+    ("cpu", "fp32", None, False),
+])
+def test_fp32_on_a_gpu_with_bf16_tensor_cores_is_pointed_out(device, precision, capability, advised):
+    from shardrun.trainer.engine import precision_advice
+
+    said = precision_advice(device, precision, capability)
+    assert bool(said) == advised and (not said or "deepspeed.precision: bf16" in said)
