@@ -2,13 +2,28 @@
 
 One process per measurement, one after another on one GPU:
   peak      the card's bf16 matmul rate (square products, CUDA events), beside its datasheet figure
-  bare      the built-in GPT trained by plain PyTorch: bf16 weights, fp32 master copies, AdamW
-            (fused on CUDA), gradient clipping; pinned batches copied to the GPU as shardrun does
+  bare      the built-in GPT trained by plain PyTorch: bf16 weights, fp32 master copies, torch's AdamW
+            (fused on CUDA), gradient clipping. Its batches are the shards' rows read into memory before
+            the clock as contiguous int64 tensors, pinned, and copied to the GPU (non_blocking)
   shardrun  the same GPT trained by shardrun's worker loop without Ray (`shardrun train`'s path:
-            shardrun.driver.local.run_local, DeepSpeed bf16, Parquet streamed by shardrun.datasets)
+            shardrun.driver.local.run_local, DeepSpeed bf16, the Parquet shards streamed by
+            shardrun.datasets), once per --zero-stage and --optimizers:
+              torch      deepspeed.optimizer.implementation=torch (the default, and this bench's unless
+                         asked): torch.optim.AdamW (fused on CUDA) inside DeepSpeed; compiles nothing
+              deepspeed  DeepSpeed's FusedAdam, only with --optimizers torch,deepspeed (or deepspeed), and
+                         only where it can be built: prebuilt in DeepSpeed, or nvcc found. It is built in a
+                         process of its own before any of its rows (its seconds printed and counted against
+                         --deadline, never inside a timed window); otherwise its rows are skipped, the reason
+                         in one line of the output and in the JSON. On a CPU they are always skipped
 Both loops train the same model from the same seed on the same synthetic token shards, and are
 timed over the same kind of window: after --warmup-steps, from one device sync to the next, with
-checkpoint saves (shardrun saves once, after the last timed step) left out.
+checkpoint saves (shardrun saves once, after the last timed step) left out. Each row also has its
+optimizer step's device time (CUDA events around it, no extra sync) and its peak device memory
+(torch.cuda.max_memory_allocated, reset as the timed window starts). Both loops step the same torch
+AdamW on fp32 master weights, so what shardrun's optimizer step costs beyond the bare loop's is
+DeepSpeed's own (its bf16 optimizer wrapper, ZeRO's bookkeeping), not shardrun's loop. With ZeRO
+stages 0 and 1 both run, a second table sets them side by side (bf16 at ZeRO 0 goes through
+DeepSpeed's FP16 optimizer wrapper, at ZeRO 1 through ZeRO's) and one line says which is faster.
 
     python bench/gpu.py                                  # GPT-2 small (124M), bf16, on this GPU
     python bench/gpu.py --compile both --record          # eager and torch.compile; into docs/benchmarks.md
@@ -16,11 +31,14 @@ checkpoint saves (shardrun saves once, after the last timed step) left out.
 
 On a lent GPU machine (PyTorch, no network; bench/gpu_bundle.sh fills .gpu-wheels here first),
 one call of the device tool's `run`, with carry [".gpu-wheels"] and timeout_s 450 (--deadline
-stops starting measurements at 400 s, so the table always comes back):
+stops starting measurements at 400 s, so the table always comes back; the default --optimizers
+torch needs no compiler):
 
     set -o pipefail; nvidia-smi; PYTHONUNBUFFERED=1 python3 bench/gpu.py --wheels .gpu-wheels
     --zero-stage 0,1 --compile both --deadline 400 --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
 
+With FusedAdam as well, the same call with `--optimizers torch,deepspeed --compile off` in place of
+`--compile both` (its build, a minute or two where nvcc is there, takes the compiled rows' time);
 then, here: `python bench/gpu.py --record-from <files_at>/gpu.json` appends its record.
 """
 
@@ -81,6 +99,9 @@ IMPORTS = {"deepspeed": "deepspeed", "pydantic": "pydantic", "yaml": "pyyaml", "
 """Module -> distribution: what shardrun's worker loop imports beyond torch (no Ray)."""
 VERSIONS = ("torch", "deepspeed", "pyarrow", "numpy", "pydantic")
 SAY = "bench-result: "  # marks a child's result line among whatever DeepSpeed prints
+OPTIMIZERS = {"torch": "torch AdamW", "deepspeed": "FusedAdam"}
+"""deepspeed.optimizer.implementation -> the name a row shows."""
+GIB = 2**30
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +138,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zero-stage", type=zero_stages, default=[0], metavar="N[,N...]",
                    help="shardrun's deepspeed.zero_stage, or several to run one after the other "
                         "(default 0: one GPU shards nothing)")
-    p.add_argument("--ds-config", default="{}", help="JSON merged into shardrun's deepspeed.config, "
-                   "e.g. '{\"optimizer\": {\"params\": {\"torch_adam\": true}}}'")
+    p.add_argument("--optimizers", type=optimizers, default=["torch"], metavar="IMPL[,IMPL]",
+                   help="shardrun's deepspeed.optimizer.implementation, or both one after the other: torch "
+                        "(torch's fused AdamW inside DeepSpeed, compiles nothing) and/or deepspeed (DeepSpeed's "
+                        "FusedAdam, built before its rows where nvcc or a prebuilt op is found, else skipped; "
+                        "default torch)")
+    p.add_argument("--ds-config", default="{}",
+                   help="JSON merged into shardrun's deepspeed.config (not its optimizer: --optimizers chooses "
+                        "that), e.g. '{\"zero_optimization\": {\"contiguous_gradients\": false}}'")
     p.add_argument("--wheels", type=Path,
                    help="install what shardrun's worker loop needs and this Python lacks from this folder "
                         "of wheels (pip --no-index), before anything imports it")
@@ -127,7 +154,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write every number to this JSON file")
     p.add_argument("--record-from", type=Path, metavar="FILE.json",
                    help="append the record of a run made elsewhere (its --out file) and exit")
-    p.add_argument("--child", choices=("peak", "bare", "shardrun"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("peak", "bare", "shardrun", "fused-adam"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     args = p.parse(argv)
     if args.record_from or args.child:
@@ -135,10 +162,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.record and args.size == "tiny":
         p.error("--size tiny numbers say nothing about speed; record a real size")
     try:
-        json.loads(args.ds_config)
+        ds_config = json.loads(args.ds_config)
     except ValueError as e:
         p.error(f"--ds-config is not JSON: {e}")
+    if not isinstance(ds_config, dict):
+        p.error("--ds-config must be a JSON object")
+    if "optimizer" in ds_config:  # every row runs the implementation it names, nothing else
+        p.error("--ds-config may not set DeepSpeed's optimizer: --optimizers torch,deepspeed chooses it")
     return args
+
+
+def optimizers(text: str) -> list[str]:
+    """An argparse type: comma-separated deepspeed.optimizer.implementation values, each once."""
+    out = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    if not out or any(x not in OPTIMIZERS for x in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: implementations are torch and deepspeed, e.g. torch,deepspeed")
+    return out
 
 
 # -- setting up a bare machine --------------------------------------------------------------------
@@ -207,7 +246,8 @@ def project_dependencies() -> list[str]:
 
 
 def run_all(args: argparse.Namespace, started: float) -> dict:
-    """Peak, then bare and shardrun (eager and/or compiled), each in a fresh process; every number."""
+    """Peak, then bare and shardrun (eager and/or compiled, each ZeRO stage and optimizer), each in a fresh
+    process; every number."""
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,17 +258,46 @@ def run_all(args: argparse.Namespace, started: float) -> dict:
         "revision": git_revision(), "command": command(),
         "machine": machine(), "versions": versions(VERSIONS), "device": device, "size": args.size,
         "model": size, "steps": args.steps, "warmup_steps": args.warmup_steps, "window": window(args),
-        "zero_stages": args.zero_stage, "ds_config": json.loads(args.ds_config), "runs": [],
+        "zero_stages": args.zero_stage, "optimizers": args.optimizers, "ds_config": json.loads(args.ds_config),
+        "fused_adam": {"requested": "deepspeed" in args.optimizers}, "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-bench-") as work:
         data = write_tokens(Path(work) / "data", size, args.warmup_steps + args.steps)
         result["peak"] = child(args, "peak", device, data, started)
         for compiled in compiles:  # eager first: its numbers matter most if --deadline cuts the rest short
             result["runs"].append(child(args, "bare", device, data, started, compiled=compiled))
-            for stage in args.zero_stage:
-                result["runs"].append(child(args, "shardrun", device, data, started, compiled=compiled, stage=stage))
+            for optimizer in args.optimizers:  # torch first: the default, and it compiles nothing
+                for stage in args.zero_stage:
+                    what = {"loop": "shardrun", "compile": compiled, "zero_stage": stage, "optimizer": optimizer}
+                    if optimizer == "deepspeed":
+                        if "ready" not in result["fused_adam"]:  # once, before the first FusedAdam row
+                            result["fused_adam"].update(prepare_fused_adam(args, device, data, started))
+                        if not result["fused_adam"]["ready"]:
+                            result["runs"].append({**what, "skipped": result["fused_adam"]["reason"]})
+                            continue
+                    result["runs"].append(child(args, "shardrun", device, data, started, compiled=compiled,
+                                                stage=stage, optimizer=optimizer))
     summarize(result)
     return result
+
+
+def prepare_fused_adam(args: argparse.Namespace, device: str, data: str, started: float) -> dict:
+    """Whether DeepSpeed's FusedAdam can run here, built (or loaded) now in a process of its own, before any
+    row's clock: {"ready": True, "how": ..., "build_s": ...} or {"ready": False, "reason": ...}, said in one line."""
+    if device != "cuda":
+        out = {"ready": False, "reason": "no GPU: DeepSpeed's FusedAdam is a CUDA op (on a CPU "
+               "implementation=deepspeed builds CPU Adam with a C++ compiler, which this GPU benchmark leaves out)"}
+    else:
+        out = child(args, "fused-adam", device, data, started)
+        if "error" in out:
+            out = {"ready": False, "reason": f"its build did not finish ({out['error']}; its output is above)"}
+        out = {k: v for k, v in out.items() if k not in ("loop", "compile", "zero_stage")}
+    if out["ready"]:
+        print(f"FusedAdam: ready in {out['build_s']:.0f} s, {out['how']}; built before any clock, "
+              f"not in a timed window", flush=True)
+    else:
+        print(f"FusedAdam rows skipped: {out['reason']}", flush=True)
+    return out
 
 
 def window(args: argparse.Namespace) -> int:
@@ -236,16 +305,26 @@ def window(args: argparse.Namespace) -> int:
     return math.gcd(args.warmup_steps, args.steps)
 
 
+def row_name(kind: str, compiled: bool = False, stage: int | None = None, optimizer: str | None = None) -> str:
+    if kind == "fused-adam":
+        return "DeepSpeed FusedAdam: build before the clock"
+    opt = f" {OPTIMIZERS[optimizer]}" if kind == "shardrun" and optimizer else ""
+    return f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{opt}{' compiled' if compiled else ''}"
+
+
 def child(args: argparse.Namespace, kind: str, device: str, data: str, started: float, *,
-          compiled: bool = False, stage: int | None = None) -> dict:
+          compiled: bool = False, stage: int | None = None, optimizer: str = "torch") -> dict:
     """One measurement in a fresh process (its own CUDA context and allocator); its result or its error."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", data, "--device", device,
            "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
-           "--zero-stage", str(stage or 0), "--ds-config", args.ds_config, "--compile", "on" if compiled else "off"]
+           "--zero-stage", str(stage or 0), "--ds-config", args.ds_config, "--compile", "on" if compiled else "off",
+           "--optimizers", optimizer]
     if args.micro_batch:
         cmd += ["--micro-batch", str(args.micro_batch)]
     what = {"loop": kind, "compile": compiled, "zero_stage": stage}
-    name = f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{' compiled' if compiled else ''}"
+    if kind in ("bare", "shardrun"):
+        what["optimizer"] = optimizer
+    name = row_name(kind, compiled, stage, optimizer)
     left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
     if left is not None and left < 10:
         print(f"bench: no time left for {name} (--deadline {args.deadline:g})")
@@ -329,6 +408,58 @@ def driver_version() -> str | None:
     return out[0] if out else None
 
 
+def build_fused_adam(args: argparse.Namespace) -> dict:
+    """Child: whether DeepSpeed's FusedAdam is prebuilt or can be built here (nvcc where DeepSpeed looks for it,
+    ninja, DeepSpeed's compatibility check), and if so load it now, building it into the torch extensions
+    folder that the FusedAdam rows' processes then load it from without building."""
+    import shutil
+
+    import torch.utils.cpp_extension as cpp
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+    from deepspeed.ops.op_builder import FusedAdamBuilder
+
+    prebuilt = bool(installed_ops.get("fused_adam")) and accelerator_name == get_accelerator()._name
+    # DeepSpeed runs CUDA_HOME/bin/nvcc (torch's CUDA_HOME: $CUDA_HOME, else nvcc on PATH, else /usr/local/cuda)
+    nvcc = os.path.join(cpp.CUDA_HOME, "bin", "nvcc") if cpp.CUDA_HOME else None
+    nvcc = nvcc if nvcc and os.access(nvcc, os.X_OK) else None
+    compatible = None
+    if not prebuilt and nvcc:
+        try:
+            compatible = bool(FusedAdamBuilder().is_compatible(verbose=False))
+        except Exception:  # DeepSpeed's own probe raises where it cannot run nvcc
+            compatible = False
+    plan = fused_adam_plan(prebuilt=prebuilt, nvcc=nvcc, on_path=shutil.which("nvcc"), compatible=compatible,
+                           ninja=cpp.is_ninja_available())
+    if not plan["ready"]:
+        return plan
+    t0 = time.monotonic()
+    try:
+        FusedAdamBuilder().load(verbose=False)
+    except Exception as e:  # noqa: BLE001 - any failure is the row's reason to be skipped
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return {"ready": False, "reason": f"its build failed after {time.monotonic() - t0:.0f} s: {last[:300]}"}
+    return {**plan, "build_s": time.monotonic() - t0}
+
+
+def fused_adam_plan(*, prebuilt: bool, nvcc: str | None, on_path: str | None, compatible: bool | None,
+                    ninja: bool) -> dict:
+    """Whether FusedAdam can be loaded or built from what build_fused_adam found: ready and how, or the reason
+    (one line) why its rows are skipped."""
+    if prebuilt:
+        return {"ready": True, "how": "prebuilt in this DeepSpeed (DS_BUILD_FUSED_ADAM=1), nothing to compile"}
+    if not nvcc:
+        where = f"nvcc on PATH ({on_path}) is not under torch's CUDA_HOME" if on_path else "no nvcc on PATH"
+        return {"ready": False, "reason": f"cannot be built here: {where}, none in CUDA_HOME, and this DeepSpeed "
+                "has no prebuilt fused_adam (DS_BUILD_FUSED_ADAM=1 at its install)"}
+    if not compatible:
+        return {"ready": False, "reason": f"cannot be built here: DeepSpeed finds its fused_adam op incompatible "
+                f"with this torch and {nvcc}"}
+    if not ninja:
+        return {"ready": False, "reason": "cannot be built here: no ninja, which DeepSpeed's op build needs"}
+    return {"ready": True, "how": f"built with {nvcc}"}
+
+
 def model_spec(args: argparse.Namespace):
     from shardrun.config import ModelSpec
 
@@ -360,11 +491,13 @@ def run_bare(args: argparse.Namespace) -> dict:
     # half, full), then constant
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 2))
     batches = pinned_batches(args.data, mb, device)
+    clock = StepClock(device, skip=args.warmup_steps)
 
     def step(batch) -> torch.Tensor:
         inputs, targets = (t.to(device, non_blocking=True) for t in batch)
         loss = model(inputs, targets)
         loss.backward()
+        clock.start()  # what DeepSpeed's engine.step() does: grads to the masters, clip, step, back, zero
         with torch.no_grad():
             torch._foreach_copy_([m.grad for m in master], [p.grad for p in params])
             torch.nn.utils.clip_grad_norm_(master, GRAD_CLIP, foreach=True)
@@ -372,11 +505,82 @@ def run_bare(args: argparse.Namespace) -> dict:
             sched.step()
             torch._foreach_copy_(params, master)
         model.zero_grad(set_to_none=True)
+        clock.stop()
         return loss.detach().float()
 
-    windows = timed_windows(step, batches, args, device, mb * size["seq_len"])
+    memory = DeviceMemory(device)
+    windows = timed_windows(step, batches, args, device, mb * size["seq_len"], on_timed=memory.reset)
     return {"flops_per_token": flops_per_token, "params": model.num_params(non_embedding=False),
-            "windows": windows}
+            "windows": windows, "optimizer_ms": clock.ms(), "peak_memory_bytes": memory.peak(),
+            **describe_optimizer(opt)}
+
+
+class StepClock:
+    """The device time of one part of each step after the first `skip` (the warm-up), without a host sync: CUDA
+    events on a GPU (a part that waits on the host shows as the GPU's idle time), the host clock on a CPU."""
+
+    def __init__(self, device, *, skip: int):
+        self.cuda, self.skip, self.calls, self.spans, self.begun = device.type == "cuda", skip, 0, [], None
+
+    def start(self) -> None:
+        import torch
+
+        self.calls += 1
+        self.begun = None
+        if self.calls > self.skip:
+            self.begun = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+            if self.cuda:
+                self.begun.record()
+
+    def stop(self) -> None:
+        import torch
+
+        if self.begun is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.spans.append((self.begun, end))
+        else:
+            self.spans.append(time.perf_counter() - self.begun)
+        self.begun = None
+
+    def ms(self) -> float | None:
+        """Mean milliseconds of the timed steps' part (waits for the device)."""
+        if not self.spans:
+            return None
+        if self.cuda:
+            self.spans[-1][1].synchronize()
+            return statistics.fmean(a.elapsed_time(b) for a, b in self.spans)
+        return 1e3 * statistics.fmean(self.spans)
+
+
+class DeviceMemory:
+    """Peak allocated CUDA memory from reset() on; None on a CPU."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def reset(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> int | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        return torch.cuda.max_memory_allocated()
+
+
+def describe_optimizer(optimizer, wrapper=None) -> dict:
+    """The optimizer that updates the fp32 weights, whether torch's is fused, and DeepSpeed's wrapper around it."""
+    kind = type(optimizer)
+    return {"optimizer_class": f"{kind.__module__}.{kind.__qualname__}",
+            "fused": getattr(optimizer, "defaults", {}).get("fused"),
+            "wrapper": None if wrapper is None or wrapper is optimizer else type(wrapper).__name__}
 
 
 def pinned_batches(data: str, mb: int, device) -> list:
@@ -395,8 +599,10 @@ def pinned_batches(data: str, mb: int, device) -> list:
     return out
 
 
-def timed_windows(step, batches: list, args: argparse.Namespace, device, tokens_per_step: int) -> list[dict]:
-    """Run warm-up + timed steps; per window (a device sync at its end, like shardrun's log step) its time."""
+def timed_windows(step, batches: list, args: argparse.Namespace, device, tokens_per_step: int,
+                  on_timed=lambda: None) -> list[dict]:
+    """Run warm-up + timed steps; per window (a device sync at its end, like shardrun's log step) its time.
+    on_timed is called at the sync that starts the timed steps."""
     import torch
 
     w, total = window(args), args.warmup_steps + args.steps
@@ -411,6 +617,8 @@ def timed_windows(step, batches: list, args: argparse.Namespace, device, tokens_
                             "tokens": n * tokens_per_step, "loss": loss})
             loss_sum.zero_()
             last = step_no
+            if step_no == args.warmup_steps:
+                on_timed()
             t0 = time.perf_counter()
     return windows
 
@@ -428,11 +636,15 @@ def run_shardrun(args: argparse.Namespace) -> dict:
         on_startup("engine ready", lambda record: record.engine.compile())
     size = SIZES[args.size]
     mb = args.micro_batch or size["micro_batch"]
+    device = torch.device(args.device)
+    seen: dict = {}
+    on_startup("engine ready", lambda record: instrument(record.engine, args, device, seen))
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-run-") as runs:
-        spec = parse(job_spec(args, size, mb, runs, use_gpu=torch.device(args.device).type == "cuda"),
-                     source="bench/gpu.py")
+        spec = parse(job_spec(args, size, mb, runs, use_gpu=device.type == "cuda"), source="bench/gpu.py")
         run_local(spec)
         records = [json.loads(line) for line in Path(spec.run_dir, "metrics.jsonl").read_text().splitlines()]
+    if "clock" not in seen or "mismatch" in seen:
+        raise RuntimeError(seen.get("mismatch", "shardrun's worker never logged \"engine ready\""))
     with torch.device("meta"):
         model = models.build(model_spec(args))
     windows, prev = [], {"step": 0, "tokens": 0}
@@ -443,7 +655,36 @@ def run_shardrun(args: argparse.Namespace) -> dict:
                         "data_wait_fraction": r["data_wait_fraction"]})
         prev = r
     return {"windows": windows, "flops_per_token": flops.flops_per_token(model, size["seq_len"]),
-            "params": model.num_params(non_embedding=False)}
+            "params": model.num_params(non_embedding=False), "optimizer_ms": seen["clock"].ms(),
+            "peak_memory_bytes": seen.get("peak_memory_bytes"), **seen["optimizer"]}
+
+
+def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
+    """At "engine ready": check that DeepSpeed runs the optimizer this row asks for, and wrap engine.step() (the
+    optimizer step, once a step) in a StepClock; peak memory from the last warm-up step's end to the last step's."""
+    import torch
+
+    seen["optimizer"] = describe_optimizer(engine.basic_optimizer, engine.optimizer)
+    wanted, built = args.optimizers[0], type(engine.basic_optimizer)
+    if not (built.__name__ == "FusedAdam" if wanted == "deepspeed" else issubclass(built, torch.optim.AdamW)):
+        # said after the run: an exception here, in a logging handler, would be the worker's failure
+        seen["mismatch"] = f"implementation={wanted}, yet DeepSpeed built {seen['optimizer']['optimizer_class']}"
+    clock, memory = StepClock(device, skip=args.warmup_steps), DeviceMemory(device)
+    seen["clock"], total, step, calls = clock, args.warmup_steps + args.steps, engine.step, 0
+
+    def timed_step(*a, **kw):
+        nonlocal calls
+        clock.start()
+        out = step(*a, **kw)
+        clock.stop()
+        calls += 1
+        if calls == args.warmup_steps:
+            memory.reset()
+        elif calls == total:  # before the checkpoint save
+            seen["peak_memory_bytes"] = memory.peak()
+        return out
+
+    engine.step = timed_step
 
 
 def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gpu: bool) -> dict:
@@ -455,8 +696,9 @@ def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gp
         "data": {"paths": [args.data], "seq_len": size["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage[0], "precision": "bf16", "micro_batch_size": mb,
                       "grad_clip": GRAD_CLIP,
+                      # the implementation always named: torch unless the row is DeepSpeed's FusedAdam's
                       "optimizer": {"type": "adamw", "lr": size["lr"], "betas": [0.9, 0.95], "eps": 1e-8,
-                                    "weight_decay": 0.1},
+                                    "weight_decay": 0.1, "implementation": args.optimizers[0]},
                       "schedule": {"warmup_steps": 1, "decay": "constant"},
                       "config": json.loads(args.ds_config)},
         "scaling": {"num_workers": 1, "use_gpu": use_gpu},
@@ -466,28 +708,77 @@ def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gp
     }
 
 
-CHILDREN = {"peak": measure_peak, "bare": run_bare, "shardrun": run_shardrun}
+CHILDREN = {"peak": measure_peak, "bare": run_bare, "shardrun": run_shardrun, "fused-adam": build_fused_adam}
 
 
 # -- results -----------------------------------------------------------------------------------------
 
 
+def measured(r: dict) -> bool:
+    """Whether a row has numbers: it neither failed nor was skipped."""
+    return "error" not in r and "skipped" not in r
+
+
 def summarize(result: dict) -> None:
-    """Timed tokens/s, MFU against the datasheet and the measured peak, shardrun / bare; in place."""
+    """Timed tokens/s, MFU against the datasheet and the measured peak, shardrun / bare, the optimizer step
+    against the bare loop's, ZeRO 0 against ZeRO 1; in place."""
     peak = result["peak"]
-    datasheet, measured = peak.get("device", {}).get("datasheet_flops"), peak.get("peak_flops")
+    datasheet, measured_peak = peak.get("device", {}).get("datasheet_flops"), peak.get("peak_flops")
     for r in result["runs"]:
-        if "error" in r:
+        if not measured(r):
             continue
         r.update(timing(r["windows"], result["warmup_steps"]))
         achieved = r["tokens_per_s"] * r["flops_per_token"]
         r["mfu_datasheet"] = achieved / datasheet if datasheet else None
-        r["mfu_measured"] = achieved / measured if measured else None
-    bare = {r["compile"]: r for r in result["runs"] if r["loop"] == "bare" and "error" not in r}
+        r["mfu_measured"] = achieved / measured_peak if measured_peak else None
+    bare = {r["compile"]: r for r in result["runs"] if r["loop"] == "bare" and measured(r)}
     for r in result["runs"]:
-        if r["loop"] == "shardrun" and "error" not in r and r["compile"] in bare:
-            r["vs_bare"] = r["tokens_per_s"] / bare[r["compile"]]["tokens_per_s"]
+        if r["loop"] == "shardrun" and measured(r) and r["compile"] in bare:
+            b = bare[r["compile"]]
+            r["vs_bare"] = r["tokens_per_s"] / b["tokens_per_s"]
+            if r.get("optimizer_ms") is not None and b.get("optimizer_ms") is not None:
+                r["optimizer_ms_vs_bare"] = r["optimizer_ms"] - b["optimizer_ms"]
+    result["zero_comparison"] = compare_zero(result)
+    result["zero_conclusion"] = zero_conclusion(result["zero_comparison"], result["device"])
     result["findings"] = findings(result)
+
+
+ZERO_FIELDS = ("tokens_per_s", "mfu_datasheet", "mfu_measured", "step_ms", "optimizer_ms", "peak_memory_bytes",
+               "wrapper")
+
+
+def compare_zero(result: dict) -> list[dict]:
+    """shardrun at ZeRO 0 and at ZeRO 1 side by side, for each compile setting and optimizer that ran both."""
+    by: dict = {}
+    for r in result["runs"]:
+        if r["loop"] == "shardrun" and measured(r):
+            by.setdefault((r["compile"], r["optimizer"]), {})[r["zero_stage"]] = r
+    out = []
+    for (compiled, optimizer), stages in by.items():
+        if 0 in stages and 1 in stages:
+            z0, z1 = stages[0], stages[1]
+            out.append({"compile": compiled, "optimizer": optimizer,
+                        "zero0": {k: z0.get(k) for k in ZERO_FIELDS}, "zero1": {k: z1.get(k) for k in ZERO_FIELDS},
+                        "zero1_vs_zero0": z1["tokens_per_s"] / z0["tokens_per_s"]})
+    return out
+
+
+def zero_conclusion(comparisons: list[dict], device: str = "cuda") -> str | None:
+    """One line: which of ZeRO 0 and ZeRO 1 is faster for bf16 on one GPU, over every pair that ran both."""
+    if not comparisons:
+        return None
+    ratios = [c["zero1_vs_zero0"] for c in comparisons]
+    pairs = ", ".join(f"{'compiled' if c['compile'] else 'eager'} {OPTIMIZERS[c['optimizer']]} "
+                      f"{c['zero1_vs_zero0']:.3f}" for c in comparisons)
+    where = "one GPU" if device == "cuda" else "the CPU"
+    head = f"ZeRO 0 vs ZeRO 1 (bf16, {where}; ZeRO 1 / ZeRO 0 tokens/s: {pairs}): "
+    if all(x > 1.01 for x in ratios):
+        return head + "ZeRO 1 is faster, use ZeRO 1"
+    if all(x < 0.99 for x in ratios):
+        return head + "ZeRO 0 is faster, use ZeRO 0"
+    if all(0.99 <= x <= 1.01 for x in ratios):
+        return head + "within 1% of each other, neither is faster"
+    return head + "neither is faster in every pair"
 
 
 def timing(windows: list[dict], warmup_steps: int) -> dict:
@@ -506,21 +797,32 @@ def timing(windows: list[dict], warmup_steps: int) -> dict:
     return out
 
 
+def how(r: dict) -> str:
+    return f"ZeRO {r['zero_stage']}, {'compiled' if r['compile'] else 'eager'}, {OPTIMIZERS[r['optimizer']]}"
+
+
 def findings(result: dict) -> list[str]:
-    """The issue's goals, checked: MFU at least 45% (datasheet peak), shardrun within 3% of the bare loop."""
+    """The issue's goals, checked: MFU at least 45% (datasheet peak), shardrun within 3% of the bare loop; the
+    optimizer step's cost beyond the bare loop's; ZeRO 0 against ZeRO 1."""
     out = []
     for r in result["runs"]:
-        if r["loop"] != "shardrun" or "error" in r:
+        if r["loop"] != "shardrun" or not measured(r):
             continue
-        how = f"ZeRO {r['zero_stage']}, {'compiled' if r['compile'] else 'eager'}"
         if r["mfu_datasheet"] is not None:
             verdict = "meets" if r["mfu_datasheet"] >= GOAL_MFU else "misses"
-            out.append(f"shardrun ({how}) MFU = {r['mfu_datasheet']:.1%} of the datasheet peak: {verdict} "
+            out.append(f"shardrun ({how(r)}) MFU = {r['mfu_datasheet']:.1%} of the datasheet peak: {verdict} "
                        f"the goal of {GOAL_MFU:.0%}")
         if "vs_bare" in r:
             verdict = "meets" if r["vs_bare"] >= GOAL_RATIO else "misses"
-            out.append(f"shardrun / bare ({how}) = {r['vs_bare']:.3f}: {verdict} the goal of "
+            out.append(f"shardrun / bare ({how(r)}) = {r['vs_bare']:.3f}: {verdict} the goal of "
                        f"{GOAL_RATIO:.2f} (within 3%)")
+        if "optimizer_ms_vs_bare" in r:
+            out.append(f"optimizer step, shardrun ({how(r)}): {r['optimizer_ms']:.2f} ms, the bare loop's "
+                       f"{r['optimizer_ms'] - r['optimizer_ms_vs_bare']:.2f} ms ({r['optimizer_ms_vs_bare']:+.2f} ms): "
+                       f"a difference that is DeepSpeed's own ({r.get('wrapper') or 'its engine'}, ZeRO's "
+                       "bookkeeping), not shardrun's loop")
+    if result.get("zero_conclusion"):
+        out.append(result["zero_conclusion"])
     return out
 
 
@@ -534,33 +836,96 @@ def format_peak(result: dict) -> str:
     return f"bf16 matmul peak: measured {peak['peak_flops'] / 1e12:.3g} TFLOP/s ({rates}){sheet}"
 
 
-def format_table(result: dict) -> str:
-    def pct(x):
-        return f"{x:.1%}" if x is not None else "-"
+def pct(x) -> str:
+    return f"{x:.1%}" if x is not None else "-"
 
+
+def gib(x) -> str:
+    return f"{x / GIB:.2f}" if x is not None else "-"
+
+
+def ms(x) -> str:
+    return f"{x:.2f}" if x is not None else "-"
+
+
+def optimizer_cell(r: dict) -> str:
+    """The optimizer a row ran: its class (fused or not), in DeepSpeed's wrapper if any."""
+    if "optimizer_class" not in r:
+        return OPTIMIZERS.get(r.get("optimizer"), "-")
+    name = r["optimizer_class"].rsplit(".", 1)[-1] + (" (fused)" if r.get("fused") else "")
+    return name + (f" in {r['wrapper']}" if r.get("wrapper") else "")
+
+
+def format_table(result: dict) -> str:
     rows = []
     for r in result["runs"]:
-        head = [r["loop"], "-" if r["zero_stage"] is None else str(r["zero_stage"]), "yes" if r["compile"] else "no"]
-        if "error" in r:
-            rows.append([*head, r["error"], *[""] * 7])
+        head = [r["loop"], "-" if r["zero_stage"] is None else str(r["zero_stage"]), optimizer_cell(r),
+                "yes" if r["compile"] else "no"]
+        if not measured(r):
+            why = r["error"] if "error" in r else "skipped (see below)"
+            rows.append([*head, why, *[""] * 9])
             continue
         w = r["window_tokens_per_s"]
         rows.append([*head, f"{r['tokens_per_s']:,.0f}", f"{w['min']:,.0f} - {w['max']:,.0f}", f"{r['step_ms']:.1f}",
-                     pct(r.get("data_wait_fraction")), pct(r["mfu_datasheet"]), pct(r["mfu_measured"]),
+                     ms(r.get("optimizer_ms")), pct(r.get("data_wait_fraction")), pct(r["mfu_datasheet"]),
+                     pct(r["mfu_measured"]), gib(r.get("peak_memory_bytes")),
                      f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-", f"{r['first_loss']:.2f} → {r['last_loss']:.2f}"])
-    return table(["loop", "ZeRO", "compile", "tokens/s", "windows min - max", "step (ms)", "data wait",
-                  "MFU (datasheet)", "MFU (measured peak)", "vs bare", "loss first → last"], rows, align="lrlr")
+    return table(["loop", "ZeRO", "optimizer", "compile", "tokens/s", "windows min - max", "step (ms)",
+                  "optimizer step (ms)", "data wait", "MFU (datasheet)", "MFU (measured peak)", "peak memory (GiB)",
+                  "vs bare", "loss first → last"], rows, align="lrllr")
+
+
+def format_zero_table(result: dict) -> str | None:
+    """ZeRO 0 and ZeRO 1 side by side, a row per compile setting and optimizer that ran both."""
+    comparisons = result.get("zero_comparison") or []
+    if not comparisons:
+        return None
+    sheet = result["peak"].get("device", {}).get("datasheet_flops")
+    mfu_key, mfu_name = ("mfu_datasheet", "MFU (datasheet)") if sheet else ("mfu_measured", "MFU (measured peak)")
+    rows = []
+    for c in comparisons:
+        z0, z1 = c["zero0"], c["zero1"]
+        rows.append(["yes" if c["compile"] else "no", OPTIMIZERS[c["optimizer"]],
+                     f"{z0['tokens_per_s']:,.0f}", f"{z1['tokens_per_s']:,.0f}", f"{c['zero1_vs_zero0']:.3f}",
+                     pct(z0[mfu_key]), pct(z1[mfu_key]), f"{z0['step_ms']:.1f}", f"{z1['step_ms']:.1f}",
+                     ms(z0["optimizer_ms"]), ms(z1["optimizer_ms"]), gib(z0["peak_memory_bytes"]),
+                     gib(z1["peak_memory_bytes"]), z0["wrapper"] or "-", z1["wrapper"] or "-"])
+    return table(["compile", "optimizer", "tokens/s ZeRO 0", "tokens/s ZeRO 1", "ZeRO 1 / ZeRO 0",
+                  f"{mfu_name} ZeRO 0", f"{mfu_name} ZeRO 1", "step (ms) ZeRO 0", "step (ms) ZeRO 1",
+                  "optimizer step (ms) ZeRO 0", "optimizer step (ms) ZeRO 1", "peak memory (GiB) ZeRO 0",
+                  "peak memory (GiB) ZeRO 1", "wrapper ZeRO 0", "wrapper ZeRO 1"], rows, align="llr")
 
 
 def describe_setup(result: dict) -> str:
     m = result["model"]
-    ran = next((r for r in result["runs"] if "error" not in r), None)
+    ran = next((r for r in result["runs"] if measured(r)), None)
     counts = f"; {ran['params'] / 1e6:.3g}M parameters, {ran['flops_per_token'] / 1e6:.3g} MFLOPs/token" if ran else ""
     config = f", config {json.dumps(result['ds_config'])}" if result["ds_config"] else ""
     return (f"GPT {result['size']} ({m['n_layer']} layers x {m['n_embd']}, {m['n_head']} heads, vocab "
             f"{m['vocab_size']}, seq {m['seq_len']}{counts}), micro-batch {m['micro_batch']}, bf16; "
             f"shardrun on DeepSpeed{config}; {result['warmup_steps']} warm-up steps, "
             f"{result['steps']} timed, a device sync every {result['window']}")
+
+
+def describe_optimizers(result: dict) -> str:
+    """The optimizer line: what each loop steps, and that the optimizer step's extra cost is DeepSpeed's."""
+    fused = " (fused)" if result["device"] == "cuda" else ""
+    ways = {"torch": f"implementation=torch: torch.optim.AdamW{fused} inside DeepSpeed, compiles nothing",
+            "deepspeed": "implementation=deepspeed: DeepSpeed's FusedAdam"}
+    fa = result.get("fused_adam", {})
+    if fa.get("ready"):
+        ways["deepspeed"] += f", {fa['how']} in {fa['build_s']:.0f} s before any clock"
+    elif "reason" in fa:
+        ways["deepspeed"] += ", skipped"
+    return (f"optimizers: bare loop torch.optim.AdamW{fused} on fp32 master weights; shardrun "
+            f"{'; '.join(ways[o] for o in result['optimizers'])}. Both step fp32 master weights, so what "
+            "shardrun's optimizer step takes beyond the bare loop's is DeepSpeed's own cost (its bf16 optimizer "
+            "wrapper, ZeRO's bookkeeping), not shardrun's loop")
+
+
+def fused_adam_line(result: dict) -> str | None:
+    fa = result.get("fused_adam", {})
+    return f"FusedAdam (implementation=deepspeed) rows skipped: {fa['reason']}" if "reason" in fa else None
 
 
 def describe_card(result: dict) -> str:
@@ -574,9 +939,17 @@ def describe_card(result: dict) -> str:
 def print_report(result: dict) -> None:
     print(f"\ncard: {describe_card(result)}")
     print(f"setup: {describe_setup(result)}")
+    print(describe_optimizers(result))
     print(format_peak(result))
     print()
     print(format_table(result))
+    if fused_adam_line(result):
+        print(fused_adam_line(result))
+    zero = format_zero_table(result)
+    if zero:
+        print("\nZeRO 0 vs ZeRO 1:\n")
+        print(zero)
+    print()
     for line in result["findings"]:
         print(line)
 
@@ -586,9 +959,13 @@ def record(result: dict, *, local: bool) -> None:
     revision = result["revision"]
     if not local and revision.startswith("("):  # a working-tree copy without git: this checkout's
         revision = f"{git_revision()} (working tree copied to the GPU machine)"
+    optimizers = describe_optimizers(result)
+    details = [f"Setup: {describe_setup(result)}", optimizers[:1].upper() + optimizers[1:], format_peak(result)]
+    if fused_adam_line(result):
+        details.append(fused_adam_line(result))
     append_entry(SECTION, date=result["date"], revision=revision, command=result["command"],
                  card=describe_card(result), machine=result["machine"], versions=result["versions"],
-                 details=[f"Setup: {describe_setup(result)}", format_peak(result)], tables=[format_table(result)],
+                 details=details, tables=[t for t in (format_table(result), format_zero_table(result)) if t],
                  found=result["findings"])
 
 

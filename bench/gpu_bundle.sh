@@ -12,8 +12,10 @@
 # --wheels installs only the wheels whose package is missing or older there (pip --no-deps).
 #
 # DeepSpeed is an sdist only on PyPI. Built with DS_BUILD_OPS=0 it is a pure-Python wheel
-# (py3-none-any) that runs on any Python and torch: its CUDA ops (FusedAdam) are compiled on first
-# use, on the GPU machine, by its nvcc and ninja. Versions come from constraints.txt.
+# (py3-none-any) that runs on any Python and torch, with no op prebuilt. bench/gpu.py needs none by
+# default (shardrun's rows run torch's fused AdamW inside DeepSpeed); DeepSpeed's FusedAdam, asked for
+# with --optimizers torch,deepspeed, is compiled on the GPU machine by its nvcc and ninja before its
+# rows, or its rows are skipped where there is no nvcc. Versions come from constraints.txt.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
