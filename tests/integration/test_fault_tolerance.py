@@ -1,5 +1,5 @@
 """A worker SIGKILLed mid-run: Ray Train restarts the group, it resumes from the latest checkpoint by
-itself, and the final weights equal an uninterrupted run's bit for bit (fp32, CPU, gloo)."""
+itself, and the final weights equal an uninterrupted run's bit for bit (fp32 and bf16, CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ def _ray_workers() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
-def sections(stage: int) -> dict:
-    return dict(deepspeed={"zero_stage": stage, "grad_accum_steps": 2,
+def sections(stage: int, precision: str = "fp32") -> dict:
+    return dict(deepspeed={"zero_stage": stage, "grad_accum_steps": 2, "precision": precision,
                            "schedule": {"decay": "constant", "warmup_steps": 3}},
                 model={"dropout": 0.1}, run={"max_steps": STEPS, "log_every": 1},
                 checkpoint={"every_steps": EVERY, "keep": 2}, failure={"max_failures": 1})
@@ -39,18 +39,18 @@ def sections(stage: int) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, corpus):
-    """uninterrupted(stage): the final weights of a run without Ray and without faults: the same ranks, data, seeds
-    and gloo collectives (torchrun). Run once per stage for the module's tests."""
-    done: dict[int, dict] = {}
+    """uninterrupted(stage, precision): the final weights of a run without Ray and without faults: the same ranks,
+    data, seeds and gloo collectives (torchrun). Run once per stage and precision for the module's tests."""
+    done: dict[tuple, dict] = {}
 
-    def weights(stage: int) -> dict:
-        if stage not in done:
-            out = tmp_path_factory.mktemp(f"uninterrupted-{stage}")
-            spec = write_spec(out / "job.yaml", tiny_spec(corpus, out, **sections(stage)))
+    def weights(stage: int, precision: str = "fp32") -> dict:
+        if (stage, precision) not in done:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{stage}-{precision}")
+            spec = write_spec(out / "job.yaml", tiny_spec(corpus, out, **sections(stage, precision)))
             run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                  f"--master-port={free_port()}", "-m", "shardrun", "train", str(spec)], timeout=300)
-            done[stage] = _weights(out / f"tiny/checkpoints/step_{STEPS:08d}")
-        return done[stage]
+            done[stage, precision] = _weights(out / f"tiny/checkpoints/step_{STEPS:08d}")
+        return done[stage, precision]
 
     return weights
 
@@ -61,10 +61,10 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, uninterrupted, stage):
+@pytest.mark.parametrize(("stage", "precision"), [(0, "bf16"), (2, "fp32")])
+def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, uninterrupted, stage, precision):
     kill_at = random.Random(stage).randint(EVERY + 1, STEPS - 2)  # between checkpoints, after the first
-    spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections(stage)))
+    spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections(stage, precision)))
     proc = subprocess.Popen([sys.executable, "-m", "shardrun", "run", str(spec)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=child_env(), start_new_session=True)
     out, killed = [], None
@@ -89,7 +89,7 @@ def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corp
     summary = json.loads((tmp_path / "b/tiny/summary.json").read_text())
     assert summary["restarts"] == 1 and summary["final_step"] == STEPS
 
-    assert_bitwise_equal(uninterrupted(stage), _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}"))
+    assert_bitwise_equal(uninterrupted(stage, precision), _weights(tmp_path / f"b/tiny/checkpoint_{STEPS:08d}"))
 
 
 def test_a_rank_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, corpus, uninterrupted):
