@@ -210,6 +210,17 @@ class DeepSpeedSpec(_Section):
     micro_batch_size: int = Field(8, ge=1, description="Sequences per rank per micro step.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro steps per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0: off).")
+    reduce_dtype: Literal["auto", "fp32", "model"] = Field(
+        "auto",
+        description="The dtype the ranks reduce gradients in: fp32, or the model's (bf16, fp16: half the bytes on "
+        "the wire, a coarser sum). auto: fp32 when the model is bf16 or fp16 and grad_accum_steps > 1 (each "
+        "micro-batch's rounding adds up), the model's otherwise.",
+    )
+    overlap_comm: bool | None = Field(
+        None,
+        description="Reduce gradients while backward goes on (ZeRO 1-3), in buckets of a quarter of the model's "
+        "parameters (10 to 500 million elements). null: on with GPUs, off on CPU (no streams to overlap on).",
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     config: dict[str, Any] = Field(

@@ -7,19 +7,25 @@ from typing import Any
 
 from shardrun.config import DeepSpeedSpec
 
+MIN_BUCKET, MAX_BUCKET = 10_000_000, 500_000_000
+"""Gradient bucket sizes (elements) when communication overlaps backward: DeepSpeed's default is the maximum,
+one bucket for any model below 500 M parameters, which leaves nothing to overlap."""
+
 
 def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool, grad_accum_steps: int | None = None,
-                    load_universal: bool = False) -> dict[str, Any]:
+                    load_universal: bool = False, model_params: int | None = None) -> dict[str, Any]:
     """shardrun's DeepSpeed config, with spec.config merged over it last.
 
     grad_accum_steps: this world size's (elastic runs keep the global batch); load_universal: the
-    checkpoint to load was converted for another world size."""
+    checkpoint to load was converted for another world size; model_params: the model's parameter count (the
+    buckets of overlapped communication are sized from it)."""
     opt = spec.optimizer
+    accum = grad_accum_steps or spec.grad_accum_steps
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps or spec.grad_accum_steps,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": spec.grad_clip,
-        "zero_optimization": {"stage": spec.zero_stage},
+        "zero_optimization": {"stage": spec.zero_stage, **_overlap(spec, on_gpu, model_params)},
         "bf16": {"enabled": spec.precision == "bf16"},
         "fp16": {"enabled": spec.precision == "fp16"},
         "optimizer": {
@@ -39,9 +45,33 @@ def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool, grad_a
         "steps_per_print": 10**9,  # shardrun prints progress itself
         "wall_clock_breakdown": False,
     }
+    if reduce_in_fp32(spec, accum):
+        config["communication_data_type"] = "fp32"
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return deep_merge(config, spec.config)
+
+
+def reduce_in_fp32(spec: DeepSpeedSpec, grad_accum_steps: int) -> bool:
+    """Whether gradients of a bf16 or fp16 model are reduced in fp32 (deepspeed.reduce_dtype)."""
+    if spec.precision == "fp32" or spec.reduce_dtype == "model":
+        return False
+    return spec.reduce_dtype == "fp32" or grad_accum_steps > 1
+
+
+def _overlap(spec: DeepSpeedSpec, on_gpu: bool, model_params: int | None) -> dict[str, Any]:
+    """ZeRO's overlap of gradient reduction with backward, where it applies (stages 1-3; stage 3 has it on
+    already), with buckets small enough to overlap."""
+    overlap = on_gpu if spec.overlap_comm is None else spec.overlap_comm
+    if spec.zero_stage == 0 or (spec.overlap_comm is None and spec.zero_stage == 3):
+        return {}
+    if not overlap:
+        return {"overlap_comm": False} if spec.overlap_comm is False else {}
+    out: dict[str, Any] = {"overlap_comm": True}
+    if model_params and spec.zero_stage in (1, 2):
+        bucket = int(min(MAX_BUCKET, max(MIN_BUCKET, model_params // 4)))
+        out.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    return out
 
 
 def _scheduler(spec: DeepSpeedSpec, max_steps: int) -> dict[str, Any]:

@@ -69,6 +69,7 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     config = build_ds_config(
         spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu",
         grad_accum_steps=spec.grad_accum_for(topology.world_size), load_universal=load_universal,
+        model_params=sum(p.numel() for p in model.parameters()),
     )
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config

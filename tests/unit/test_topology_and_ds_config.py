@@ -165,3 +165,37 @@ def test_fp32_on_a_gpu_with_bf16_tensor_cores_is_pointed_out(device, precision, 
 
     said = precision_advice(device, precision, capability)
     assert bool(said) == advised and (not said or "deepspeed.precision: bf16" in said)
+
+
+@pytest.mark.parametrize(("precision", "reduce", "accum", "fp32"), [
+    ("bf16", "auto", 2, True),  # micro-batches' rounding adds up: reduce in fp32
+    ("bf16", "auto", 1, False),
+    ("bf16", "fp32", 1, True),
+    ("bf16", "model", 4, False),
+    ("fp32", "auto", 4, False),  # fp32 already
+])
+def test_gradients_of_a_low_precision_model_are_reduced_in_fp32_when_asked_or_accumulated(precision, reduce, accum,
+                                                                                         fp32):
+    spec = DeepSpeedSpec(precision=precision, reduce_dtype=reduce, grad_accum_steps=accum)
+    cfg = build_ds_config(spec, max_steps=10, on_gpu=True)
+    assert ("communication_data_type" in cfg) == fp32 and cfg.get("communication_data_type", "fp32") == "fp32"
+
+
+@pytest.mark.parametrize(("stage", "on_gpu", "overlap", "params", "zero"), [
+    (2, True, None, 124_000_000, {"overlap_comm": True, "reduce_bucket_size": 31_000_000,
+                                  "allgather_bucket_size": 31_000_000}),
+    (1, True, None, 1_000_000, {"overlap_comm": True, "reduce_bucket_size": 10_000_000,
+                                "allgather_bucket_size": 10_000_000}),
+    (2, True, None, 7_000_000_000, {"overlap_comm": True, "reduce_bucket_size": 500_000_000,
+                                    "allgather_bucket_size": 500_000_000}),
+    (2, False, None, 124_000_000, {}),  # CPU: nothing to overlap on
+    (2, False, True, None, {"overlap_comm": True}),
+    (2, True, False, 124_000_000, {"overlap_comm": False}),
+    (3, True, None, 124_000_000, {}),  # ZeRO 3 overlaps by itself
+    (0, True, None, 124_000_000, {}),
+])
+def test_communication_overlaps_backward_on_gpus_in_buckets_sized_from_the_model(stage, on_gpu, overlap, params,
+                                                                                 zero):
+    spec = DeepSpeedSpec(zero_stage=stage, overlap_comm=overlap)
+    cfg = build_ds_config(spec, max_steps=10, on_gpu=on_gpu, model_params=params)
+    assert cfg["zero_optimization"] == {"stage": stage, **zero}
