@@ -34,6 +34,8 @@ saves (the ranks wait at barriers for the slowest checkpoint writer)."""
 NAME_LIMIT = 200
 """Characters of a run name: the longest file names made from it (`<name>.replaced-<time>`, `<name>.json`) stay
 within the 255 bytes a file system allows."""
+WARMUP_SHARE = 5
+"""A warm-up longer than 1/WARMUP_SHARE of run.max_steps gets a warning."""
 COMPUTED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 """DeepSpeed config keys shardrun computes from the spec and the world size (every size an elastic run takes)."""
 
@@ -118,7 +120,9 @@ class DataSpec(_Section):
     seq_len: int | None = Field(
         None, ge=1,
         description="tokens: tokens per training sequence; rows are cut to seq_len + 1 "
-        "(shorter rows are padded and their padding is left out of the loss).",
+        "(shorter rows are padded and their padding is left out of the loss). null: the files' own, from the "
+        "shardrun.seq_len metadata `shardrun data prepare-text` writes (else a fixed-size list column's length "
+        "less one); every file must agree, and the driver fills it in before the workers start.",
     )
     columns: list[str] | None = Field(
         None, description="table: feature columns (default: every column but the label)."
@@ -161,8 +165,8 @@ class DataSpec(_Section):
                 "prepare locally, copy the shards there, and drop data.prepare"
             )
         if self.format == "tokens":
-            if self.seq_len is None:
-                raise ValueError("data.seq_len is required for format: tokens")
+            if self.prepare and self.seq_len is None:
+                raise ValueError("data.prepare needs data.seq_len: it writes rows of seq_len + 1 tokens")
             if self.columns or self.label:
                 raise ValueError("data.columns and data.label are for format: table")
         elif self.prepare:
@@ -171,8 +175,8 @@ class DataSpec(_Section):
 
     @property
     def tokens_per_sample(self) -> int:
-        """Tokens one sample trains on (0 for tables)."""
-        return self.seq_len if self.format == "tokens" else 0
+        """Tokens one sample trains on (0 for tables, and for tokens before data.seq_len is known)."""
+        return (self.seq_len or 0) if self.format == "tokens" else 0
 
 
 class OptimizerSpec(_Section):
@@ -415,7 +419,7 @@ class JobSpec(_Section):
     def _consistent(self) -> JobSpec:
         if self.model.type == "gpt" and self.data.format != "tokens":
             raise ValueError("the built-in gpt model trains on data.format: tokens")
-        if self.model.type == "gpt" and self.data.seq_len > self.model.block_size:
+        if self.model.type == "gpt" and self.data.seq_len is not None and self.data.seq_len > self.model.block_size:
             raise ValueError(
                 f"data.seq_len ({self.data.seq_len}) is longer than "
                 f"model.block_size ({self.model.block_size})"
@@ -437,7 +441,7 @@ class JobSpec(_Section):
     @property
     def partitions(self) -> int:
         """data.partitions, or the default: the least common multiple of every world size the run may use."""
-        return self.data.partitions or math.lcm(*self.scaling.world_sizes)
+        return self.data.partitions or default_partitions(self.scaling)
 
     @property
     def global_batch(self) -> int:
@@ -473,6 +477,24 @@ class JobSpec(_Section):
         """The resolved spec, every default filled in."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but most likely not meant (`check` and `run` print them, and go on)."""
+        found = []
+        warmup, steps = self.deepspeed.schedule.warmup_steps, self.run.max_steps
+        if warmup * WARMUP_SHARE > steps:
+            what = ("the whole run is warm-up: the learning rate never reaches deepspeed.optimizer.lr"
+                    if warmup >= steps else f"{warmup} of the run's {steps} steps are warm-up")
+            found.append(f"deepspeed.schedule.warmup_steps ({warmup}) is more than a fifth of run.max_steps "
+                         f"({steps}), so {what}; set deepspeed.schedule.warmup_steps to {steps // WARMUP_SHARE} "
+                         f"or less (e.g. --set deepspeed.schedule.warmup_steps={steps // 10})")
+        return found
+
+
+def default_partitions(scaling: ScalingSpec | None = None) -> int:
+    """data.partitions when unset: the least common multiple of every world size the run may use (of the default
+    scaling.num_workers without a spec, as `shardrun data inspect` counts)."""
+    return math.lcm(*(scaling or ScalingSpec()).world_sizes)
+
 
 def check_partitions(partitions: int, world_size: int, global_batch: int,
                      error: type[Exception] = UserError) -> None:
@@ -492,52 +514,92 @@ def check_partitions(partitions: int, world_size: int, global_batch: int,
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> JobSpec:
-    """Read a job spec file, apply `key.path=value` overrides, validate, resolve local paths."""
+    """Read a job spec file, apply `key.path=value` overrides, validate, resolve local paths.
+
+    Errors name the file (with line and column for YAML syntax), or the `--set KEY=VALUE` a problem came from.
+    """
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
     except OSError as e:
         raise UserError(f"{path}: cannot read the job spec ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML: {e}") from None
+        raise UserError(yaml_error(str(path), e)) from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a job spec is a mapping of sections, got {type(raw).__name__}")
+    sets = {}
     for item in overrides:
-        apply_override(raw, item)
-    return parse(raw, source=str(path))
+        sets[apply_override(raw, item)] = item
+    return parse(raw, source=str(path), overrides=sets)
 
 
-def parse(raw: dict, source: str = "job spec") -> JobSpec:
-    """Validate a plain dict; errors name the field path and the value."""
+def yaml_error(source: str, error: yaml.YAMLError) -> str:
+    """`source:LINE:COLUMN: not valid YAML: problem (context)` in one line (PyYAML's own names no file)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or not problem:
+        return f"{source}: not valid YAML: {' '.join(str(error).replace('<unicode string>', source).split())}"
+    text = f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    context, where = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and where is not None and (where.line, where.column) != (mark.line, mark.column):
+        text += f" ({context} that starts at line {where.line + 1}, column {where.column + 1})"
+    elif context:
+        text += f" ({context})"
+    return text
+
+
+def parse(raw: dict, source: str = "job spec", overrides: dict[tuple[str, ...], str] | None = None) -> JobSpec:
+    """Validate a plain dict; errors name the field path and the value. `overrides` maps the key path of each
+    `--set` to the `KEY=VALUE` given: problems under that key are blamed on it instead of on `source`."""
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_errors(e, source)) from None
+        raise UserError(format_errors(e, source, overrides)) from None
     return _resolve_paths(spec)
 
 
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is read as YAML (numbers, lists, bools)."""
+def revalidate(spec: JobSpec, source: str) -> None:
+    """Run every check again on a spec the driver completed (data.seq_len taken from the data): the checks that
+    needed the value run now, with the errors they give at load time."""
+    try:
+        JobSpec.model_validate(spec.model_dump())
+    except ValidationError as e:
+        raise UserError(format_errors(e, source)) from None
+
+
+def apply_override(raw: dict, item: str) -> tuple[str, ...]:
+    """Set `a.b.c=value` in a nested dict; the value is read as YAML (numbers, lists, bools). Returns the key
+    path."""
     key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise UserError(f"--set {item!r}: expected key.path=value")
-    parts = key.split(".")
+    parts = tuple(key.split("."))
+    if not sep or not all(parts):
+        raise UserError(f"--set {item}: expected key.path=value, e.g. --set run.max_steps=100")
     node = raw
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`run:`)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
-            raise UserError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            raise UserError(f"--set {item}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     try:
         node[parts[-1]] = yaml.safe_load(value)
-    except yaml.YAMLError:
-        node[parts[-1]] = value
+    except yaml.YAMLError as e:
+        if value.lstrip().startswith(("[", "{", '"', "'")):  # meant as YAML: a list, a mapping, a quoted string
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"--set {item}: the value is not valid YAML: {problem}") from None
+        node[parts[-1]] = value  # a plain string that YAML would misread (`a: b`)
+    return parts
 
 
-def format_errors(error: ValidationError, source: str) -> str:
-    """One line per problem: `source: field.path: what is wrong (got value)`."""
+def format_errors(error: ValidationError, source: str,
+                  overrides: dict[tuple[str, ...], str] | None = None) -> str:
+    """One line per problem: `source: field.path: what is wrong (got value)`, unknown keys (with their
+    'did you mean') first. A problem under a `--set` key names `--set KEY=VALUE` as its source."""
     lines = []
-    for err in error.errors():
+    for err in sorted(error.errors(), key=lambda err: err["type"] != "extra_forbidden"):
         where = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             what = "unknown key" + _did_you_mean(err["loc"])
@@ -546,8 +608,16 @@ def format_errors(error: ValidationError, source: str) -> str:
         got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
         if isinstance(err["input"], dict) and err["type"] != "extra_forbidden":
             got = ""
-        lines.append(f"{source}: {where + ': ' if where else ''}{what}{got}")
+        lines.append(f"{_blame(err, source, overrides)}: {where + ': ' if where else ''}{what}{got}")
     return "\n".join(lines)
+
+
+def _blame(err: dict, source: str, overrides: dict[tuple[str, ...], str] | None) -> str:
+    """`--set KEY=VALUE` for a problem at or under that key (or an unknown key the --set made), else source."""
+    loc = tuple(str(p) for p in err["loc"])
+    matches = [key for key in overrides or {}
+               if loc and (loc[:len(key)] == key or (err["type"] == "extra_forbidden" and key[:len(loc)] == loc))]
+    return f"--set {overrides[max(matches, key=len)]}" if matches else source
 
 
 def _did_you_mean(loc: tuple) -> str:

@@ -26,10 +26,11 @@ COMMAND = "python -m shardrun.specdoc > docs/spec.md"
 INTRO = f"""\
 # Job spec reference
 
-A job is one YAML file: a `name` and the sections below. `shardrun check JOB.yaml` validates it
-and prints it with every default filled in. `--set key.path=value` overrides any field on the
+A job is one YAML file: a `name` and the sections below. `shardrun check JOB.yaml` validates it,
+makes the other checks a run makes before Ray (the data, the checkpoint it would resume from), and
+prints it with every default filled in. `--set key.path=value` overrides any field on the
 command line, e.g. `--set deepspeed.zero_stage=3` (the value is read as YAML). An unknown key or a
-bad value stops the command before anything starts, naming the field.
+bad value stops the command before anything starts, naming the field (and the `--set` it came from).
 
 A job spec is code: `model.entrypoint` imports a module and calls a function of it, on your machine
 (`shardrun check` included) and on every worker. Run specs you would run as scripts, and review them

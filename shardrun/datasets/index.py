@@ -21,6 +21,8 @@ from shardrun.errors import UserError
 from shardrun.fs import display_path, filesystem
 
 METADATA_THREADS = 16
+META_SEQ_LEN = b"shardrun.seq_len"
+"""The Parquet schema metadata key where `shardrun data prepare-text` records the rows' seq_len."""
 
 
 def list_parquet(paths: list[str]) -> tuple[list[pafs.FileSystem], list[tuple[int, str]]]:
@@ -122,7 +124,11 @@ class DataIndex:
 
 
 def build(spec: DataSpec, emit=None) -> DataIndex:
-    """Read every file's footer (in parallel), check the schema, and index the row groups."""
+    """Read every file's footer (in parallel), check the schema, and index the row groups.
+
+    Token data with data.seq_len unset takes the files' own (`files_seq_len`) and sets it on `spec`, so that the
+    spec the caller hands on (the driver's to its workers) carries it.
+    """
     filesystems, listed = list_parquet(spec.paths)
     wanted = _wanted_columns(spec)
 
@@ -142,29 +148,93 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
     with ThreadPoolExecutor(min(METADATA_THREADS, max(1, len(listed)))) as pool:
         results = list(pool.map(read, listed))
 
-    files, skipped, types, metadata = [], [], {}, {}
+    if spec.format == "tokens" and spec.seq_len is None:
+        found = files_seq_len(spec, [r for r in results if not isinstance(r[0], str)])
+        if found is not None:
+            spec.seq_len = found
+    files, problems, types, metadata = [], [], {}, {}
+    short: dict[str, int] = {}
+    """Files left out because their fixed-size rows are shorter than seq_len + 1: tokens per row."""
     for entry, schema_or_error in results:
         if isinstance(entry, str):
             problem = (entry, schema_or_error)
         else:
             problem = _check_schema(spec, entry.name, schema_or_error, wanted, types)
+            if problem is not None and _row_tokens(spec, schema_or_error):
+                short[entry.name] = _row_tokens(spec, schema_or_error)
         if problem is None:
             files.append(entry)
             if len(files) == 1:
                 metadata = {k.decode(): v.decode(errors="replace")
                             for k, v in (schema_or_error.metadata or {}).items() if k.startswith(b"shardrun.")}
-        elif spec.on_bad_file == "skip":
-            skipped.append(problem)
         else:
-            raise UserError(f"{problem[0]}: {problem[1]} (data.on_bad_file: skip leaves it out)")
+            problems.append(problem)
+    if problems and spec.on_bad_file != "skip":
+        name, why = problems[0]
+        if name in short and not files:  # leaving files out would leave none: the fix is the seq_len
+            raise UserError(f"{name}: {why}; {_shorter_seq_len(spec, short)}")
+        raise UserError(f"{name}: {why} (data.on_bad_file: skip leaves it out)")
+    skipped = problems
     if skipped and emit:
         for name, why in skipped:
             emit(f"skipping {name}: {why}")
         emit(f"data.on_bad_file: skip left out {len(skipped)} of {len(listed)} files")
     index = DataIndex(list(spec.paths), files, {c: str(t) for c, t in types.items()}, skipped, metadata)
     if index.rows == 0:
+        if skipped and not files:
+            fix = f"; {_shorter_seq_len(spec, short)}" if short else ""
+            raise UserError(f"data.paths: data.on_bad_file: skip left out every file of {', '.join(spec.paths)}, "
+                            f"so none is left to read (the first: {skipped[0][0]}: {skipped[0][1]}){fix}")
         raise UserError(f"data.paths: the Parquet files in {', '.join(spec.paths)} hold no rows")
     return index
+
+
+def files_seq_len(spec: DataSpec, readable: list[tuple[FileEntry, pa.Schema]]) -> int | None:
+    """The seq_len every token file records (`shardrun.seq_len` metadata, else a fixed-size list column's length
+    less one), for data.seq_len left unset; a UserError naming two files that differ, or one that records none.
+    None when no file has the token column (the schema check names them)."""
+    found = [(entry.name, _recorded_seq_len(spec, schema)) for entry, schema in readable
+             if spec.column in schema.names and not _type_problem(spec, spec.column, schema.field(spec.column).type)]
+    if not found:
+        return None
+    first, n = found[0]
+    other = next(((name, m) for name, m in found[1:] if m != n), None)
+    if other:
+        def say(m):
+            return f"seq_len {m}" if m else "none recorded"
+
+        raise UserError(f"data.seq_len is unset and the files disagree on it: {first} has {say(n)}, {other[0]} has "
+                        f"{say(other[1])}; set data.seq_len, or use files prepared with the same --seq-len")
+    if n is None:
+        raise UserError(f"data.seq_len is unset and {first} records none (no {META_SEQ_LEN.decode()} in its Parquet "
+                        f"metadata, and column {spec.column!r} is not a fixed-size list); set data.seq_len")
+    return n
+
+
+def _recorded_seq_len(spec: DataSpec, schema: pa.Schema) -> int | None:
+    raw = (schema.metadata or {}).get(META_SEQ_LEN, b"").strip()
+    if raw.isdigit() and int(raw) >= 1:
+        return int(raw)
+    t = schema.field(spec.column).type
+    return t.list_size - 1 if pa.types.is_fixed_size_list(t) and t.list_size >= 2 else None
+
+
+def _row_tokens(spec: DataSpec, schema: pa.Schema) -> int | None:
+    """Tokens per row of a file whose fixed-size token rows are shorter than data.seq_len + 1, else None."""
+    if spec.format != "tokens" or spec.seq_len is None or spec.column not in schema.names:
+        return None
+    t = schema.field(spec.column).type
+    return t.list_size if pa.types.is_fixed_size_list(t) and t.list_size < spec.seq_len + 1 else None
+
+
+def _shorter_seq_len(spec: DataSpec, short: dict[str, int]) -> str:
+    """The fixes for rows shorter than seq_len + 1 in every file: a seq_len they hold, or data prepared anew."""
+    n = min(short.values())
+    again = (f"move {spec.paths[0]} aside so that data.prepare writes it again with data.seq_len {spec.seq_len}"
+             if spec.prepare else f"prepare the data again with --seq-len {spec.seq_len}")
+    if n < 2:
+        return again
+    return f"set data.seq_len to {n - 1} or less (the rows' length less one), or {again}"
 
 
 def _wanted_columns(spec: DataSpec) -> list[str] | None:
@@ -200,7 +270,7 @@ def _type_problem(spec: DataSpec, col: str, t: pa.DataType) -> str | None:
         if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) \
                 or not pa.types.is_integer(t.value_type):
             return f"column {col!r} is {t}, expected a list of integer token ids"
-        if pa.types.is_fixed_size_list(t) and t.list_size < spec.seq_len + 1:
+        if spec.seq_len is not None and pa.types.is_fixed_size_list(t) and t.list_size < spec.seq_len + 1:
             return (f"rows of column {col!r} hold {t.list_size} tokens, fewer than "
                     f"data.seq_len + 1 = {spec.seq_len + 1}")
         return None

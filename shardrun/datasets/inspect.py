@@ -12,17 +12,20 @@ def steps_per_epoch(index: DataIndex, global_batch: int, partitions: int, seed: 
     return plan.steps_in_epoch(0, global_batch // partitions)
 
 
-def summary(index: DataIndex, global_batch: int, partitions: int) -> str:
-    """One line for the driver's log."""
+def summary(index: DataIndex, global_batch: int, partitions: int, seq_len_from_files: int | None = None) -> str:
+    """One line for the driver's log; `seq_len_from_files`: data.seq_len was unset and taken from the files."""
     steps = steps_per_epoch(index, global_batch, partitions)
+    taken = (f"; data.seq_len {seq_len_from_files}, taken from the files (unset in the spec)"
+             if seq_len_from_files else "")
     return (f"data: {len(index.files)} files, {index.rows:,} rows in {index.num_row_groups:,} row groups, "
             f"{index.bytes / 1e6:,.1f} MB; {partitions} partitions, {steps:,} steps per epoch "
-            f"at a global batch of {global_batch}")
+            f"at a global batch of {global_batch}{taken}")
 
 
 def report(index: DataIndex, global_batch: int | None, partitions: int | None, *,
            max_files: int = 20) -> str:
-    """Files, rows, row groups, bytes, schema and (for a global batch) steps per epoch."""
+    """Files, rows, row groups, bytes, schema and (for a global batch) steps per epoch over `partitions`
+    (default 1)."""
     lines = [f"{'file':<60} {'rows':>10} {'row groups':>10} {'MB':>9}"]
     for f in index.files[:max_files]:
         lines.append(f"{f.name[-60:]:<60} {sum(f.row_groups):>10,} {len(f.row_groups):>10,} "

@@ -75,6 +75,8 @@ def token_rows(col: pa.ChunkedArray | pa.Array, row_len: int, vocab_size: int | 
         raise ValueError(f"{col.null_count} rows are null")
     n = len(col)
     if pa.types.is_fixed_size_list(col.type):
+        if col.type.list_size < row_len:  # the index refuses such files: this one changed since it was built
+            raise ValueError(f"rows hold {col.type.list_size} tokens, fewer than data.seq_len + 1 = {row_len}")
         values = _ints(col.flatten(), vocab_size)
         return values.reshape(n, col.type.list_size)[:, :row_len]  # a view: no copy for int32
     offsets = col.offsets.to_numpy()

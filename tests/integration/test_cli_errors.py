@@ -60,7 +60,7 @@ def test_bad_spec_exits_2_naming_the_field(tmp_path, corpus, ray_stand_in, overr
     result = run([sys.executable, "-m", "shardrun", "run", str(path), "--set", override],
                  timeout=60, check=False, env=child_env(RAY_ADDRESS=ray_stand_in.address))
     assert result.returncode == 2
-    assert result.stdout.strip() == f"shardrun: error: {path}: {expect}"
+    assert result.stdout.strip() == f"shardrun: error: --set {override}: {expect}"  # the --set, not the file
     assert ray_stand_in.connections == 0
     assert not (tmp_path / "runs").exists()
 
@@ -117,7 +117,7 @@ def test_prepare_text_cli(tmp_path):
     out = tmp_path / "shards"
     result = run([sys.executable, "-m", "shardrun", "data", "prepare-text", str(tmp_path / "a.txt"),
                   "--out", str(out), "--seq-len", "16"], timeout=60)
-    assert "wrote 1 Parquet shards" in result.stdout
+    assert "wrote 1 Parquet shard to" in result.stdout
     again = run([sys.executable, "-m", "shardrun", "data", "prepare-text", str(tmp_path / "a.txt"),
                  "--out", str(out), "--seq-len", "16"], timeout=60, check=False)
     assert again.returncode == 2 and "already exists" in again.stdout

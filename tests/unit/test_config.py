@@ -185,3 +185,55 @@ def test_bad_worker_counts_are_named(tmp_path, value, expect):
 def test_equal_bounds_are_a_fixed_size(tmp_path):
     spec = config.parse(_spec(tmp_path, scaling={"num_workers": [2, 2]}))
     assert spec.scaling.num_workers == 2 and not spec.scaling.elastic
+
+
+# -- issue 19 ------------------------------------------------------------------------------------------
+
+
+def test_seq_len_may_be_left_to_the_data_but_not_for_data_prepare(tmp_path):
+    raw = _spec(tmp_path)
+    del raw["data"]["seq_len"]
+    spec = config.parse(raw)
+    assert spec.data.seq_len is None and spec.data.tokens_per_sample == 0
+    spec.data.seq_len = 64  # as the driver sets it from the files; then the checks that need it run
+    with pytest.raises(UserError, match=r"^from the data: data.seq_len \(64\) is longer than model.block_size \(32\)$"):
+        config.revalidate(spec, "from the data")
+    raw["data"]["prepare"] = {}
+    with pytest.raises(UserError, match="data.prepare needs data.seq_len"):
+        config.parse(raw)
+
+
+@pytest.mark.parametrize(("warmup", "steps", "expect"), [
+    (2, 10, None),
+    (100, 100, "so the whole run is warm-up: the learning rate never reaches deepspeed.optimizer.lr; "
+               "set deepspeed.schedule.warmup_steps to 20 or less (e.g. --set deepspeed.schedule.warmup_steps=10)"),
+    (300, 1000, "so 300 of the run's 1000 steps are warm-up; set deepspeed.schedule.warmup_steps to 200 or less"),
+])
+def test_a_warm_up_longer_than_a_fifth_of_the_run_is_a_warning(tmp_path, warmup, steps, expect):
+    spec = config.parse(_spec(tmp_path, run={"max_steps": steps},
+                              deepspeed={"schedule": {"warmup_steps": warmup}}))
+    if expect is None:
+        assert spec.warnings() == []
+    else:
+        [warning] = spec.warnings()
+        assert warning.startswith(f"deepspeed.schedule.warmup_steps ({warmup}) is more than a fifth of "
+                                  f"run.max_steps ({steps}), ") and expect in warning
+
+
+def test_yaml_errors_name_file_line_and_column(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: x\n  run: 1\n")
+    with pytest.raises(UserError) as e:
+        config.load(tmp_path / "bad.yaml")
+    assert str(e.value) == f"{tmp_path / 'bad.yaml'}:2:6: not valid YAML: mapping values are not allowed here"
+
+
+def test_set_problems_are_blamed_on_the_set(tmp_path):
+    path = write_spec(tmp_path / "job.yaml", _spec(tmp_path))
+    with pytest.raises(UserError) as e:
+        config.load(path, ["deepspeed.optimizer={lr: -1}", "run.max_steps=5"])
+    assert str(e.value) == ("--set deepspeed.optimizer={lr: -1}: deepspeed.optimizer.lr: Input should be greater "
+                            "than 0 (got -1)")
+    with pytest.raises(UserError, match=r"^--set deepspeed.optimizer.nope.deeper=1: deepspeed.optimizer.nope: "
+                                        r"unknown key \(got \{'deeper': 1\}\)$"):
+        config.load(path, ["deepspeed.optimizer.nope.deeper=1"])
+    assert config.load(path, ["checkpoint.storage=/tmp/a: b: c"]).checkpoint.storage == "/tmp/a: b: c"  # not YAML

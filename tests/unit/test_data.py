@@ -395,3 +395,91 @@ def test_batches_for_a_gpu_are_pinned_contiguous_in_the_producer(tmp_path, monke
     on_cpu = Stream(spec, build_index(spec), rank=0, world_size=1, micro_batch_size=2, grad_accum_steps=2)
     on_cpu._token_micro_batches(rows)
     assert len(pinned) == 4  # nothing pinned for the CPU, no copies made
+
+
+# -- issue 19: data.seq_len from the files, inspect's partitions, rows shorter than seq_len ----------------
+
+
+def _shard(path: Path, row_len: int, seq_len: int | None = None) -> None:
+    """One fixed-size token file of 8 rows, with prepare-text's shardrun.seq_len metadata when given."""
+    col = pa.FixedSizeListArray.from_arrays(pa.array(np.arange(8 * row_len, dtype=np.int32) % 200), row_len)
+    table = pa.table({"tokens": col})
+    if seq_len is not None:
+        table = table.replace_schema_metadata({b"shardrun.seq_len": str(seq_len).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def test_an_unset_seq_len_is_taken_from_the_files_and_set_on_the_spec(corpus, tmp_path):
+    spec = DataSpec(paths=[str(corpus)])
+    assert spec.seq_len is None
+    build_index(spec)
+    assert spec.seq_len == 32  # what the workers get; datasets.open without an index builds one the same way
+    _shard(tmp_path / "plain" / "a.parquet", row_len=9)  # no metadata: a fixed-size list's length less one
+    spec = DataSpec(paths=[str(tmp_path / "plain")])
+    build_index(spec)
+    assert spec.seq_len == 8
+
+
+def test_files_that_disagree_on_seq_len_or_record_none_are_named(tmp_path):
+    _shard(tmp_path / "a" / "part-0.parquet", row_len=17, seq_len=16)
+    _shard(tmp_path / "b" / "part-0.parquet", row_len=33, seq_len=32)
+    with pytest.raises(UserError, match=r"^data.seq_len is unset and the files disagree on it: \S*a/part-0.parquet "
+                                        r"has seq_len 16, \S*b/part-0.parquet has seq_len 32; set data.seq_len"):
+        build_index(DataSpec(paths=[str(tmp_path / "a"), str(tmp_path / "b")]))
+    pq.write_table(pa.table({"tokens": pa.array([[1, 2, 3]] * 4, pa.list_(pa.int32()))}), tmp_path / "v.parquet")
+    with pytest.raises(UserError, match=r"v.parquet records none \(no shardrun.seq_len in its Parquet metadata, and "
+                                        r"column 'tokens' is not a fixed-size list\); set data.seq_len"):
+        build_index(DataSpec(paths=[str(tmp_path / "v.parquet")]))
+
+
+def test_a_run_takes_seq_len_from_the_files_and_checks_it_against_the_model_before_training(tmp_path, corpus,
+                                                                                           capsys):
+    from shardrun import cli
+    from shardrun.config import parse
+
+    spec = tmp_path / "job.yaml"
+    spec.write_text(f"name: s\ndata: {{paths: [{corpus}]}}\nmodel: {{block_size: 16}}\nrun: {{max_steps: 1}}\n"
+                    f"checkpoint: {{storage: {tmp_path}}}\n")
+    assert cli.main(["train", str(spec)]) == 2
+    err = capsys.readouterr().err
+    with pytest.raises(UserError) as given:  # the error a spec that sets seq_len: 32 gets
+        parse({"name": "s", "data": {"paths": [str(corpus)], "seq_len": 32}, "model": {"block_size": 16},
+               "run": {"max_steps": 1}})
+    assert str(given.value) == "job spec: data.seq_len (32) is longer than model.block_size (16)"
+    assert ("shardrun: error: data.paths (data.seq_len unset, taken from the files): "
+            "data.seq_len (32) is longer than model.block_size (16)") in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_data_inspect_counts_steps_over_a_runs_default_partitions(corpus, capsys):
+    from shardrun import cli
+
+    assert cli.main(["data", "inspect", str(corpus), "--global-batch", "64"]) == 0
+    assert "at a global batch of 64 over 2 partitions" in capsys.readouterr().out
+    assert cli.main(["data", "inspect", str(corpus), "--global-batch", "64", "--partitions", "1"]) == 0
+    assert "at a global batch of 64 over 1 partitions" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["data", "inspect", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: a run's, scaling.num_workers, 2 unless a spec sets it" in help_text
+
+
+def test_rows_shorter_than_seq_len_suggest_a_shorter_seq_len_not_skipping_every_file(tmp_path):
+    _shard(tmp_path / "d" / "part-0.parquet", row_len=17, seq_len=16)
+    _shard(tmp_path / "d" / "part-1.parquet", row_len=17, seq_len=16)
+    fix = r"set data.seq_len to 16 or less \(the rows' length less one\), or prepare the data again with --seq-len 32"
+    with pytest.raises(UserError) as e:
+        build_index(DataSpec(paths=[str(tmp_path / "d")], seq_len=32))
+    assert "on_bad_file" not in str(e.value)
+    assert e.match(r"part-0.parquet: rows of column 'tokens' hold 17 tokens, fewer than data.seq_len \+ 1 = 33; "
+                   + fix)
+    with pytest.raises(UserError, match=r"data.on_bad_file: skip left out every file of .*, so none is left to read "
+                                        r"\(the first: .*part-0.parquet: rows of column 'tokens' hold 17 tokens.*\); "
+                                        + fix):
+        build_index(DataSpec(paths=[str(tmp_path / "d")], seq_len=32, on_bad_file="skip"))
+    # one file of fitting rows among them: leaving the short one out is a fix that works
+    _shard(tmp_path / "d" / "part-2.parquet", row_len=33, seq_len=32)
+    with pytest.raises(UserError, match=r"part-0.parquet: .* = 33 \(data.on_bad_file: skip leaves it out\)$"):
+        build_index(DataSpec(paths=[str(tmp_path / "d")], seq_len=32))
+    assert build_index(DataSpec(paths=[str(tmp_path / "d")], seq_len=32, on_bad_file="skip")).rows == 8
