@@ -105,6 +105,7 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
     try:
         save_model(model, os.path.join(staging, "model.safetensors"))  # the tied embedding is stored once
         Path(staging, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        fs.follow_umask(staging)  # mkdtemp's 0700 (and 0600 files): an export on shared storage is for others too
         fs.sync_tree(staging)
         replace_folder(staging, out)
     finally:

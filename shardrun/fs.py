@@ -151,6 +151,19 @@ def sync_tree(root: str, names: Iterable[str] | None = None) -> int:
     return total
 
 
+def follow_umask(folder: str) -> None:
+    """Give a folder made by tempfile (0700, its files perhaps 0600), and everything in it, the modes the umask
+    gives new ones: 0o777 & ~umask for folders, 0o666 & ~umask for files."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def move_aside(path: str, label: str = "replaced", *, advice: str = "delete it") -> str:
     """Rename a folder or file out of the way, to `<path>.<label>-<UTC time>`, and return its new name; nothing
     is deleted. `advice` says what to do where the storage cannot rename it."""

@@ -1,6 +1,7 @@
 """`shardrun report RUN`: PNG plots and a short HTML page from a run's metrics.jsonl, and a text summary.
 
-RUN is a run dir, `<checkpoint.storage>/<name>`, on local disk or behind a URI (abfs://, s3://).
+RUN is a run dir, `<checkpoint.storage>/<name>`, on local disk or behind a URI (abfs://, s3://); `shardrun report`
+also takes a run's name, looked up under --storage (runs.resolve_run_dir).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from shardrun.driver.run_log import format_duration, plural
 from shardrun.errors import UserError, redact
 from shardrun.fs import is_uri, join, split_query
 
-HOW_TO_GET_METRICS = ("RUN is a run dir, <checkpoint.storage>/<name> (e.g. ~/shardrun/runs/gpt-stdlib), of a run "
+HOW_TO_GET_METRICS = ("RUN is a run's name or its run dir, <checkpoint.storage>/<name> (e.g. "
+                      "~/shardrun/runs/gpt-stdlib), of a run "
                       "with metrics.jsonl: true (the default), which appends a record every run.log_every steps")
 
 
@@ -290,12 +292,17 @@ def _bits(loss: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     """`python -m shardrun.report RUN [--out DIR]`: write the report and print its summary."""
     parser = argparse.ArgumentParser(prog="shardrun report", description=__doc__.splitlines()[0])
-    parser.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")
+    parser.add_argument("run", metavar="RUN", help="a run name, looked up under --storage, or a run dir, "
+                        "<checkpoint.storage>/<name>: a path or URI")
+    parser.add_argument("--storage", metavar="DIR", default=None,
+                        help="where a run name is looked up (default: the spec's default, ~/shardrun/runs)")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where report.html and its PNGs go (default: RUN/report; ./<name>-report for a URI)")
     args = parser.parse_args(argv)
+    from shardrun.runs import resolve_run_dir
+
     try:
-        print(format_summary(report(args.run, args.out)))
+        print(format_summary(report(resolve_run_dir(args.run, args.storage), args.out)))
     except UserError as e:
         print(f"shardrun: error: {redact(str(e))}", file=sys.stderr)
         return 2

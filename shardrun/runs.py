@@ -1,5 +1,6 @@
 """`shardrun runs STORAGE`: the runs in a storage location, each with its state, last step and loss,
-newest complete checkpoint and when it last changed.
+newest complete checkpoint and when it last changed; the run dir a run name stands for (resolve_run_dir); and the
+pruning of runs that `--fresh` moved aside.
 
 A run dir is `<checkpoint.storage>/<name>`, on local disk or behind a URI (abfs://, s3://). The state
 comes from the files alone: summary.json is written when a run ends (finished, stopped or failed). A run
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -21,7 +23,7 @@ import pyarrow.fs as pafs
 from shardrun import lease
 from shardrun.checkpoint_format import RUN_CHECKPOINTS, newest_complete_step
 from shardrun.errors import UserError, redact
-from shardrun.fs import filesystem, is_uri, join
+from shardrun.fs import exists, filesystem, is_uri, join, log
 
 RECENT_SECONDS = 300
 """A run with no current summary.json whose files changed this recently counts as running (the help of
@@ -31,6 +33,10 @@ TAIL_BYTES = 64 * 1024
 MOVED_ASIDE = re.compile(r"\.replaced-\d{8}-\d{6}$")
 """The suffix fs.move_aside gives the earlier run that `--fresh` moved out of the way."""
 _RUN_FILES = ("job.yaml", "metrics.jsonl", "summary.json")
+KEEP_REPLACED = 3
+"""Moved-aside run dirs that `shardrun runs --prune-replaced` keeps per name, newest first."""
+NAMES_SHOWN = 20
+"""Run names an error about a missing name lists at most."""
 
 
 class Unreadable(Exception):
@@ -60,6 +66,72 @@ def list_runs(storage: str) -> list[dict]:
             if run is not None:
                 runs.append(run)
     return runs
+
+
+def default_storage() -> str:
+    """checkpoint.storage of a spec that does not set it (~/shardrun/runs)."""
+    from shardrun.config import CheckpointSpec
+
+    return CheckpointSpec().storage
+
+
+def is_name(run: str) -> bool:
+    """A bare run name: no `/`, no `://`, and no file or folder of that name here."""
+    return "/" not in run and os.sep not in run and not is_uri(run) and not os.path.exists(os.path.expanduser(run))
+
+
+def resolve_run_dir(run: str, storage: str | None = None, *, emit: Callable[[str], None] = log) -> str:
+    """The run dir that RUN stands for: a path or URI as it is; a bare run name (is_name) as `<storage>/<name>`
+    (storage: --storage, default the spec's default), said through emit (stderr). A name with no run dir there is
+    a UserError that lists the run names there are."""
+    if not run:
+        raise UserError("RUN is empty: give a run name or a run dir (a path or URI)")
+    if not is_name(run):
+        return run
+    storage = storage or default_storage()
+    location = storage if is_uri(storage) else os.path.abspath(os.path.expanduser(storage))
+    run_dir = join(location, run)
+    if exists(run_dir):
+        emit(f"run dir: {run_dir}")
+        return run_dir
+    try:
+        names = [r["name"] for r in list_runs(location)]
+    except UserError as e:
+        raise UserError(f"no run named {run}: {e}") from None
+    if not names:
+        there = "there are no runs there"
+    else:
+        more = f", and {len(names) - NAMES_SHOWN} more (shardrun runs {redact(location)})" \
+            if len(names) > NAMES_SHOWN else ""
+        there = f"runs there: {', '.join(names[:NAMES_SHOWN])}{more}"
+    raise UserError(f"no run named {run} in {redact(location)} (RUN is a run name under --storage DIR, or a run dir's "
+                    f"path or URI); {there}")
+
+
+def prune_replaced(storage: str, keep: int = KEEP_REPLACED) -> list[str]:
+    """Delete the run dirs that `--fresh` moved aside (NAME.replaced-TIME) but the newest `keep` of each name, on
+    local storage (a URI is a UserError); returns the paths removed, oldest first within a name."""
+    if keep < 0:
+        raise UserError(f"--keep must be 0 or more (got {keep})")
+    if is_uri(storage):
+        raise UserError(f"--prune-replaced works on local storage only; {redact(storage)} is a URI: delete the "
+                        "moved-aside runs (NAME.replaced-TIME) with the storage's own tools")
+    root = os.path.abspath(os.path.expanduser(storage))
+    if not os.path.isdir(root):
+        raise UserError(f"{storage} is no folder: STORAGE is the folder that holds the run dirs")
+    aside: dict[str, list[str]] = {}
+    for entry in os.scandir(root):
+        match = MOVED_ASIDE.search(entry.name)
+        if match and entry.is_dir(follow_symlinks=False):
+            aside.setdefault(entry.name[: match.start()], []).append(entry.name)
+    removed = []
+    for _, names in sorted(aside.items()):
+        names.sort()  # one name, then the UTC time: oldest first
+        for old in names[: max(0, len(names) - keep)]:
+            path = os.path.join(root, old)
+            shutil.rmtree(path)
+            removed.append(path)
+    return removed
 
 
 def describe(fs: pafs.FileSystem, path: str, run_dir: str, holder: lease.Holder | None = None) -> dict | None:

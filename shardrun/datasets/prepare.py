@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardrun import fs
 from shardrun.errors import UserError
 
 ROWS_PER_FILE = 4096
@@ -343,6 +344,7 @@ def _staging(out_dir: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         yield staging
+        fs.follow_umask(staging)  # mkdtemp made it 0700: shared storage needs the modes other folders get
         os.rename(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -372,6 +374,11 @@ class ShardSummary:
     tokens: int
     """Distinct stream positions the rows cover: rows * seq_len + 1."""
     bytes_on_disk: int
+
+
+def shard_count(n: int) -> str:
+    """"1 Parquet shard", "3 Parquet shards"."""
+    return f"{n} Parquet shard{'' if n == 1 else 's'}"
 
 
 def summarize(files: list[Path]) -> ShardSummary:

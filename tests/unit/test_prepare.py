@@ -1,5 +1,7 @@
 import hashlib
 import inspect
+import os
+import stat
 import sys
 
 import numpy as np
@@ -251,3 +253,19 @@ def test_cli_defaults_are_prepare_texts():
         assert getattr(args, name) == defaults[name].default, name
     for codec in prepare.COMPRESSIONS:
         cli.build_parser().parse_args(["data", "prepare-text", "--out", "x", "--seq-len", "8", "--compression", codec])
+
+
+@pytest.mark.parametrize(("mask", "folder_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o007, 0o770, 0o660)])
+def test_one_shard_is_said_so_and_the_output_follows_the_umask(tmp_path, capsys, mask, folder_mode, file_mode):
+    (tmp_path / "t.txt").write_text("one shard " * 20)
+    out = tmp_path / "out"
+    old = os.umask(mask)
+    try:
+        assert cli.main(["data", "prepare-text", str(tmp_path / "t.txt"), "--out", str(out), "--seq-len", "8",
+                         "--workers", "1"]) == 0
+    finally:
+        os.umask(old)
+    assert f"wrote 1 Parquet shard to {out}: " in capsys.readouterr().out
+    assert stat.S_IMODE(out.stat().st_mode) == folder_mode  # not mkdtemp's 0700
+    assert [(p.name, stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()] == [("part-00000.parquet", file_mode)]
+    assert prepare.shard_count(0) == "0 Parquet shards" and prepare.shard_count(2) == "2 Parquet shards"

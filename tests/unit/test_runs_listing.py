@@ -136,3 +136,31 @@ def test_a_long_metrics_file_is_read_from_its_end(tmp_path):
     assert (tmp_path / "long" / "metrics.jsonl").stat().st_size > 2 * 64 * 1024
     run = _by_name(tmp_path)["long"]
     assert (run["state"], run["step"], run["loss"]) == ("finished", 5000, 10 / 5000)
+
+
+def test_prune_replaced_keeps_the_newest_n_moved_aside_runs_of_each_name(tmp_path, capsys):
+    stamps = [f"2025010{d}-000000" for d in range(1, 6)]
+    for stamp in stamps:
+        _run(tmp_path, f"gpt.replaced-{stamp}", steps=(1,), age=3600)
+    _run(tmp_path, "other.replaced-20240101-000000", steps=(1,), age=3600)
+    _run(tmp_path, "gpt", steps=(1,), age=3600)
+    (tmp_path / "notes.replaced-20240101-000000.txt").write_text("not a folder")
+    assert cli.main(["runs", str(tmp_path), "--prune-replaced", "--keep", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"removed {tmp_path / f'gpt.replaced-{s}'}" for s in stamps[:3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gpt", *(f"gpt.replaced-{s}" for s in stamps[3:]), "notes.replaced-20240101-000000.txt",
+        "other.replaced-20240101-000000"]
+    assert cli.main(["runs", str(tmp_path), "--prune-replaced"]) == 0  # keeps 3 of each name by default
+    assert capsys.readouterr().out == f"{tmp_path}: no moved-aside run dirs beyond the newest 3 of each name\n"
+    assert cli.main(["runs", str(tmp_path), "--prune-replaced", "--keep", "0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt", "notes.replaced-20240101-000000.txt"]
+
+
+def test_prune_replaced_is_for_local_storage_and_keep_goes_with_it(tmp_path, capsys):
+    assert cli.main(["runs", "abfs://c@acct.dfs.core.windows.net/runs", "--prune-replaced"]) == cli.EXIT_USER_ERROR
+    assert "--prune-replaced works on local storage only" in capsys.readouterr().err
+    assert cli.main(["runs", str(tmp_path), "--keep", "2"]) == cli.EXIT_USER_ERROR
+    assert "--keep goes with --prune-replaced" in capsys.readouterr().err
+    assert cli.main(["runs", str(tmp_path), "--prune-replaced", "--keep", "-1"]) == cli.EXIT_USER_ERROR
+    assert "--keep must be 0 or more (got -1)" in capsys.readouterr().err
