@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from shardrun import config, fs
-from shardrun.errors import RedactingStream, UserError, redact
+from shardrun.errors import UserError, redact
 
 EXIT_USER_ERROR = 2
 
@@ -30,26 +30,77 @@ def _add_spec_args(p: argparse.ArgumentParser, *, fresh: bool = False) -> None:
                        help="start the run over: an earlier run of this name is moved aside")
 
 
+def _add_verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="print the resolved spec, and Ray's, DeepSpeed's and the workers' own log lines, which are "
+                        "kept off the console otherwise")
+
+
 def _add_trust_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="load the checkpoint even if its files would call more than DeepSpeed's own classes "
                         "(only for storage you trust: loading runs what the files name)")
 
 
+RUN_HELP = ("a run name, looked up under --storage (the NAME column of `shardrun runs`), or a run dir, "
+            "<checkpoint.storage>/<name> (a path, abfs:// or s3://)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, *, metavar: str = "RUN", help: str = RUN_HELP) -> None:  # noqa: A002
+    p.add_argument("run", metavar=metavar, help=help)
+    p.add_argument("--storage", metavar="DIR", default=config.CheckpointSpec().storage,
+                   help="where a run name is looked up: checkpoint.storage, a path or URI (default: %(default)s)")
+
+
+def version() -> str:
+    """`shardrun <version>`: the installed package's, else shardrun.__version__."""
+    from importlib import metadata
+
+    import shardrun
+
+    try:
+        number = metadata.version("shardrun")
+    except metadata.PackageNotFoundError:
+        number = getattr(shardrun, "__version__", "unknown")
+    return f"shardrun {number}"
+
+
+class _Version(argparse.Action):
+    """--version, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardrun", description=__doc__)
+    parser.add_argument("--version", action=_Version, help="print shardrun's version and exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="train on Ray (RAY_ADDRESS, else a local instance)")
     _add_spec_args(p, fresh=True)
+    _add_verbose_arg(p)
     p.add_argument("--overrides-from", default=None, help=argparse.SUPPRESS)  # submit's secret --set values
 
     p = sub.add_parser("train", help="train in this process without Ray (alone or under torchrun)")
     _add_spec_args(p, fresh=True)
+    _add_verbose_arg(p)
 
-    p = sub.add_parser("check", help="validate a job spec and print it resolved")
+    p = sub.add_parser("check", help="run every check `run` makes before Ray (spec, model entrypoint, data, "
+                                     "resume), then print the spec resolved",
+                       description="The checks `run` makes before it starts or contacts Ray: the spec, the model "
+                       "entrypoint's import, data.paths and every file's footer (data.prepare's corpus is not "
+                       "built here), the data against the spec (seq_len, vocabulary, steps per epoch) and the "
+                       "checkpoint a run would resume from. Their lines go to stderr, the resolved spec (secrets "
+                       "masked) to stdout; a failed check exits 2 with the message `run` gives.")
     _add_spec_args(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="check as for `run --fresh`: leave out the check of the checkpoint a run would resume from")
 
     p = sub.add_parser("submit", help="validate here, then run the job on a Ray cluster through its Jobs API")
     _add_spec_args(p)
@@ -77,33 +128,42 @@ def build_parser() -> argparse.ArgumentParser:
         "(NAME.lease.json); else finished, stopped (SIGTERM), failed: ERROR (from summary.json); without a "
         "summary.json newer than metrics.jsonl: interrupted (for runs without a lease file: running if files "
         "changed in the last 5 minutes); unreadable: WHY. Runs that --fresh moved aside (NAME.replaced-TIME) "
-        "are listed too, marked 'moved aside'.")
+        "are listed too, marked 'moved aside'. A NAME is what `report`, `checkpoints`, `export` and `generate` "
+        "take for RUN (with --storage STORAGE where it is not the default).")
     p.add_argument("storage", metavar="STORAGE", nargs="?", default=config.CheckpointSpec().storage,
                    help="checkpoint.storage: a path or URI (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
+    p.add_argument("--prune-replaced", action="store_true",
+                   help="delete the run dirs that --fresh moved aside (NAME.replaced-TIME) but the newest --keep of "
+                        "each name, and print what was removed (local storage only)")
+    p.add_argument("--keep", type=int, default=None, metavar="N",
+                   help="with --prune-replaced: moved-aside run dirs kept per name, newest first (default 3)")
 
     p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
-    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name> (a path, abfs:// or s3://)")
+    _add_run_args(p)
 
     p = sub.add_parser("export", help="a checkpoint as one safetensors file (ZeRO shards gathered) + config.json")
-    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name> (a path, abfs:// or s3://)")
+    _add_run_args(p)
     p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
     p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     _add_trust_arg(p)
+    _add_verbose_arg(p)
 
     p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
-    p.add_argument("source", metavar="RUN_OR_EXPORT",
-                   help="a run dir (a path, abfs:// or s3://), or a folder written by `shardrun export`")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--tokens", type=int, default=200, help="bytes to sample")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    _add_run_args(p, metavar="RUN_OR_EXPORT", help=f"{RUN_HELP}, or a folder written by `shardrun export`")
+    p.add_argument("--prompt", default="", help="text to continue (default: none)")
+    p.add_argument("--tokens", type=int, default=200, help="bytes to sample (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="below 1 sharper, above 1 more random (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=50,
+                   help="sample among the k likeliest bytes, 0 for all (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     _add_trust_arg(p)
+    _add_verbose_arg(p)
 
     p = sub.add_parser("report", help="plots (PNG) and an HTML page from a run's metrics.jsonl")
-    p.add_argument("run", metavar="RUN", help="the run dir, <checkpoint.storage>/<name>: a path or URI")
+    _add_run_args(p)
     p.add_argument("--out", metavar="DIR", default=None,
                    help="where report.html and its PNGs go (default: RUN/report; ./<name>-report for a URI)")
 
@@ -136,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--global-batch", type=int, default=None, metavar="N",
                    help="samples per optimizer step, all ranks: print the steps per epoch")
     p.add_argument("--partitions", type=int, default=None, metavar="P",
-                   help="data.partitions for the steps per epoch (default 1)")
+                   help="data.partitions for the steps per epoch (default: a run's, scaling.num_workers, "
+                        f"{config.default_partitions()} unless a spec sets it; give the run's data.partitions or "
+                        "num_workers)")
     return parser
 
 
@@ -156,23 +218,37 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
     return spec
 
 
-def ensure_data(spec: config.JobSpec, *, resume: bool = True) -> dict:
-    """Build data.prepare's corpus if it is missing; then index the files (named if bad); when resuming, check
-    that the newest complete checkpoint's data position fits them.
+def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = True, emit=None) -> dict:
+    """The spec's warnings; build data.prepare's corpus if it is missing (unless not `prepare`: `check`); then
+    index the files (named if bad), take data.seq_len from them when unset (set on `spec`, before the workers get
+    it) and check the spec again with it; when resuming, check that the newest complete checkpoint's data
+    position fits them. Lines go to `emit` (default: stdout).
 
-    Returns the data index as a plain dict for the workers: file footers are read once per run.
+    Returns the data index as a plain dict for the workers: file footers are read once per run ({} when `check`
+    leaves data.prepare's corpus to the run).
     """
     from shardrun.datasets import build_index
     from shardrun.datasets.inspect import steps_per_epoch, summary
-    from shardrun.datasets.prepare import prepare_stdlib
 
+    emit = emit or _emit
+    for warning in spec.warnings():
+        emit(f"warning: {warning}")
     target = spec.data.paths[0]
     if spec.data.prepare and not Path(target).exists():
-        _emit(f"preparing the {spec.data.prepare.source} corpus in {target}")
+        if not prepare:
+            emit(f"data.paths: {target} does not exist yet: `shardrun run` prepares the "
+                 f"{spec.data.prepare.source} corpus there (data.prepare), so the data checks wait for the run")
+            return {}
+        from shardrun.datasets.prepare import prepare_stdlib
+
+        emit(f"preparing the {spec.data.prepare.source} corpus in {target}")
         files = prepare_stdlib(Path(target), spec.data.seq_len,
                                int(spec.data.prepare.max_mb * 1e6))
-        _emit(f"wrote {len(files)} Parquet shards")
-    index = build_index(spec.data, emit=_emit)
+        emit(f"wrote {len(files)} Parquet shards")
+    taken = spec.data.format == "tokens" and spec.data.seq_len is None
+    index = build_index(spec.data, emit=emit)  # sets an unset data.seq_len from the files
+    if taken:
+        config.revalidate(spec, "data.paths (data.seq_len unset, taken from the files)")
     vocab = index.vocab_size
     if spec.model.type == "gpt" and vocab and vocab > spec.model.vocab_size:
         raise UserError(f"data.paths: the shards' token ids go up to {vocab - 1} (their tokenizer's vocabulary), "
@@ -182,7 +258,7 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True) -> dict:
         raise UserError(f"data.paths: {index.rows:,} rows make no whole step of a global batch of {spec.global_batch} "
                         f"samples over {spec.partitions} partitions (deepspeed.micro_batch_size x grad_accum_steps x "
                         "workers); add data, or lower the batch or data.partitions")
-    _emit(summary(index, spec.global_batch, spec.partitions))
+    emit(summary(index, spec.global_batch, spec.partitions, seq_len_from_files=spec.data.seq_len if taken else None))
     if resume:
         check_resume(spec, index)
     return index.to_dict()
@@ -207,7 +283,13 @@ def check_resume(spec: config.JobSpec, index) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    print(redact(load_spec(args).to_yaml()), end="")
+    """Every check `run` makes before Ray, its lines on stderr; the resolved spec on stdout (also when a data
+    check fails: data.seq_len taken from the files included once known)."""
+    spec = load_spec(args)
+    try:
+        ensure_data(spec, resume=not args.fresh, prepare=False, emit=fs.log)
+    finally:
+        print(redact(spec.to_yaml()), end="", flush=True)
     return 0
 
 
@@ -220,19 +302,45 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, spec: config.JobSpec) -> int:
-    _emit(f"job spec, resolved:\n{spec.to_yaml()}")
+    _start_banner(args, spec)
     data_index = ensure_data(spec, resume=not args.fresh)
     from shardrun.cluster.connect import connect
 
-    # Ray prints its workers' logs here, storage URLs with their SAS signatures among them
-    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     started = time.time()
     connect(preload="shardrun.cluster.launch")  # the launcher's imports (Ray Train, torch) ride on ray.init
     from shardrun.cluster.launch import launch
 
     summary = launch(spec, fresh=args.fresh, emit=_emit, data_index=data_index, started=started)
-    _emit(f"summary ({fs.join(spec.run_dir, 'summary.json')}):\n{json.dumps(summary, indent=2)}")
+    _end(spec, summary)
     return stopped_exit(summary.get("stopped"))
+
+
+def _start_banner(args: argparse.Namespace, spec: config.JobSpec) -> None:
+    """The console's filter in place, then the run in one line (the whole spec with --verbose)."""
+    from shardrun.driver import noise
+    from shardrun.driver.run_log import banner
+
+    global _FILTERS
+    # Ray prints its workers' and DeepSpeed's logs here (storage URLs with their SAS signatures among them)
+    _FILTERS = noise.install(verbose=args.verbose)
+    _emit(banner(spec))
+    if args.verbose:
+        _emit(f"job spec, resolved:\n{redact(spec.to_yaml())}")
+
+
+def _end(spec: config.JobSpec, summary: dict) -> None:
+    """The run's last lines: how it ended, and what the console was spared."""
+    from shardrun.driver import noise
+    from shardrun.driver.run_log import summary_line
+
+    _emit(summary_line(summary, spec.run_dir))
+    kept_out = noise.hidden_line(_FILTERS)
+    if kept_out:
+        _emit(kept_out)
+
+
+_FILTERS: tuple = ()
+"""The console's filters, once a run installed them (shardrun.driver.noise)."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -250,16 +358,27 @@ def _train(args: argparse.Namespace, spec: config.JobSpec, *, main: bool) -> int
     if main:
         from shardrun.driver.run_dir import prepare_run_dir
 
-        _emit(f"job spec, resolved:\n{spec.to_yaml()}")
+        _start_banner(args, spec)
         data_index = ensure_data(spec, resume=not args.fresh)
         prepare_run_dir(spec, fresh=args.fresh, emit=_emit)
+    else:
+        from shardrun.driver import noise
+
+        noise.install(verbose=args.verbose)  # DeepSpeed's routine lines, on every rank
     from shardrun.trainer.extensions import choose_accelerator
 
     choose_accelerator(spec.scaling.use_gpu)  # before DeepSpeed is imported
     from shardrun.driver.local import run_local
     from shardrun.trainer.faults import FaultInjector
 
-    return stopped_exit(run_local(spec, data_index, faults=FaultInjector.from_env()))
+    stopped = run_local(spec, data_index, faults=FaultInjector.from_env())
+    if main:
+        from shardrun.driver import noise
+
+        kept_out = noise.hidden_line(_FILTERS)
+        if kept_out:
+            _emit(kept_out)
+    return stopped_exit(stopped)
 
 
 def stopped_exit(signal_name: str | None) -> int:
@@ -283,7 +402,7 @@ def cmd_prepare_text(args: argparse.Namespace) -> int:
                                  compression=args.compression, workers=args.workers)
     seconds = time.perf_counter() - started
     done = prepare.summarize(files)
-    _emit(f"wrote {done.files} Parquet shards to {args.out}: {done.rows:,} rows, {done.tokens:,} tokens, "
+    _emit(f"wrote {prepare.shard_count(done.files)} to {args.out}: {done.rows:,} rows, {done.tokens:,} tokens, "
           f"{done.bytes_on_disk / 1e6:,.1f} MB on disk, {seconds:.1f} s")
     return 0
 
@@ -294,9 +413,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.global_batch is not None and args.global_batch < 1:
         raise UserError(f"--global-batch must be at least 1 (got {args.global_batch})")
-    partitions = args.partitions or 1
+    partitions = args.partitions or config.default_partitions()  # a run's default, as its steps per epoch count
     if args.global_batch and args.global_batch % partitions:
-        config.check_partitions(partitions, 1, args.global_batch)
+        try:
+            config.check_partitions(partitions, 1, args.global_batch)
+        except UserError as e:
+            if args.partitions:
+                raise
+            raise UserError(f"{e} ({partitions} partitions is the default, a run's with the default "
+                            "scaling.num_workers; give the run's with --partitions P)") from None
     try:
         spec = (config.DataSpec(paths=args.paths, format="table") if args.table
                 else config.DataSpec(paths=args.paths, column=args.column, seq_len=1, on_bad_file="skip"))
@@ -334,6 +459,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from shardrun import runs
 
+    if args.keep is not None and not args.prune_replaced:
+        raise UserError("--keep goes with --prune-replaced")
+    if args.prune_replaced:
+        keep = runs.KEEP_REPLACED if args.keep is None else args.keep
+        removed = runs.prune_replaced(args.storage, keep)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"{args.storage}: no moved-aside run dirs beyond the newest {keep} of each name")
+        return 0
     found = runs.list_runs(args.storage)
     if args.json:
         print(json.dumps(found, indent=2))
@@ -344,10 +479,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from shardrun.checkpoint_format import list_checkpoints
+    from shardrun.runs import resolve_run_dir
 
-    found = list_checkpoints(args.run)
+    run = resolve_run_dir(args.run, args.storage)
+    found = list_checkpoints(run)
     if not found:
-        print(f"{args.run}: no checkpoints")
+        print(f"{redact(run)}: no checkpoints")
     for c in found:
         state = "complete" if c["complete"] else f"incomplete: {c['why']}"
         print(f"step {c['step']:>8}  {c['bytes'] / 1e6:>10,.1f} MB  {state}  {c['path']}")
@@ -355,9 +492,13 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from shardrun.driver.noise import library_output_to_stderr
     from shardrun.export import export
+    from shardrun.runs import resolve_run_dir
 
-    done = export(args.run, args.out, step=args.step, dtype=args.dtype, emit=_emit, trust=args.trust_checkpoint)
+    with library_output_to_stderr(verbose=args.verbose):
+        done = export(resolve_run_dir(args.run, args.storage), args.out, step=args.step, dtype=args.dtype,
+                      emit=_emit, trust=args.trust_checkpoint)
     _emit(f"exported step {done['step']} ({done['dtype']}, {done['bytes'] / 1e6:,.1f} MB) from {done['source']} "
           f"to {done['out']}")
     return 0
@@ -367,12 +508,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import tempfile
 
     from shardrun import generate
+    from shardrun.driver.noise import library_output_to_stderr
     from shardrun.export import export
+    from shardrun.runs import resolve_run_dir
 
-    source = args.source
-    with tempfile.TemporaryDirectory() as tmp:
+    source = resolve_run_dir(args.run, args.storage)  # an export folder here is a path: it stays as it is
+    # the sampled text is all that goes to stdout (`generate ... > out.txt`); our lines and DeepSpeed's to stderr
+    with tempfile.TemporaryDirectory() as tmp, library_output_to_stderr(verbose=args.verbose):
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            export(source, tmp, emit=_emit, trust=args.trust_checkpoint)
+            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint)
             source = tmp
         text = generate.generate(generate.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
                                temperature=args.temperature, top_k=args.top_k, seed=args.seed)
@@ -382,8 +526,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from shardrun import report
+    from shardrun.runs import resolve_run_dir
 
-    print(report.format_summary(report.report(args.run, args.out)))
+    print(report.format_summary(report.report(resolve_run_dir(args.run, args.storage), args.out)))
     return 0
 
 

@@ -9,6 +9,7 @@ import ray
 
 from shardrun.cluster.failures import RepeatCounter
 from shardrun.driver.run_log import RunLog
+from shardrun.errors import redact
 
 MAX_RETRY_S = 60.0
 
@@ -35,6 +36,11 @@ class EventChannel:
         self.events.append(("note", {}, line))
 
     def failed(self, rank: int, step: int | None, kind: str, message: str) -> str | None:
+        """A rank's error, said on the console (Ray's forwarded traceback is kept off it); the message that
+        ends the run if it repeats (RepeatCounter)."""
+        where = f"after step {step}" if step is not None else "while starting"
+        first = (message.strip().splitlines() or [""])[0][:300]
+        self.events.append(("note", {}, redact(f"rank {rank} failed {where}: {kind}: {first}")))
         return self.failures.failed(rank, step, kind, message)
 
     def request_stop(self, reason: str) -> None:

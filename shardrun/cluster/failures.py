@@ -18,6 +18,19 @@ from shardrun.errors import RepeatedFailure, TrainingDiverged, UserError, redact
 DETERMINISTIC = (UserError, TrainingDiverged, RepeatedFailure)
 
 
+def worker_errors(error: BaseException) -> str | None:
+    """`rank 1: RuntimeError: ...; rank 0: ...`: each failed worker's error in its first line, or None when
+    `error` is no worker group's failure."""
+    if not isinstance(error, WorkerGroupError):
+        return None
+    said = []
+    for rank, failure in sorted(error.worker_failures.items()):
+        cause = getattr(failure, "_base_exc", failure)
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        said.append(f"rank {rank}: {type(cause).__name__}: {first}")
+    return redact("; ".join(said)) if said else None
+
+
 def deterministic_error(error: BaseException) -> BaseException | None:
     """The first worker's deterministic error inside a Ray Train failure, or None."""
     failures = error.worker_failures.values() if isinstance(error, WorkerGroupError) else ()

@@ -17,7 +17,7 @@ from shardrun import checkpoint_format as layout
 from shardrun import fs
 from shardrun.cluster.connect import connect
 from shardrun.cluster.events import EventChannel, EventForwarder
-from shardrun.cluster.failures import deterministic_error, deterministic_errors_not_retried
+from shardrun.cluster.failures import deterministic_error, deterministic_errors_not_retried, worker_errors
 from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
@@ -93,9 +93,13 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
             result = fit_beside_the_main_thread(trainer)
         latest = result.checkpoint.path if result.checkpoint else None
     except BaseException as e:
-        error = deterministic_error(e) or e
-        if error is not e:  # the worker's own message, not Ray Train's wrapping of it
+        error = deterministic_error(e)
+        if error is not None:  # the worker's own message, not Ray Train's wrapping of it
             raise error from None
+        said = worker_errors(e)  # each rank's error in a line, not Ray Train's tracebacks (--debug has them)
+        error = RuntimeError(f"the workers failed: {said}") if said else e
+        if error is not e:
+            raise error from e
         raise
     finally:
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))

@@ -67,7 +67,7 @@ class Console:
     def __init__(self, emit: Callable[[str], None], stream: TextIO, *, max_steps: int,
                  every: int = 10, seconds: float = 60.0):
         self.emit = emit
-        self.stream = stream
+        self.stream = getattr(stream, "raw", stream)  # the bar past the console's line filter (driver.noise)
         self.max_steps = max_steps
         self.every = every
         self.seconds = seconds

@@ -15,7 +15,7 @@ from shardrun import checkpoint_format as layout
 from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
-from shardrun.driver.run_log import RunLog
+from shardrun.driver.run_log import RunLog, summary_line
 from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import UserError, redact
 from shardrun.metrics import bind_host
@@ -152,7 +152,7 @@ class LocalReporter:
         fs.write_json(os.path.join(self.run_dir, "summary.json"), summary)
         if self.observer is not None:
             self.observer.console.close()  # the progress bar ends above the summary
-        _print(f"{'done' if finished else 'stopped'}: {summary}")
+        _print(summary_line(summary, self.run_dir))
 
 
 def _print(line: str) -> None:

@@ -78,3 +78,40 @@ class RunLog:
             out["first_bits_per_byte"] = self.first["loss"] / math.log(2)
             out["last_bits_per_byte"] = self.last["loss"] / math.log(2)
         return out
+
+
+def gpt_parameters(n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool) -> int:
+    """The built-in GPT's parameter count (its token embedding and output head are one matrix)."""
+    per_layer = 12 * n_embd * n_embd + 2 * n_embd + (11 * n_embd if bias else 0)
+    return (vocab_size + block_size) * n_embd + n_layer * per_layer + n_embd * (2 if bias else 1)
+
+
+def banner(spec) -> str:
+    """The run in one line: name, model, precision and ZeRO stage, workers, steps, and where its files go (the
+    resolved spec among them: job.yaml in the run dir)."""
+    m, ds, s = spec.model, spec.deepspeed, spec.scaling
+    if m.entrypoint:
+        model = m.entrypoint
+    else:
+        params = gpt_parameters(m.n_layer, m.n_embd, m.block_size, m.vocab_size, m.bias)
+        model = f"GPT of {params / 1e6:,.1f} M parameters ({m.n_layer} layers x {m.n_embd})"
+    workers = (f"{s.num_workers[0]}-{s.num_workers[1]} workers" if isinstance(s.num_workers, tuple)
+               else plural(s.num_workers, "worker"))
+    device = "GPUs" if s.use_gpu else "CPU"
+    return (f"{spec.name}: {model}, {ds.precision}, ZeRO {ds.zero_stage}, {workers} on {device}, "
+            f"{spec.run.max_steps} steps; run dir {spec.run_dir} (the resolved spec: job.yaml there)")
+
+
+def summary_line(summary: dict, run_dir: str) -> str:
+    """How the run ended, in one line, for both launchers: the steps, the loss, the checkpoint."""
+    how = "finished" if summary.get("finished") else f"stopped ({summary['stopped']})" if summary.get(
+        "stopped") else "stopped"
+    parts = [f"{how}: steps {summary['start_step']}-{summary['final_step']} in "
+             f"{format_duration(summary.get('wall_seconds') or 0)}"]
+    if summary.get("first_loss") is not None and summary.get("last_loss") is not None:
+        parts.append(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}")
+    if summary.get("restarts"):
+        parts.append(plural(summary["restarts"], "restart"))
+    checkpoint = summary.get("checkpoint")
+    parts.append(f"checkpoint {checkpoint}" if checkpoint else "no checkpoint")
+    return ", ".join(parts) + f"; summary.json in {run_dir}"

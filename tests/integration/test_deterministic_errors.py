@@ -39,5 +39,8 @@ def test_a_crash_at_the_same_step_in_every_attempt_ends_the_run_at_the_limit(tmp
     assert ("shardrun: RepeatedFailure: rank 1 failed after step 3 in 2 attempts of the worker group with the same "
             "error, RuntimeError: injected crash (SHARDRUN_FAULT) after step 3 on rank 1") in out, out[-4000:]
     assert "restart 1" in out and "restart 2" not in out, out[-4000:]
+    # the retried failure is said on the console with its rank, Ray's traceback kept off it
+    assert ("[shardrun] rank 1 failed after step 3: RuntimeError: injected crash (SHARDRUN_FAULT) after step 3 on "
+            "rank 1") in out and "Traceback" not in out, out[-4000:]
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     assert summary["error"].startswith("RepeatedFailure: rank 1 failed after step 3"), summary
