@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the folder sent to the cluster (default: the spec's project folder, the nearest one above "
                         "it with .git, pyproject.toml or setup.py)")
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
+    _add_verbose_arg(p)
     p.add_argument("--allow-secrets", action="store_true",
                    help="upload the working dir even when it is a home folder or holds credentials (.ssh, ...)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -435,7 +436,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from shardrun import jobs
 
     return jobs.submit(args.spec, args.overrides, at=args.address, working_dir=args.working_dir,
-                       wait=not args.no_wait, emit=_emit, env=args.env, allow_secrets=args.allow_secrets)
+                       wait=not args.no_wait, emit=_emit, env=args.env, allow_secrets=args.allow_secrets,
+                       verbose=args.verbose)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

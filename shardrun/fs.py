@@ -101,6 +101,15 @@ def read_text(path: str) -> str | None:
         return f.read().decode()
 
 
+def read_json(path: str) -> object | None:
+    """A JSON file's content, or None when it is missing or no JSON (a file cut off counts as absent)."""
+    text = read_text(path)
+    try:
+        return json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def append_text(path: str, text: str) -> None:
     """Add to the end of a file: in place on local disk; object stores have no append, so the whole
     file is written again (through write_text, never half a file)."""

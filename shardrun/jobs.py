@@ -109,10 +109,11 @@ def env_vars(pairs: list[str]) -> dict[str, str]:
 
 
 def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir: str | None, wait: bool,
-           emit: Callable[[str], None], env: list[str] = (), allow_secrets: bool = False) -> int:
+           emit: Callable[[str], None], env: list[str] = (), allow_secrets: bool = False, verbose: bool = False) -> int:
     """Validate the spec here, then submit `shardrun run` with the working dir; follow it unless not wait.
     env: KEY=VALUE pairs for the job's driver and every one of its workers (Ray's runtime_env env_vars).
-    allow_secrets: upload a home folder or one with credentials at its top."""
+    allow_secrets: upload a home folder or one with credentials at its top. verbose: the job's console keeps Ray's
+    and DeepSpeed's lines (`shardrun run --verbose`)."""
     spec = config.load(spec_path, overrides)  # errors before anything reaches the cluster
     variables = env_vars(list(env))
     path = Path(spec_path).resolve()
@@ -135,7 +136,7 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
     with tempfile.TemporaryDirectory() as tmp:
         modules = [str(Path(shardrun.__file__).parent)]  # this client's shardrun (the cluster has its deps)
         entrypoint = " ".join(["python", "-m", "shardrun", "run", _quote(str(path.relative_to(work))),
-                               *(f"--set {_quote(o)}" for o in shown)])
+                               *(f"--set {_quote(o)}" for o in shown), *(["--verbose"] if verbose else [])])
         if hidden:
             package = Path(tmp, f"shardrun_overrides_{secrets.token_hex(4)}")
             package.mkdir()

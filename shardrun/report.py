@@ -140,7 +140,8 @@ def summarize(run: RunMetrics) -> dict:
     out["restarts"] = len(run.restarts)
     out["restart_steps"] = run.restarts
     times = [r["time"] for r in run.records if isinstance(r.get("time"), int | float)]
-    out["wall_seconds"] = round(times[-1] - times[0], 3) if times else None
+    # not summary.json's wall_seconds (the last invocation, start-up included), shown beside it on the page
+    out["logged_seconds"] = round(times[-1] - times[0], 3) if times else None
     return out
 
 
@@ -157,8 +158,8 @@ def format_summary(summary: dict) -> str:
     if summary["restarts"]:
         steps = ", ".join(str(s) for s in summary["restart_steps"])
         parts.append(f"{plural(summary['restarts'], 'restart')} (logging again from step {steps})")
-    if summary["wall_seconds"] is not None:
-        parts.append(f"{format_duration(summary['wall_seconds'])} from the first record to the last")
+    if summary["logged_seconds"] is not None:
+        parts.append(f"{format_duration(summary['logged_seconds'])} from the first record to the last")
     lines = [redact(", ".join(parts))]
     if "report" in summary:
         lines.append(f"report: {summary['report']} ({plural(len(summary['plots']), 'plot')})")

@@ -22,6 +22,7 @@ from shardrun.cluster.worker import train_fn
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
 from shardrun.driver.run_dir import prepare_run_dir
+from shardrun.driver.run_log import carry_over
 from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import redact
 from shardrun.metrics import bind_host
@@ -108,7 +109,9 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
             summary["error"] = "interrupted: stopped at once by a second signal, without a checkpoint"
         elif error is not None:
             summary["error"] = redact(f"{type(error).__name__}: {error}")
-        fs.write_json(fs.join(spec.run_dir, "summary.json"), summary)
+        path = fs.join(spec.run_dir, "summary.json")
+        summary = carry_over(summary, fs.read_json(path))
+        fs.write_json(path, summary)
     return summary
 
 

@@ -15,7 +15,7 @@ from shardrun import checkpoint_format as layout
 from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.driver.observer import RunObserver
-from shardrun.driver.run_log import RunLog, summary_line
+from shardrun.driver.run_log import RunLog, carry_over, summary_line
 from shardrun.driver.stop_signals import StopSignals
 from shardrun.errors import UserError, redact
 from shardrun.metrics import bind_host
@@ -54,6 +54,7 @@ class LocalCheckpointStore:
     into place by rank 0 once every rank has written its part, then named in `latest`."""
 
     def __init__(self, run_dir: str, topology: Topology, *, keep: int):
+        self.run_dir = run_dir
         self.root = os.path.join(run_dir, layout.LOCAL_FOLDER)
         self.topology = topology
         self.keep = keep
@@ -64,7 +65,17 @@ class LocalCheckpointStore:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        yield self.latest_path()
+        """The checkpoint `latest` names, or a newer complete one in the run dir: one that `shardrun run` wrote
+        (a run dir is one run, whichever launcher continues it), or one `latest` missed."""
+        recorded = self.latest_path()
+        complete = {c["step"]: c for c in layout.list_checkpoints(self.run_dir) if c["complete"]} \
+            if os.path.isdir(self.run_dir) else {}
+        step = layout.resume_from(layout.step_of(recorded) if recorded else None, list(complete))
+        if step is not None:
+            if self.topology.is_main:
+                _print(f"resuming from the newest complete checkpoint in the run dir, {complete[step]['path']}")
+            recorded = complete[step]["path"]
+        yield recorded
 
     @contextlib.contextmanager
     def checkpoint_dir(self, step: int, metrics: dict) -> Iterator[str]:
@@ -149,7 +160,9 @@ class LocalReporter:
         summary = self.log.summary(checkpoint=self.store.latest_path(), finished=finished)
         if not finished and self.stop_reason:
             summary["stopped"] = self.stop_reason
-        fs.write_json(os.path.join(self.run_dir, "summary.json"), summary)
+        path = os.path.join(self.run_dir, "summary.json")
+        summary = carry_over(summary, fs.read_json(path))
+        fs.write_json(path, summary)
         if self.observer is not None:
             self.observer.console.close()  # the progress bar ends above the summary
         _print(summary_line(summary, self.run_dir))

@@ -46,7 +46,7 @@ class RunObserver:
         if self.spec.metrics.enabled:
             endpoints = info.get("endpoints") or []
             self.write_targets(endpoints)
-            driver = f" and the driver at {self.job.address}" if self.job is not None else ""
+            driver = f" and the run's own series (state, workers, restarts) at {self.job.address}" if self.job else ""
             self.emit(f"metrics: {len(endpoints)} ranks{driver} listed for Prometheus in {self.targets_path}")
 
     def record(self, record: dict, line: str) -> None:

@@ -80,6 +80,21 @@ class RunLog:
         return out
 
 
+def carry_over(summary: dict, previous: dict | None) -> dict:
+    """summary.json of an invocation that resumed a run keeps where the run began: run_start_step and
+    run_first_loss (from the earlier summary.json, whose own run_ fields win), and how many invocations it
+    took."""
+    previous = previous if isinstance(previous, dict) else {}
+    resumed = summary.get("start_step", 0) > 0 and previous
+    out = dict(summary)
+    out["run_start_step"] = previous.get("run_start_step", previous.get("start_step", 0)) if resumed else \
+        summary.get("start_step", 0)
+    out["run_first_loss"] = previous.get("run_first_loss", previous.get("first_loss")) if resumed else \
+        summary.get("first_loss")
+    out["invocations"] = previous.get("invocations", 1) + 1 if resumed else 1
+    return out
+
+
 def gpt_parameters(n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool) -> int:
     """The built-in GPT's parameter count (its token embedding and output head are one matrix)."""
     per_layer = 12 * n_embd * n_embd + 2 * n_embd + (11 * n_embd if bias else 0)

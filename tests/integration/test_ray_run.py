@@ -36,7 +36,7 @@ def test_same_name_twice_resumes_where_the_first_stopped(tmp_path, corpus, stale
     assert "starting with 2 workers" in out and "step     20/20" in out
     # Ray Train's placement group cleaner asked this instance, not the address file's (it waited 12 s then)
     assert "PlacementGroupCleaner" not in out and "Monitor thread did not exit" not in out, out[-4000:]
-    assert "metrics: 2 ranks and the driver at 127.0.0.1:" in out
+    assert "metrics: 2 ranks and the run's own series (state, workers, restarts) at 127.0.0.1:" in out
     first = json.loads((run_dir / "summary.json").read_text())
     assert (first["start_step"], first["steps"], first["restarts"]) == (0, 20, 0)
     assert first["last_loss"] < first["first_loss"]

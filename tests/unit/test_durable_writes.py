@@ -98,3 +98,19 @@ def test_pruning_keeps_the_checkpoint_just_committed_and_clears_what_a_crash_lef
                 f.write(b"x")
     assert (root / "latest").read_text() == "step_00000010"
     assert sorted(os.listdir(root)) == ["latest", "step_00000010", "step_00000050"]
+
+
+def test_train_resumes_from_a_newer_checkpoint_that_run_wrote_in_the_same_run_dir(tmp_path, capsys):
+    """`shardrun run`, then `shardrun train` of the same name: one run dir, one run, whichever launcher goes on."""
+    from helpers import write_checkpoint
+
+    store = LocalCheckpointStore(str(tmp_path), Topology(rank=0, world_size=1, local_rank=0, device="cpu"), keep=2)
+    with store.checkpoint_dir(4, {}) as staging:
+        with open(os.path.join(staging, "rank_0.pt"), "wb") as f:
+            f.write(b"x")
+    with store.latest_checkpoint() as path:
+        assert path == str(tmp_path / "checkpoints" / "step_00000004")  # latest's (not complete: not overridden)
+    write_checkpoint(tmp_path / "checkpoint_00000010", 10, world=1, ranks=(0,))
+    with store.latest_checkpoint() as path:
+        assert path == str(tmp_path / "checkpoint_00000010")
+    assert "resuming from the newest complete checkpoint in the run dir" in capsys.readouterr().out

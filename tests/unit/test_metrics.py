@@ -121,7 +121,8 @@ def test_observer_keeps_the_target_file_and_metrics_jsonl(tmp_path, corpus):
 
     assert not target_file.exists()
     assert [line for line in lines if not line.startswith("metrics: ")] == ["starting", "step 5", "resuming", "step 10"]
-    assert lines[1].startswith("metrics: 2 ranks and the driver at 127.0.0.1:") and lines[4].startswith("metrics: 1 ")
+    assert lines[1].startswith("metrics: 2 ranks and the run's own series (state, workers, restarts) at 127.0.0.1:")
+    assert lines[4].startswith("metrics: 1 ")
     rows = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["loss"]) for r in rows] == [(5, 2.0), (10, 1.5)] and all("time" in r for r in rows)
 

@@ -41,3 +41,18 @@ def test_a_group_on_another_world_size_says_how_it_resumed():
                        "universal": True, "grad_accum_steps": 2, "global_batch": 8})
     assert line == ("resuming from step 20 with 1 worker (restart 1); the checkpoint was written by 2 workers, "
                     "converted to DeepSpeed's universal format; now 2 micro-batches per step, a global batch of 8")
+
+
+def test_a_resumed_runs_summary_keeps_where_the_run_began_and_both_launchers_say_it_the_same_way():
+    from shardrun.driver.run_log import carry_over, summary_line
+
+    first = carry_over({"start_step": 0, "final_step": 100, "first_loss": 5.5, "last_loss": 3.0}, None)
+    assert (first["run_start_step"], first["run_first_loss"], first["invocations"]) == (0, 5.5, 1)
+    second = carry_over({"start_step": 100, "final_step": 150, "first_loss": 3.1, "last_loss": 2.5}, first)
+    third = carry_over({"start_step": 150, "final_step": 200, "first_loss": 2.6, "last_loss": 2.2}, second)
+    assert (third["run_start_step"], third["run_first_loss"], third["invocations"]) == (0, 5.5, 3)
+    assert carry_over({"start_step": 0, "first_loss": 5.4}, third)["invocations"] == 1  # started over
+    line = summary_line({**third, "finished": True, "wall_seconds": 75, "checkpoint": "/r/x/checkpoint_00000200",
+                         "restarts": 1}, "/r/x")
+    assert line == ("finished: steps 150-200 in 1m15s, loss 2.6000 -> 2.2000, 1 restart, checkpoint "
+                    "/r/x/checkpoint_00000200; summary.json in /r/x")

@@ -61,7 +61,7 @@ def test_summary_numbers(gpt_report):
     _, summary = gpt_report
     expected = {"run": "tiny", "records": 5, "first_step": 10, "final_step": 40, "first_loss": 5.0,
                 "last_loss": 3.0, "mean_tokens_per_s": 1000.0, "restarts": 1, "restart_steps": [30],
-                "wall_seconds": 60.0}
+                "logged_seconds": 60.0}
     assert {k: summary[k] for k in expected} == expected
     assert summary["first_bits_per_byte"] == pytest.approx(5.0 / math.log(2))
     assert summary["last_bits_per_byte"] == pytest.approx(3.0 / math.log(2))
