@@ -358,7 +358,7 @@ def run_ray(work: Path, env: dict, rep: int) -> dict:
     return relative(start, marks)
 
 
-DRIVER_LINES = {"spec": "[shardrun] job spec, resolved", "data index": "[shardrun] data: ",
+DRIVER_LINES = {"spec": "[shardrun] startup: ", "data index": "[shardrun] data: ",
                 "ray up": "[shardrun] connecting to ", "driver saw step 1": "[shardrun] step      1/"}
 """shardrun's own driver lines, timed as they arrive (each is printed and flushed when its phase is done)."""
 

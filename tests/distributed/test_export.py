@@ -50,6 +50,12 @@ def test_export_gathers_zero3_shards_and_keeps_the_loss(tmp_path, corpus):
          f"--master-port={free_port()}", "-m", "shardrun", "train", str(path)], timeout=240)
     run_dir = tmp_path / "runs/tiny"
 
+    # the sampled text alone on stdout: DeepSpeed's lines while it gathers the ZeRO-3 shards go to stderr
+    sampled = subprocess.run([sys.executable, "-m", "shardrun", "generate", str(run_dir), "--prompt", "ab",
+                              "--tokens", "3"], capture_output=True, text=True, env=child_env(), timeout=180)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert sampled.stdout.startswith("ab") and len(sampled.stdout) <= len("ab") + 3 + 1, sampled.stdout
+
     listing = run([sys.executable, "-m", "shardrun", "checkpoints", str(run_dir)], timeout=60).stdout
     assert "step        3" in listing and "step        6" in listing and listing.count("complete") == 2
 

@@ -34,6 +34,8 @@ def test_zero_stage_trains_checkpoints_and_resumes(tmp_path, corpus, stage, prec
     path = write_spec(tmp_path / "job.yaml", spec)
     out = torchrun(path).stdout
     assert "starting with 2 workers" in out
+    # the summary as `shardrun run` says it, and DeepSpeed's routine kept off the console
+    assert "[shardrun] finished: steps 0-6 in " in out and "built successfully" not in out, out
     first = summary(tmp_path / "runs" / "tiny")
     assert (first["start_step"], first["final_step"]) == (0, 6)
     assert first["last_loss"] < first["first_loss"]

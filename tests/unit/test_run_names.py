@@ -143,3 +143,4 @@ def test_version(capsys, monkeypatch):
 
     monkeypatch.setattr(metadata, "version", missing)
     assert cli.version() == f"shardrun {shardrun.__version__}"
+
