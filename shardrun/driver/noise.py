@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import TextIO
 
+from shardrun.driver.run_log import plural
 from shardrun.errors import redact
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -59,12 +60,16 @@ class ConsoleFilter:
         self.hidden = 0
         """Lines kept out so far."""
         self._partial = ""
-        self._lock = threading.Lock()  # Ray's log thread and the driver's write at once
+        # Ray's log thread and the driver write at once. Reentrant: a signal handler that prints (Ctrl-C's line)
+        # runs in the main thread, perhaps while it is in here; a plain lock would wait for itself for good.
+        self._lock = threading.RLock()
 
     def write(self, text: str) -> int:
         with self._lock:
-            pending = self._partial + text
-            *lines, self._partial = pending.split("\n")
+            self._partial += text
+            if "\n" not in self._partial:
+                return len(text)
+            *lines, self._partial = self._partial.split("\n")
             out = [kept for line in lines if (kept := self.judge(line)) is not None]
             if out:
                 self.stream.write("".join(f"{line}\n" for line in out))
@@ -137,5 +142,5 @@ def hidden_line(filters: tuple[ConsoleFilter, ...]) -> str | None:
     count = sum(f.hidden for f in filters)
     if not count:
         return None
-    return (f"{count} lines of Ray's, DeepSpeed's and the workers' own logging were kept off the console: "
+    return (f"{plural(count, 'line')} of Ray's, DeepSpeed's and the workers' own logging were kept off the console: "
             "--verbose shows them (a Ray run's are also under /tmp/ray/session_latest/logs)")

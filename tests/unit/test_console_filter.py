@@ -88,3 +88,22 @@ def test_the_bar_is_drawn_past_the_filter(monkeypatch):
     raw = Terminal()
     console = Console(lambda line: None, ConsoleFilter(raw), max_steps=10)
     assert console.stream is raw and console.bar
+
+
+def test_a_signal_handler_that_prints_while_a_line_is_written_does_not_wait_for_itself():
+    """Ctrl-C's handler prints its line in the main thread, perhaps in the middle of the filter's own write."""
+    out = io.StringIO()
+    console = ConsoleFilter(out)
+
+    class Interrupting(io.StringIO):
+        fired = False
+
+        def write(self, text):  # the stream behind the filter, interrupted by a "signal" as it writes
+            if not self.fired:
+                self.fired = True
+                console.write("[shardrun] stop requested (SIGINT)\n")
+            return out.write(text)
+
+    console.stream = Interrupting()
+    console.write("[shardrun] step      3/200\n")
+    assert out.getvalue().splitlines() == ["[shardrun] stop requested (SIGINT)", "[shardrun] step      3/200"]
