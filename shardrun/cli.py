@@ -143,11 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("checkpoints", help="a run's checkpoints: step, size, complete or why not")
     _add_run_args(p)
 
-    p = sub.add_parser("export", help="a checkpoint as one safetensors file (ZeRO shards gathered) + config.json")
+    p = sub.add_parser("export", help="a checkpoint as one safetensors file (ZeRO shards gathered) + config.json, "
+                       "or as a Hugging Face transformers folder (--format hf)")
     _add_run_args(p)
-    p.add_argument("--out", metavar="DIR", required=True, help="folder for model.safetensors and config.json")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="folder for model.safetensors and config.json (--format hf: a from_pretrained folder)")
     p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--format", dest="fmt", choices=["shardrun", "hf"], default="shardrun",
+                   help="shardrun (default; what `generate` reads) or hf: a folder that transformers' "
+                   "AutoModelForCausalLM.from_pretrained loads (the built-in GPT as GPT-2, a model.hf run as its "
+                   "own model, tokenizer files copied)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="--format hf: the largest weights file, e.g. 500MB (default 5GB); above it the weights are "
+                   "sharded, with an index")
     _add_trust_arg(p)
     _add_verbose_arg(p)
 
@@ -240,12 +249,12 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = Tr
             emit(f"data.paths: {target} does not exist yet: `shardrun run` prepares the "
                  f"{spec.data.prepare.source} corpus there (data.prepare), so the data checks wait for the run")
             return {}
-        from shardrun.datasets.prepare import prepare_stdlib
+        from shardrun.datasets.prepare import prepare_stdlib, shard_count
 
         emit(f"preparing the {spec.data.prepare.source} corpus in {target}")
         files = prepare_stdlib(Path(target), spec.data.seq_len,
                                int(spec.data.prepare.max_mb * 1e6))
-        emit(f"wrote {len(files)} Parquet shards")
+        emit(f"wrote {shard_count(len(files))}")
     taken = spec.data.format == "tokens" and spec.data.seq_len is None
     index = build_index(spec.data, emit=emit)  # sets an unset data.seq_len from the files
     if taken:
@@ -254,6 +263,10 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = Tr
     if spec.model.type == "gpt" and vocab and vocab > spec.model.vocab_size:
         raise UserError(f"data.paths: the shards' token ids go up to {vocab - 1} (their tokenizer's vocabulary), "
                         f"but model.vocab_size is {spec.model.vocab_size}; set model.vocab_size: {vocab}")
+    if spec.model.hf is not None:
+        from shardrun.driver.model_check import check_hf_model
+
+        check_hf_model(spec, vocab, emit)
     if not steps_per_epoch(index, spec.global_batch, spec.partitions, seed=spec.data.seed,
                            window=spec.data.shuffle_window):
         raise UserError(f"data.paths: {index.rows:,} rows make no whole step of a global batch of {spec.global_batch} "
@@ -500,9 +513,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with library_output_to_stderr(verbose=args.verbose):
         done = export(resolve_run_dir(args.run, args.storage), args.out, step=args.step, dtype=args.dtype,
-                      emit=_emit, trust=args.trust_checkpoint)
-    _emit(f"exported step {done['step']} ({done['dtype']}, {done['bytes'] / 1e6:,.1f} MB) from {done['source']} "
-          f"to {done['out']}")
+                      fmt=args.fmt, max_shard_size=args.max_shard_size, emit=_emit, trust=args.trust_checkpoint)
+    as_hf = ", Hugging Face format" if done["format"] == "hf" else ""
+    _emit(f"exported step {done['step']} ({done['dtype']}{as_hf}, {done['bytes'] / 1e6:,.1f} MB) from "
+          f"{done['source']} to {done['out']}")
     return 0
 
 

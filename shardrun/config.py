@@ -47,9 +47,42 @@ class PrepareSpec(_Section):
     max_mb: float = Field(8.0, gt=0, description="Read at most this many MB of source text.")
 
 
+class HFModelSpec(_Section):
+    path: str = Field(
+        description="The Hugging Face model: a local folder (config.json, safetensors weights, tokenizer files), "
+        "an abfs:// or s3:// URI of one (downloaded once per node), or a Hub id (org/name; HF_HUB_OFFLINE is "
+        "honoured).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); also keys the cache.")
+    task: Literal["causal_lm"] = Field("causal_lm", description="What the model learns: causal_lm (next token).")
+    from_scratch: bool = Field(
+        False, description="The architecture of path's config.json with random weights (run.seed), no weights "
+        "loaded.",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="The dtype the weights are loaded in; DeepSpeed then casts the module to "
+        "deepspeed.precision.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="transformers' attention: sdpa (torch's scaled_dot_product_attention), eager, or "
+        "flash_attention_2 (GPUs, with the flash-attn package).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own Python from path (a model transformers does not know). It is "
+        "code: only for sources you trust.",
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Values set on the model's config before it is built (e.g. "
+        "{dropout: 0.1, num_hidden_layers: 2} with from_scratch).",
+    )
+
+
 class ModelSpec(_Section):
     type: Literal["gpt"] | None = Field(
-        None, description="Built-in model. Defaults to gpt when no entrypoint is given."
+        None, description="Built-in model. Defaults to gpt when neither an entrypoint nor hf is given."
+    )
+    hf: HFModelSpec | None = Field(
+        None, description="A Hugging Face transformers model instead of the built-in GPT.",
     )
     entrypoint: str | None = Field(
         None,
@@ -75,6 +108,11 @@ class ModelSpec(_Section):
 
     @model_validator(mode="after")
     def _one_kind_of_model(self) -> ModelSpec:
+        if self.hf is not None:
+            if self.entrypoint is not None or self.type is not None:
+                raise ValueError("give one of model.hf, model.entrypoint and model.type")
+            self._no_gpt_fields("model.hf")
+            return self
         if self.entrypoint is None:
             if self.args:
                 raise ValueError("model.args is only for an entrypoint model")
@@ -91,17 +129,20 @@ class ModelSpec(_Section):
             raise ValueError(
                 f"entrypoint {self.entrypoint!r} must look like 'package.module:function'"
             )
-        # Defaults may be present (a resolved spec carries them); other values would be ignored.
+        self._no_gpt_fields("an entrypoint")
+        return self
+
+    def _no_gpt_fields(self, what: str) -> None:
+        """The GPT's size fields, set to other than their defaults, would be ignored by another kind of model
+        (defaults may be present: a resolved spec carries them)."""
         gpt_fields = {
-            name for name in self.model_fields_set - {"entrypoint", "args", "type"}
+            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf"}
             if getattr(self, name) != type(self).model_fields[name].default
         }
         if gpt_fields:
-            raise ValueError(
-                f"{', '.join(sorted(gpt_fields))} apply to type: gpt only; "
-                "pass an entrypoint's settings in model.args"
-            )
-        return self
+            where = "model.hf.config_overrides" if self.hf is not None else "model.args"
+            raise ValueError(f"{', '.join(sorted(gpt_fields))} apply to type: gpt only; {what} takes its "
+                             f"settings in {where}")
 
 
 class DataSpec(_Section):

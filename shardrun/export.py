@@ -2,7 +2,9 @@
 
 An export is a folder of two files that need no DeepSpeed: `model.safetensors` (the whole model, fp32 or
 bf16, ZeRO shards gathered) and `config.json` (the model section of the run's spec, the step, the dtype).
-Which checkpoints a run has, and which are complete, is the checkpoint format's (checkpoint_format.py).
+With --format hf it is a Hugging Face transformers folder instead (hf_export.py), and EXPORT_RECORD in it says
+which files the export wrote. Which checkpoints a run has, and which are complete, is the checkpoint format's
+(checkpoint_format.py).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from shardrun.checkpoint_format import local_run_dir, pick, read_manifest
 from shardrun.config import ModelSpec
 from shardrun.errors import UserError, redact
 
+FORMATS = ("shardrun", "hf")
 
-def model_spec(run_dir: str) -> ModelSpec:
-    """The model section of the run's resolved spec (job.yaml in the run dir, local or behind a URI)."""
+
+def model_spec(run_dir: str, fmt: str = "shardrun") -> ModelSpec:
+    """The model section of the run's resolved spec (job.yaml in the run dir, local or behind a URI), if `fmt`
+    can export it: shardrun's format the built-in GPT; hf the built-in GPT and model.hf runs."""
     path = fs.join(run_dir if fs.is_uri(run_dir) else local_run_dir(run_dir), "job.yaml")
     try:
         text = fs.read_text(path)
@@ -37,8 +42,13 @@ def model_spec(run_dir: str) -> ModelSpec:
                         "a run dir?")
     spec = ModelSpec.model_validate(yaml.safe_load(text)["model"])
     if spec.entrypoint is not None:
-        raise UserError(f"{redact(run_dir)} trains {spec.entrypoint}: export writes the built-in GPT; for your own "
-                        "model, use DeepSpeed's zero_to_fp32.py in the checkpoint folder")
+        what = ("--format hf writes the built-in GPT (as GPT-2) and model.hf runs (as their transformers model)"
+                if fmt == "hf" else "export writes the built-in GPT")
+        raise UserError(f"{redact(run_dir)} trains {spec.entrypoint}: {what}; for your own model, use DeepSpeed's "
+                        "zero_to_fp32.py in the checkpoint folder")
+    if spec.hf is not None and fmt != "hf":
+        raise UserError(f"{redact(run_dir)} trains the Hugging Face model {redact(spec.hf.path)}: export it with "
+                        "--format hf (shardrun's own format holds the built-in GPT)")
     return spec
 
 
@@ -49,7 +59,7 @@ def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     if manifest.get("zero_stage", 1) == 0:  # no ZeRO: one file holds the module
         [states] = Path(checkpoint_dir, tag).glob("mp_rank_*_model_states.pt")
         module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in module.items()}
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
@@ -75,42 +85,65 @@ def local_folder(run_dir: str, chosen: dict, emit: Callable[[str], None] = print
         yield tmp
 
 
-def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32",
-           emit: Callable[[str], None] = print, trust: bool = False) -> dict:
-    """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint; the run
+def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32", fmt: str = "shardrun",
+           max_shard_size: str | int | None = None, emit: Callable[[str], None] = print,
+           trust: bool = False) -> dict:
+    """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint, or with
+    fmt "hf" a Hugging Face transformers folder (weights sharded above max_shard_size, default 5GB); the run
     dir may be local or behind a URI (abfs://, s3://). trust: load its files even where their pickles would
     call more than DeepSpeed's own classes (check_pickles)."""
-    from safetensors.torch import save_model
+    from shardrun import hf_export
 
+    if fmt not in FORMATS:
+        raise UserError(f"--format is {' or '.join(FORMATS)} (got {fmt})")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype is fp32 or bf16 (got {dtype})")
+    if max_shard_size is not None and fmt != "hf":
+        raise UserError("--max-shard-size is for --format hf (shardrun's format is one file)")
+    shard_bytes = hf_export.parse_size(max_shard_size or "5GB")
+    check_out(run_dir, out)
+    spec = model_spec(run_dir, fmt)
+    with contextlib.ExitStack() as stack:
+        target = hf_export.prepare(spec, dtype, stack, emit) if fmt == "hf" else None
+        chosen = pick(run_dir, step)
+        with local_folder(run_dir, chosen, emit) as folder:
+            if not trust:
+                check_pickles(folder)
+            state = consolidated_state(folder)
+        config = {"model": spec.model_dump(mode="json"), "step": chosen["step"], "dtype": dtype,
+                  "source": chosen["path"]}
+        model = None if fmt == "hf" else _gpt(spec, state, dtype)
+        parent = os.path.dirname(os.path.abspath(out))
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
+        try:
+            if target is None:
+                from safetensors.torch import save_model
+
+                save_model(model, os.path.join(staging, "model.safetensors"))  # the tied embedding is stored once
+                Path(staging, "config.json").write_text(json.dumps(config, indent=2) + "\n")
+                size = os.path.getsize(os.path.join(staging, "model.safetensors"))
+            else:
+                size = hf_export.write(target, state, staging, dtype=dtype, max_shard_size=shard_bytes)
+                files = sorted(os.listdir(staging))
+                config = {**config, "format": "hf", "files": files}
+                Path(staging, EXPORT_RECORD).write_text(redact(json.dumps(config, indent=2)) + "\n")  # hf.path
+            fs.follow_umask(staging)  # mkdtemp's 0700 (and 0600 files): an export on shared storage is for others
+            fs.sync_tree(staging)
+            replace_folder(staging, out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"format": fmt, **config, "out": out, "bytes": size}
+
+
+def _gpt(spec: ModelSpec, state: dict[str, torch.Tensor], dtype: str):
+    """The built-in GPT holding the checkpoint's weights."""
     from shardrun.trainer.models import gpt_config
     from shardrun.trainer.models.gpt import GPT
 
-    if dtype not in ("fp32", "bf16"):
-        raise UserError(f"--dtype is fp32 or bf16 (got {dtype})")
-    check_out(run_dir, out)
-    spec = model_spec(run_dir)
-    chosen = pick(run_dir, step)
     model = GPT(gpt_config(spec))
-    with local_folder(run_dir, chosen, emit) as folder:
-        if not trust:
-            check_pickles(folder)
-        model.load_state_dict(consolidated_state(folder))
-    if dtype == "bf16":
-        model = model.to(torch.bfloat16)
-    config = {"model": spec.model_dump(mode="json"), "step": chosen["step"], "dtype": dtype,
-              "source": chosen["path"]}
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
-    try:
-        save_model(model, os.path.join(staging, "model.safetensors"))  # the tied embedding is stored once
-        Path(staging, "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        fs.follow_umask(staging)  # mkdtemp's 0700 (and 0600 files): an export on shared storage is for others too
-        fs.sync_tree(staging)
-        replace_folder(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {**config, "out": out, "bytes": os.path.getsize(os.path.join(out, "model.safetensors"))}
+    model.load_state_dict(state)
+    return model.to(torch.bfloat16) if dtype == "bf16" else model
 
 
 TRUSTED_GLOBALS = frozenset({
@@ -136,6 +169,20 @@ def check_pickles(folder: str) -> None:
 
 
 EXPORT_FILES = {"model.safetensors", "config.json"}
+EXPORT_RECORD = "shardrun-export.json"
+"""In a --format hf export: the step, dtype, source and run's model section, and the files the export wrote."""
+
+
+def earlier_export(folder: str) -> bool:
+    """folder holds an export and nothing else: shardrun's two files, or the files an hf export recorded."""
+    names = set(os.listdir(folder))
+    if names == EXPORT_FILES:
+        return True
+    try:
+        recorded = json.loads(Path(folder, EXPORT_RECORD).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(recorded, list) and names == {*map(str, recorded), EXPORT_RECORD}
 
 
 def check_out(run_dir: str, out: str) -> None:
@@ -147,7 +194,7 @@ def check_out(run_dir: str, out: str) -> None:
             raise UserError(f"--out {out} is inside the run dir {run_dir}: export to a folder of its own")
     if os.path.isfile(target):
         raise UserError(f"--out {out} is a file: give a folder (new, empty, or an earlier export)")
-    if os.path.isdir(target) and os.listdir(target) and set(os.listdir(target)) != EXPORT_FILES:
+    if os.path.isdir(target) and os.listdir(target) and not earlier_export(target):
         raise UserError(f"--out {out} holds files that are no export ({', '.join(sorted(os.listdir(target)))}): "
                         "give a new or empty folder, or an earlier export to replace")
 

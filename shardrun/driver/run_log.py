@@ -105,7 +105,9 @@ def banner(spec) -> str:
     """The run in one line: name, model, precision and ZeRO stage, workers, steps, and where its files go (the
     resolved spec among them: job.yaml in the run dir)."""
     m, ds, s = spec.model, spec.deepspeed, spec.scaling
-    if m.entrypoint:
+    if m.hf is not None:
+        model = f"{m.hf.path}{' (its architecture, random weights)' if m.hf.from_scratch else ''}"
+    elif m.entrypoint:
         model = m.entrypoint
     else:
         params = gpt_parameters(m.n_layer, m.n_embd, m.block_size, m.vocab_size, m.bias)

@@ -38,8 +38,8 @@ class _DropKnownNoise(logging.Filter):
 
 
 deepspeed.utils.logger.addFilter(_DropKnownNoise())
-# DeepSpeed's ZeRO calls a torch collective under its deprecated name, once per step.
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+# DeepSpeed's ZeRO calls torch collectives under their deprecated names, once per step.
+warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
 
 
 def init_distributed(topology: Topology) -> None:
@@ -57,6 +57,16 @@ def init_distributed(topology: Topology) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
+def ds_config(spec: JobSpec, topology: Topology, *, load_universal: bool = False,
+              model_params: int | None = None) -> dict:
+    """The DeepSpeed config of this rank: the spec's, with this world size's gradient accumulation."""
+    return build_ds_config(
+        spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu",
+        grad_accum_steps=spec.grad_accum_for(topology.world_size), load_universal=load_universal,
+        model_params=model_params,
+    )
+
+
 def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
           load_universal: bool = False) -> DeepSpeedEngine:
     """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule, and the
@@ -66,11 +76,8 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     if accelerator != torch.device(topology.device).type:
         raise RuntimeError(f"DeepSpeed's accelerator is {accelerator} but this rank trains on {topology.device}: "
                            "set DS_ACCELERATOR to match scaling.use_gpu (or unset it)")
-    config = build_ds_config(
-        spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=topology.device != "cpu",
-        grad_accum_steps=spec.grad_accum_for(topology.world_size), load_universal=load_universal,
-        model_params=sum(p.numel() for p in model.parameters()),
-    )
+    config = ds_config(spec, topology, load_universal=load_universal,
+                       model_params=sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters()))
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=config
     )

@@ -14,6 +14,7 @@ from shardrun import datasets
 from shardrun.config import JobSpec
 from shardrun.errors import Preempted, RepeatedFailure, TrainingDiverged, UserError
 from shardrun.trainer import engine as engines
+from shardrun.trainer import models
 from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.collectives import Collectives
 from shardrun.trainer.control import FLAGS, watcher_for
@@ -78,7 +79,7 @@ def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: di
     metrics, endpoints = start_metrics(spec, topology, collectives)
     restored = restore(spec, session.store, topology, metrics)
     startup.info("engine ready", extra={"engine": restored.engine})
-    vocab = spec.model.vocab_size if spec.model.type == "gpt" else None  # an entrypoint model's is its own
+    vocab = models.vocab_size(spec.model, restored.engine.module)  # token ids at or above it are bad data
     stream = datasets.open(spec.data, topology, restored.position, micro_batch_size=spec.deepspeed.micro_batch_size,
                            grad_accum_steps=spec.grad_accum_for(topology.world_size), index=data_index,
                            partitions=spec.partitions, vocab_size=vocab,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -61,7 +62,19 @@ def restore(spec: JobSpec, store: CheckpointStore, topology: Topology,
 
 def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -> Restored:
     torch.manual_seed(spec.run.seed)  # every rank builds the same initial weights
-    model = models.build(spec.model)
-    per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
-    return Restored(engine=engine.build(model, spec, topology, load_universal=load_universal),
-                    flops_per_token=per_token)
+    if spec.model.hf is None:
+        model = models.build(spec.model)
+        per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
+        return Restored(engine=engine.build(model, spec, topology, load_universal=load_universal),
+                        flops_per_token=per_token)
+    from shardrun.trainer.models import hf
+
+    folder = hf.local_folder(spec.model.hf, local_rank=topology.local_rank)
+    # ZeRO-3: each rank makes and loads only its shard of the weights
+    zero3 = spec.deepspeed.zero_stage == 3
+    with hf.zero3_loading(engine.ds_config(spec, topology, load_universal=load_universal)) if zero3 \
+            else contextlib.nullcontext():
+        model = hf.build(spec.model.hf, folder)
+        per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
+        built = engine.build(model, spec, topology, load_universal=load_universal)
+    return Restored(engine=built, flops_per_token=per_token)

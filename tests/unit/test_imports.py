@@ -15,8 +15,8 @@ LAYERS = [
      "shardrun.checkpoint_format"),
     ("shardrun.datasets", "shardrun.metrics"),
     ("shardrun.trainer",),
-    ("shardrun.cluster", "shardrun.driver", "shardrun.runs", "shardrun.export", "shardrun.generate",
-     "shardrun.report", "shardrun.jobs", "shardrun.working_dir", "shardrun.specdoc"),
+    ("shardrun.cluster", "shardrun.driver", "shardrun.runs", "shardrun.export", "shardrun.hf_export",
+     "shardrun.generate", "shardrun.report", "shardrun.jobs", "shardrun.working_dir", "shardrun.specdoc"),
     ("shardrun.cli", "shardrun.__main__"),
 ]
 """Bottom first: a module may import from its own layer and the layers below it."""

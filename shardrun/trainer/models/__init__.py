@@ -41,8 +41,21 @@ def resolve_entrypoint(entrypoint: str) -> Callable[..., nn.Module]:
     return factory
 
 
+def vocab_size(spec: ModelSpec, module: nn.Module) -> int | None:
+    """The vocabulary a model takes token ids from: the built-in GPT's, a Hugging Face model's config's; None
+    for an entrypoint model (its own business)."""
+    if spec.type == "gpt":
+        return spec.vocab_size
+    if spec.hf is not None:
+        return getattr(getattr(getattr(module, "model", None), "config", None), "vocab_size", None)
+    return None
+
+
 def build(spec: ModelSpec) -> nn.Module:
-    """A plain nn.Module whose forward(inputs, targets) returns the scalar loss."""
+    """A plain nn.Module whose forward(inputs, targets) returns the scalar loss (a Hugging Face model comes from
+    models.hf.build, which needs its weights' folder)."""
+    if spec.hf is not None:
+        raise ValueError("model.hf: build it with shardrun.trainer.models.hf.build")
     if spec.entrypoint is None:
         return GPT(gpt_config(spec))
     model = resolve_entrypoint(spec.entrypoint)(**spec.args)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from shardrun.trainer.models.loss import mean_token_loss
+
 
 @dataclass(kw_only=True)
 class GPTConfig:
@@ -125,11 +127,5 @@ class GPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of predicting targets from idx (targets of -100 left out).
-
-        In the logits' own dtype: an fp32 copy of bf16 logits would cost batch x length x vocabulary x 4 bytes
-        (gigabytes at GPT-2 size); the kernel accumulates in fp32 either way, and the mean is taken in fp32."""
-        logits = self.logits(idx)
-        flat = targets.reshape(-1)
-        per_token = F.cross_entropy(logits.view(-1, logits.size(-1)), flat, reduction="none")
-        return per_token.float().sum() / (flat != -100).sum().clamp(min=1)
+        """Mean cross-entropy of predicting targets from idx (targets of -100 left out; loss.mean_token_loss)."""
+        return mean_token_loss(self.logits(idx), targets)

@@ -1,0 +1,227 @@
+"""`shardrun export --format hf`: a checkpoint as a Hugging Face transformers folder, which
+`AutoModelForCausalLM.from_pretrained(folder)` loads.
+
+The built-in GPT is written as GPT-2 (GPT2LMHeadModel: the same blocks; nn.Linear weights transposed into GPT-2's
+Conv1D layout, zero biases where the GPT has none, exact GELU). A model.hf run's weights are its transformers
+model's (the training wrapper's `model.` taken off their names), under the config of model.hf.path with the run's
+config_overrides; its tokenizer files and generation_config.json are copied along.
+
+The model is built on the meta device, only to check the weights against it (every name, every shape) and to let
+transformers write them (`save_pretrained`: safetensors, sharded above --max-shard-size, with their index): no
+second copy of the weights is made, nothing is initialized. transformers is imported here only (the `hf` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+
+import torch
+
+from shardrun import fs
+from shardrun.config import HFModelSpec, ModelSpec
+from shardrun.errors import UserError, redact
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken", "chat_template.jinja", "chat_template.json")
+"""The tokenizer's files, copied from model.hf.path where they exist."""
+COPIED = (*TOKENIZER_FILES, "generation_config.json")
+SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
+"""What is fetched of a model.hf.path behind a URI or on the Hub: its config, tokenizer and code, no weights."""
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+GPT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50}
+"""`shardrun generate`'s sampling defaults, as the GPT's generation_config.json."""
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from 5GB, 500MB, 2GiB, 1000000 (GB: 10^9 bytes, GiB: 2^30, as transformers reads them)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(text), flags=re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise UserError(f"--max-shard-size is a size such as 5GB, 500MB or 2GiB (got {text!r})")
+    return int(float(match[1]) * UNITS[(match[2] or "").upper()])
+
+
+def transformers_needed() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("--format hf needs transformers: pip install 'shardrun[hf]'") from None
+
+
+class Target:
+    """What the checkpoint's weights become: a transformers model on the meta device (names, shapes, dtype, the
+    config save_pretrained writes), the files to copy next to it, and how the gathered names map to its own."""
+
+    def __init__(self, model, convert: Callable[[dict], dict], copy_from: str | None, what: str):
+        self.model, self.convert, self.copy_from, self.what = model, convert, copy_from, what
+
+
+def gpt2_config(spec: ModelSpec):
+    """transformers' GPT-2 config of the built-in GPT: byte-level by default, so no bos/eos token ids."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
+                      n_layer=spec.n_layer, n_head=spec.n_head, n_inner=4 * spec.n_embd,
+                      activation_function="gelu",  # the GPT's F.gelu is exact (erf); GPT-2's gelu_new is not
+                      resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout,
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                      pad_token_id=None, architectures=["GPT2LMHeadModel"])
+
+
+def gpt2_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The built-in GPT's weights under GPT-2's names: nn.Linear's (out, in) transposed into Conv1D's (in, out),
+    zeros for the biases GPT-2 has and a GPT without bias lacks; the tied head left to the embedding."""
+    from shardrun.trainer.models import gpt_config
+    from shardrun.trainer.models.gpt import GPT
+
+    with torch.device("meta"):
+        reference = GPT(gpt_config(spec)).state_dict()
+    check_names(state, reference, tied={"lm_head.weight"}, what="the built-in GPT")
+    C = spec.n_embd
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return state[name] if name in state else torch.zeros(size)
+
+    out = {"transformer.wte.weight": state["wte.weight"], "transformer.wpe.weight": state["wpe.weight"]}
+    for i in range(spec.n_layer):
+        src, dst = f"blocks.{i}.", f"transformer.h.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[f"{dst}{ln}.weight"] = state[f"{src}{ln}.weight"]
+            out[f"{dst}{ln}.bias"] = bias(f"{src}{ln}.bias", C)
+        for gpt, gpt2, width in (("attn.qkv", "attn.c_attn", 3 * C), ("attn.proj", "attn.c_proj", C),
+                                 ("mlp.fc", "mlp.c_fc", 4 * C), ("mlp.proj", "mlp.c_proj", C)):
+            out[f"{dst}{gpt2}.weight"] = state[f"{src}{gpt}.weight"].t().contiguous()
+            out[f"{dst}{gpt2}.bias"] = bias(f"{src}{gpt}.bias", width)
+    out["transformer.ln_f.weight"] = state["ln_f.weight"]
+    out["transformer.ln_f.bias"] = bias("ln_f.bias", C)
+    return out
+
+
+def check_names(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *, tied: set[str],
+                what: str) -> None:
+    """state holds exactly reference's names (tied copies may be missing) at reference's shapes."""
+    missing = sorted(reference.keys() - state.keys() - tied)
+    unexpected = sorted(state.keys() - reference.keys())
+    shapes = [f"{k} {tuple(state[k].shape)} (the model's: {tuple(reference[k].shape)})"
+              for k in sorted(state.keys() & reference.keys()) if state[k].shape != reference[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                 for label, names in (("missing", missing), ("not in the model", unexpected),
+                                      ("other shapes", shapes)) if names]
+        raise UserError(f"the checkpoint's weights do not fit {what} ({'; '.join(parts)})")
+
+
+def gpt_target(spec: ModelSpec, dtype: str) -> Target:
+    from transformers import GenerationConfig, GPT2LMHeadModel
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(gpt2_config(spec)).to(DTYPES[dtype])
+    model.generation_config = GenerationConfig(**GPT_GENERATION)
+    return Target(model, lambda state: gpt2_state(state, spec), None, "GPT-2")
+
+
+@contextlib.contextmanager
+def source_folder(spec: HFModelSpec, emit: Callable[[str], None]) -> Iterator[str]:
+    """model.hf.path's config, tokenizer and code on this machine: the folder itself, or its small files (no
+    weights) fetched from a URI into a temporary folder or from the Hub into its cache."""
+    path = os.path.expanduser(spec.path)
+    if fs.is_uri(spec.path):
+        with tempfile.TemporaryDirectory(prefix="shardrun-hf-") as tmp:
+            _fetch_small_files(spec.path, tmp, emit)
+            yield tmp
+    elif os.path.isdir(path):
+        yield path
+    elif spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            yield snapshot_download(spec.path, revision=spec.revision, allow_patterns=list(SMALL_FILES))
+        except Exception as e:  # noqa: BLE001 - the Hub client's errors are many (offline, not found, gated)
+            raise UserError(f"model.hf.path {spec.path}: cannot fetch its config from the Hugging Face Hub "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    else:
+        raise UserError(f"model.hf.path {spec.path}: no such folder here (export reads the model's config and "
+                        "tokenizer from it)")
+
+
+def _fetch_small_files(uri: str, into: str, emit: Callable[[str], None]) -> None:
+    import pyarrow.fs as pafs
+
+    storage, root = fs.filesystem(uri)
+    root = root.rstrip("/")
+    try:
+        infos = storage.get_file_info(pafs.FileSelector(root, recursive=False))
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"model.hf.path {redact(uri)}: cannot list it ({redact(str(e))})") from None
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File
+             and any(fnmatch.fnmatch(i.base_name, p) for p in SMALL_FILES)]
+    if "config.json" not in names:
+        raise UserError(f"model.hf.path {redact(uri)}: no config.json there")
+    emit(f"reading the model's config and tokenizer from {redact(uri)}")
+    for name in names:
+        with storage.open_input_stream(f"{root}/{name}") as src, open(os.path.join(into, name), "wb") as dst:
+            dst.write(src.read())
+
+
+def hf_target(spec: HFModelSpec, folder: str, dtype: str) -> Target:
+    """The run's transformers model (config at folder, config_overrides applied) on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    from shardrun.trainer.models.hf import causal_lm_class, load_config
+
+    config = load_config(folder, spec)
+    causal_lm_class(config, spec)  # a clear error for a model that is no causal LM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
+                                                 trust_remote_code=spec.trust_remote_code)
+
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        other = sorted(k for k in state if not k.startswith("model."))
+        if other:
+            raise UserError(f"the checkpoint's weights are not a model.hf run's (names without model.: "
+                            f"{', '.join(other[:8])})")
+        return hf_state({k.removeprefix("model."): v for k, v in state.items()}, model)
+
+    return Target(model, convert, folder, type(model).__name__)
+
+
+def hf_state(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """state checked against the model (strict: names and shapes; a tied copy, lm_head.weight with
+    tie_word_embeddings, may be missing) and the tied copies left out: transformers ties them when it loads."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # {copy: source}
+    check_names(state, model.state_dict(), tied=set(tied), what=type(model).__name__)
+    for copy, source in tied.items():
+        if copy in state and source in state and not torch.equal(state[copy], state[source]):
+            raise UserError(f"{copy} and {source} differ in the checkpoint, but the model's config ties them "
+                            "(tie_word_embeddings)")
+        state.pop(copy, None)
+    return state
+
+
+def prepare(spec: ModelSpec, dtype: str, stack: contextlib.ExitStack, emit: Callable[[str], None]) -> Target:
+    """What the export writes, known before the checkpoint is read (a wrong config fails first)."""
+    transformers_needed()
+    if spec.hf is None:
+        return gpt_target(spec, dtype)
+    return hf_target(spec.hf, stack.enter_context(source_folder(spec.hf, emit)), dtype)
+
+
+def write(target: Target, state: dict[str, torch.Tensor], folder: str, *, dtype: str, max_shard_size: int) -> int:
+    """The model's files into folder (config.json, generation_config.json, safetensors, their index when sharded),
+    the source's tokenizer files and generation config; returns the weights' bytes."""
+    state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+             for k, v in target.convert(state).items()}
+    target.model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+    if target.copy_from is not None:
+        for name in COPIED:
+            if os.path.isfile(os.path.join(target.copy_from, name)):
+                shutil.copyfile(os.path.join(target.copy_from, name), os.path.join(folder, name))
+    return sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith(".safetensors"))

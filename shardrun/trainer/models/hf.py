@@ -1,0 +1,200 @@
+"""Hugging Face transformers models (model.hf): a causal LM from pretrained weights, or from its config alone, as
+shardrun's loop calls a model (forward(inputs, targets) -> mean loss).
+
+Where the weights come from (`local_folder`): a folder as it is; an abfs:// or s3:// URI copied once per node into
+a cache keyed by URI and revision (the node's first rank copies, the others wait); a Hub id through
+huggingface_hub (HF_HUB_OFFLINE honoured). Under ZeRO-3 the model is built inside `zero3_loading`, transformers'
+DeepSpeed integration: each parameter is partitioned as it is made (deepspeed.zero.Init) and the pretrained
+weights are loaded into each rank's shard, so no host ever holds the whole model.
+
+transformers is imported by the functions here (the `hf` extra): runs of the built-in GPT do not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from shardrun import fs
+from shardrun.config import HFModelSpec
+from shardrun.errors import UserError, redact
+from shardrun.trainer.models.loss import mean_token_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM; `model` is the transformers module (export strips the `model.` of its keys)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return mean_token_loss(self.model(input_ids=inputs).logits, targets)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6N over the parameters that take part in a matmul (embeddings are lookups), plus attention's
+        12 x layers x width x seq_len; N counts ZeRO-3's partitioned parameters whole."""
+        config = self.model.config
+        params = sum(_numel(p) for name, p in self.model.named_parameters() if "embed" not in name)
+        if getattr(config, "tie_word_embeddings", False):
+            params += config.vocab_size * config.hidden_size  # the tied head is a matmul
+        layers = getattr(config, "num_hidden_layers", 0)
+        return 6.0 * params + 12.0 * layers * getattr(config, "hidden_size", 0) * seq_len
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
+def load_config(folder: str, spec: HFModelSpec):
+    """The model's config from folder, spec.config_overrides applied; UserError for an unknown architecture or a
+    model that needs its own code while trust_remote_code is off."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        text = " ".join(str(e).split())
+        if "trust_remote_code" in text:
+            raise UserError(f"model.hf.path {redact(spec.path)}: this model runs its own code "
+                            "(its config names classes transformers does not have); set model.hf.trust_remote_code: "
+                            "true if you trust its source") from None
+        raise UserError(f"model.hf.path {redact(spec.path)}: cannot read its config.json ({redact(text)[:400]})"
+                        ) from None
+    unknown = [key for key in spec.config_overrides if not hasattr(config, key)]
+    if unknown:
+        raise UserError(f"model.hf.config_overrides: {config.model_type}'s config has no {', '.join(unknown)}")
+    config.update(dict(spec.config_overrides))
+    return config
+
+
+def causal_lm_class(config, spec: HFModelSpec):
+    """transformers' causal LM class for config; UserError when there is none (an encoder, an unknown type)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        if spec.trust_remote_code and getattr(config, "auto_map", None):
+            return None  # the model's own class, through AutoModelForCausalLM
+        named = ", ".join(getattr(config, "architectures", None) or []) or "no architectures named"
+        raise UserError(f"model.hf.path {redact(spec.path)}: transformers has no causal LM for model type "
+                        f"{config.model_type!r} ({named})") from None
+
+
+def build(spec: HFModelSpec, folder: str) -> CausalLM:
+    """The model from folder (local_folder's): pretrained weights, or random ones with from_scratch (seed torch
+    first: every rank must build the same)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(folder, spec)
+    causal_lm_class(config, spec)
+    common = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation,
+              "trust_remote_code": spec.trust_remote_code}
+    if spec.from_scratch:
+        model = AutoModelForCausalLM.from_config(config, **common)
+    else:
+        if not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
+            raise UserError(f"model.hf.path {redact(spec.path)}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
+                            "set model.hf.from_scratch: true to train its architecture from random weights")
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, revision=spec.revision, **common)
+    return CausalLM(model)
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict) -> Iterator[None]:
+    """Inside the block, transformers builds models partitioned by ZeRO-3 as it makes them (its DeepSpeed
+    integration reads the config through this object, which must stay alive while the model is built and the
+    engine made)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep
+
+
+def cache_dir(uri: str, revision: str | None) -> Path:
+    """The node-local copy of a model at uri: ~/.cache/shardrun/hf/<hash of the URI without its query, and the
+    revision>."""
+    base, _ = fs.split_query(uri)
+    key = hashlib.sha256(f"{base} {revision or ''}".encode()).hexdigest()[:16]
+    return Path(os.environ.get("SHARDRUN_HF_CACHE", Path.home() / ".cache" / "shardrun" / "hf")) / key
+
+
+def local_folder(spec: HFModelSpec, *, local_rank: int = 0, emit=fs.log) -> str:
+    """A folder on this machine holding the model: copied from a URI once per node (the node's first rank; the
+    others wait at a barrier), fetched from the Hub, or the path itself."""
+    if fs.is_uri(spec.path):
+        target = cache_dir(spec.path, spec.revision)
+        if local_rank == 0 and not (target / ".complete").exists():
+            _copy_from_storage(spec.path, target, emit)
+        _node_barrier()
+        return str(target)
+    if os.path.isdir(os.path.expanduser(spec.path)):
+        return os.path.expanduser(spec.path)
+    if spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")):
+        return _from_hub(spec, local_rank)
+    raise UserError(f"model.hf.path {spec.path}: no such folder (a local folder, an abfs:// or s3:// URI, or a Hub id "
+                    "org/name)")
+
+
+def _copy_from_storage(uri: str, target: Path, emit) -> None:
+    import pyarrow.fs as pafs
+
+    storage, path = fs.filesystem(uri)
+    try:
+        infos = [i for i in storage.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if i.type == pafs.FileType.File]
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"model.hf.path {redact(uri)}: cannot list it ({redact(str(e))})") from None
+    names = {i.path[len(path.rstrip('/')) + 1:]: i.size for i in infos}
+    if "config.json" not in names:
+        raise UserError(f"model.hf.path {redact(uri)}: no config.json there")
+    total = sum(names.values())
+    emit(f"copying the model from {redact(uri)} ({total / 1e6:,.1f} MB, {len(names)} files) to this node's cache, "
+         f"{target}")
+    staging = target.with_name(target.name + f".partial-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(path, str(staging), source_filesystem=storage, destination_filesystem=pafs.LocalFileSystem())
+    (staging / ".complete").write_text(redact(uri) + "\n")
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def _from_hub(spec: HFModelSpec, local_rank: int) -> str:
+    from huggingface_hub import snapshot_download
+
+    def fetch() -> str:
+        try:
+            return snapshot_download(spec.path, revision=spec.revision)
+        except Exception as e:  # noqa: BLE001 - the Hub client's errors are many (offline, not found, gated)
+            raise UserError(f"model.hf.path {spec.path}: cannot fetch it from the Hugging Face Hub "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+
+    if local_rank == 0:
+        folder = fetch()
+        _node_barrier()
+        return folder
+    _node_barrier()
+    return fetch()  # from the cache the node's first rank filled
+
+
+def _node_barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
