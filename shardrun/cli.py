@@ -525,18 +525,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from shardrun import generate
     from shardrun.driver.noise import library_output_to_stderr
-    from shardrun.export import export
+    from shardrun.export import export, model_spec
     from shardrun.runs import resolve_run_dir
 
     source = resolve_run_dir(args.run, args.storage)  # an export folder here is a path: it stays as it is
     # the sampled text is all that goes to stdout (`generate ... > out.txt`); our lines and DeepSpeed's to stderr
     with tempfile.TemporaryDirectory() as tmp, library_output_to_stderr(verbose=args.verbose):
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint)
+            hf = model_spec(source, "hf").hf is not None  # a model.hf run exports as transformers reads it
+            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint, fmt="hf" if hf else "shardrun")
             source = tmp
-        text = generate.generate(generate.load(source), args.prompt.encode(), max_new_tokens=args.tokens,
-                               temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
+        sampling = dict(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+        if generate.is_hf_folder(source):
+            text = generate.generate_hf(source, args.prompt, **sampling)
+        else:
+            text = generate.generate(generate.load(source), args.prompt.encode(), **sampling).decode(
+                "utf-8", errors="replace")
+    sys.stdout.write(args.prompt + text + "\n")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""`shardrun generate`: the built-in GPT from an export folder, and bytes sampled from it."""
+"""`shardrun generate`: text sampled from an export folder: the built-in GPT's own format (bytes), or a Hugging
+Face folder (`export --format hf`, or any from_pretrained folder) through transformers' generate, with its
+tokenizer (a byte-level model needs none)."""
 
 from __future__ import annotations
 
@@ -46,3 +48,41 @@ def generate(model, prompt: bytes, *, max_new_tokens: int = 200, temperature: fl
         nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
         idx = torch.cat([idx, nxt], dim=1)
     return bytes(idx[0, len(prompt):].tolist())
+
+
+def is_hf_folder(folder: str) -> bool:
+    """A transformers folder (its config.json names a model type), not shardrun's own export format."""
+    try:
+        config = json.loads(Path(folder, "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return "model_type" in config
+
+
+@torch.no_grad()
+def generate_hf(folder: str, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8,
+                top_k: int | None = 50, seed: int = 0) -> str:
+    """Text after prompt from a transformers causal LM folder: its tokenizer when the folder has one, bytes for a
+    byte-level model (vocab_size 256, as the built-in GPT exports)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if temperature <= 0:
+        raise UserError(f"--temperature must be positive (got {temperature})")
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if any(Path(folder, name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.numel() == 0:
+            first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            ids = torch.tensor([[first or 0]])
+        decode = tokenizer.decode
+    elif model.config.vocab_size == 256:
+        ids = torch.tensor([list(prompt.encode()) or [10]])
+        decode = lambda tokens: bytes(tokens).decode("utf-8", errors="replace")  # noqa: E731
+    else:
+        raise UserError(f"{folder} has no tokenizer (tokenizer.json) for its {model.config.vocab_size} tokens: "
+                        "copy the model's tokenizer files there")
+    torch.manual_seed(seed)
+    out = model.generate(ids, do_sample=True, temperature=temperature, top_k=top_k or 0,
+                         max_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id or 0)
+    return decode(out[0, ids.shape[1]:].tolist())

@@ -58,3 +58,36 @@ def test_the_first_batch_loses_what_a_plain_transformers_forward_loses(tmp_path,
     with torch.no_grad():
         plain = model(input_ids=rows, labels=rows).loss.item()
     assert abs(record["loss"] - plain) < 1e-5, (record["loss"], plain)
+
+
+def torchrun(spec_path, *args, nproc=2):
+    from helpers import free_port
+
+    return run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}", "-m", "shardrun", "train", str(spec_path), *args], timeout=240).stdout
+
+
+def _weights(run_dir, step):
+    [states] = (run_dir / f"checkpoints/step_{step:08d}").glob("global_step*/mp_rank_00_model_states.pt")
+    return torch.load(states, weights_only=False)["module"]
+
+
+def test_an_hf_run_resumed_ends_bitwise_equal_and_resumes_on_another_world_size(tmp_path, corpus, tiny_llama):
+    sections = dict(deepspeed={"zero_stage": 2, "grad_accum_steps": 2, "micro_batch_size": 2,
+                               "schedule": {"decay": "constant", "warmup_steps": 2}},
+                    run={"max_steps": 6, "log_every": 3}, checkpoint={"every_steps": 3})
+    whole = hf_spec(corpus, tmp_path / "a", tiny_llama, **sections)
+    whole["scaling"] = {"num_workers": 2}
+    torchrun(write_spec(tmp_path / "whole.yaml", whole))
+    split = {**whole, "checkpoint": {**whole["checkpoint"], "storage": str(tmp_path / "b")}}
+    path = write_spec(tmp_path / "split.yaml", split)
+    torchrun(path, "--set", "run.max_steps=3")
+    assert "resuming from step 3 with 2 workers" in torchrun(path)
+    a, b = _weights(tmp_path / "a/tiny", 6), _weights(tmp_path / "b/tiny", 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("model.model.layers.") for k in a)  # the transformers module's own names
+
+    out = torchrun(path, "--set", "run.max_steps=8", nproc=1)  # 2 ranks' ZeRO-2 shards, on 1
+    assert ("resuming from step 6 with 1 worker; the checkpoint was written by 2 workers, converted to DeepSpeed's "
+            "universal format") in out, out
+    assert "[shardrun] finished: steps 6-8" in out

@@ -167,3 +167,18 @@ def test_shard_sizes_read_as_transformers_reads_them():
                                                                               1000, 20_000]
     with pytest.raises(UserError):
         parse_size("0GB")
+
+
+def test_generate_samples_from_a_hf_run_and_from_a_gpt_exported_as_gpt2(tmp_path, llama, capsys):
+    model, path = llama
+    _run(tmp_path / "runs", {"hf": {"path": str(path)}}, {"model." + k: v for k, v in model.state_dict().items()})
+    storage = str(tmp_path / "runs")
+    assert cli.main(["generate", "tiny", "--storage", storage, "--prompt", "w3 w5", "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("w3 w5") and len(out.strip()) > len("w3 w5") and "w" in out[5:]  # the model's own words
+
+    _run(tmp_path / "gpt-runs", {"type": "gpt", **GPT_SIZE}, _gpt(bias=False).state_dict())
+    assert _export(tmp_path / "gpt-runs", tmp_path / "gpt2") == 0
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path / "gpt2"), "--prompt", "def ", "--tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
