@@ -37,6 +37,7 @@ ROUTINE = tuple(re.compile(p) for p in (
     # DeepSpeed's zero_to_fp32, gathering a checkpoint for export and generate
     r"^Processing zero checkpoint|^Parsing checkpoint created by deepspeed|^Detected checkpoint of type",
     r"^Reconstructed (?:Trainable )?fp32 state dict|^Loading checkpoint shards",
+    r"^Writing model shards",  # transformers' save_pretrained (export --format hf)
     r"^\d{4}-\d\d-\d\d [\d:,]+\s+INFO (?:worker|node)\.py:\d+ -- ",  # ray.init's info lines
 ))
 
@@ -59,6 +60,7 @@ class ConsoleFilter:
             self.colour = False
         self.hidden = 0
         """Lines kept out so far."""
+        self._after_hidden = False
         self._partial = ""
         # Ray's log thread and the driver write at once. Reentrant: a signal handler that prints (Ctrl-C's line)
         # runs in the main thread, perhaps while it is in here; a plain lock would wait for itself for good.
@@ -76,7 +78,17 @@ class ConsoleFilter:
         return len(text)
 
     def judge(self, line: str) -> str | None:
-        """The line as the console shows it, or None to keep it out."""
+        """The line as the console shows it, or None to keep it out. A line a progress bar redrew with carriage
+        returns is judged, and shown, as a terminal would leave it: its last drawing; an empty line right after
+        one kept out (a bar's last newline) goes with it."""
+        kept = self._judge(line)
+        if kept is not None and not kept.strip() and self._after_hidden:
+            kept = None
+        self._after_hidden = kept is None
+        return kept
+
+    def _judge(self, line: str) -> str | None:
+        line = line.rstrip("\r").rsplit("\r", 1)[-1]
         plain = ANSI.sub("", line)
         shown = redact(line if self.colour else plain)
         if self.verbose:

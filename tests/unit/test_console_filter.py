@@ -107,3 +107,11 @@ def test_a_signal_handler_that_prints_while_a_line_is_written_does_not_wait_for_
     console.stream = Interrupting()
     console.write("[shardrun] step      3/200\n")
     assert out.getvalue().splitlines() == ["[shardrun] stop requested (SIGINT)", "[shardrun] step      3/200"]
+
+
+def test_a_redrawn_progress_bar_is_judged_by_its_last_drawing():
+    out = io.StringIO()
+    console = ConsoleFilter(out)
+    console.write("\rLoading checkpoint shards:   0%|     | 0/2\rLoading checkpoint shards: 100%|#####| 2/2\n\n")
+    console.write("\rdownloading: 50%\rdownloading: 100%\n")
+    assert out.getvalue() == "downloading: 100%\n" and console.hidden == 1
