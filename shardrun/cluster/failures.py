@@ -11,8 +11,9 @@ import re
 from collections.abc import Iterator
 
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
+from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
+from shardrun import fs
 from shardrun.errors import RepeatedFailure, TrainingDiverged, UserError, redact
 
 DETERMINISTIC = (UserError, TrainingDiverged, RepeatedFailure)
@@ -73,12 +74,36 @@ class RepeatCounter:
 
 class FailurePolicy(DefaultFailurePolicy):
     """Ray Train's own policy (failure.max_failures, max_preemptions), except that a deterministic error is
-    never retried."""
+    never retried. Each decision is said in a line of shardrun's (Ray Train's own log of it stays off the
+    console): what ended the group, what it counts against, and whether it restarts."""
 
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
         if deterministic_error(training_failed_error) is not None:
             return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
+        decision = super().make_decision(training_failed_error)
+        fs.log(decision_line(training_failed_error, decision))
+        return decision
+
+
+def decision_line(error: TrainingFailedError, decision: FailureDecision) -> str:
+    """`the worker group ended: a preemption (failure.max_preemptions); Ray Train restarts it`."""
+    if _is_preemption(error):
+        source = "a preemption (counted against failure.max_preemptions)"
+    elif isinstance(error, ControllerError):
+        source = "a controller error (Ray Train's own)"
+    else:
+        source = "a worker failure (counted against failure.max_failures)"
+    what = "Ray Train restarts it" if decision == FailureDecision.RETRY else "no restarts are left: the run ends"
+    return f"the worker group ended: {source}; {what}"
+
+
+def _is_preemption(error: TrainingFailedError) -> bool:
+    try:
+        from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+
+        return _is_preemption_failure(error)
+    except (ImportError, AttributeError):  # an internal of Ray Train's: without it, no preemption is named
+        return False
 
 
 @contextlib.contextmanager

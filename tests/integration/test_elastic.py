@@ -242,5 +242,6 @@ def test_a_node_drained_by_ray_gets_a_checkpoint_before_it_goes(cluster, tmp_pat
     assert times.get("resumed_step") == times["saved_step"], text[-6000:]
     # Ray Train counted the restart as a preemption: max_failures is 0 (its first try at the old size, while
     # the node is still listed alive, times out as a controller error, which max_failures does not count)
-    assert "Source: preemption" in text, text[-6000:]
+    assert ("[shardrun] the worker group ended: a preemption (counted against failure.max_preemptions); Ray Train "
+            "restarts it") in text, text[-6000:]
     assert driver.returncode == 143 and "stop requested: checkpoint of step" in text, text[-4000:]

@@ -32,11 +32,16 @@ def test_a_deterministic_error_is_never_retried(error):
     assert deterministic_error(group) is group.worker_failures[1]._base_exc
 
 
-def test_other_failures_keep_ray_trains_retries():
+def test_other_failures_keep_ray_trains_retries_and_each_decision_is_said(capsys):
     policy = FailurePolicy(FailureConfig(max_failures=1))
     crash = failed(RuntimeError("CUDA error: an illegal memory access"))
     assert policy.make_decision(crash) is FailureDecision.RETRY
     assert policy.make_decision(crash) is FailureDecision.RAISE  # max_failures: 1
+    assert capsys.readouterr().err.splitlines() == [
+        "[shardrun] the worker group ended: a worker failure (counted against failure.max_failures); Ray Train "
+        "restarts it",
+        "[shardrun] the worker group ended: a worker failure (counted against failure.max_failures); no restarts "
+        "are left: the run ends"]
     assert deterministic_error(crash) is None and deterministic_error(ValueError("driver")) is None
 
 
