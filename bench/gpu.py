@@ -40,6 +40,23 @@ torch needs no compiler):
 With FusedAdam as well, the same call with `--optimizers torch,deepspeed --compile off` in place of
 `--compile both` (its build, a minute or two where nvcc is there, takes the compiled rows' time);
 then, here: `python bench/gpu.py --record-from <files_at>/gpu.json` appends its record.
+
+A Hugging Face model instead of the built-in GPT: `--size llama-1b`, a transformers Llama of 0.89B
+parameters (16 layers x 2048, 16 heads, 8 KV heads, MLP 5632, vocabulary 32000, 2048 positions; seq
+2048, micro-batch 8). A child process first creates it with random weights on the device (seed 0) and
+writes it with save_pretrained (bf16 safetensors) into the bench's temporary folder, before any clock;
+both loops then load it with from_pretrained (bf16, SDPA attention): the bare loop through shardrun's
+models.hf.build and .to(device), shardrun's as `model: {hf: {path: FOLDER, dtype: bf16}}`, and the
+report adds each row's load times (from_pretrained; then to the device, or to DeepSpeed's engine
+ready). It does not fit the 450 s beside the GPT rows: its own call of the device tool's `run`, with
+carry [".gpu-wheels"] and timeout_s 450 (the image's transformers and accelerate serve; shardrun's
+one checkpoint after the last step, about 12 GB at ZeRO 1, counts against --deadline):
+
+    set -o pipefail; nvidia-smi; PYTHONUNBUFFERED=1 python3 bench/gpu.py --wheels .gpu-wheels
+    --size llama-1b --zero-stage 1 --deadline 400 --out $OUT/gpu-llama.json 2>&1 | tee $OUT/gpu-llama.log
+
+`--size llama-tiny` is its CPU check (seconds): `python bench/gpu.py --size llama-tiny --steps 6
+--warmup-steps 2`.
 """
 
 from __future__ import annotations
@@ -89,7 +106,17 @@ SIZES = {
                    "micro_batch": 32, "lr": 6e-4},
     "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 512, "seq_len": 64,
              "micro_batch": 4, "lr": 3e-3},
+    # transformers' Llama (model.hf), random weights written by save_pretrained before any clock: about 1B
+    # (0.89B with untied embeddings), and its CPU check
+    "llama-1b": {"hf": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
+                        "num_key_value_heads": 8, "intermediate_size": 5632, "max_position_embeddings": 2048},
+                 "vocab_size": 32000, "seq_len": 2048, "micro_batch": 8, "lr": 3e-4},
+    "llama-tiny": {"hf": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "num_key_value_heads": 1, "intermediate_size": 128, "max_position_embeddings": 64},
+                   "vocab_size": 512, "seq_len": 64, "micro_batch": 4, "lr": 3e-3},
 }
+CPU_SIZES = ("tiny", "llama-tiny")
+"""Sizes that only check that it all runs: never recorded."""
 PEAK_SIZES = {"cuda": (4096, 8192, 16384), "cpu": (256, 512)}
 GOAL_MFU = 0.45
 GOAL_RATIO = 0.97
@@ -102,6 +129,7 @@ SAY = "bench-result: "  # marks a child's result line among whatever DeepSpeed p
 OPTIMIZERS = {"torch": "torch AdamW", "deepspeed": "FusedAdam"}
 """deepspeed.optimizer.implementation -> the name a row shows."""
 GIB = 2**30
+CHILD_KINDS = ("peak", "bare", "shardrun", "fused-adam", "hf-model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(__doc__)
-    p.add_argument("--size", choices=SIZES, default="gpt2-small", help="model size (default gpt2-small)")
+    p.add_argument("--size", choices=SIZES, default="gpt2-small",
+                   help="model: the built-in GPT (gpt2-small, tiny) or transformers' Llama with random weights "
+                        "written first (llama-1b, llama-tiny; see above); default gpt2-small")
     p.add_argument("--steps", type=positive, default=50, help="timed optimizer steps per loop (default 50)")
     p.add_argument("--warmup-steps", type=positive, default=10, help="untimed steps first (default 10)")
     p.add_argument("--micro-batch", type=positive, help="sequences per step (default: the size's, 32 for gpt2-small)")
@@ -154,13 +184,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write every number to this JSON file")
     p.add_argument("--record-from", type=Path, metavar="FILE.json",
                    help="append the record of a run made elsewhere (its --out file) and exit")
-    p.add_argument("--child", choices=("peak", "bare", "shardrun", "fused-adam"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=CHILD_KINDS, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--hf-model", help=argparse.SUPPRESS)
     args = p.parse(argv)
     if args.record_from or args.child:
         return args
-    if args.record and args.size == "tiny":
-        p.error("--size tiny numbers say nothing about speed; record a real size")
+    if args.record and args.size in CPU_SIZES:
+        p.error(f"--size {args.size} numbers say nothing about speed; record a real size")
+    if "hf" in SIZES[args.size] and importlib.util.find_spec("transformers") is None:
+        p.error(f"--size {args.size} is a transformers model: install shardrun's hf extra (transformers, "
+                "accelerate)")
     try:
         ds_config = json.loads(args.ds_config)
     except ValueError as e:
@@ -263,6 +297,13 @@ def run_all(args: argparse.Namespace, started: float) -> dict:
     }
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-bench-") as work:
         data = write_tokens(Path(work) / "data", size, args.warmup_steps + args.steps)
+        if "hf" in size:  # the Llama's weights, written before any clock; every later child loads them
+            args.hf_model = str(Path(work) / "llama")
+            result["hf_model"] = child(args, "hf-model", device, data, started)
+            if "error" in result["hf_model"]:
+                result["peak"] = {"error": f"not run: the model was not written ({result['hf_model']['error']})"}
+                summarize(result)
+                return result
         result["peak"] = child(args, "peak", device, data, started)
         for compiled in compiles:  # eager first: its numbers matter most if --deadline cuts the rest short
             result["runs"].append(child(args, "bare", device, data, started, compiled=compiled))
@@ -308,6 +349,8 @@ def window(args: argparse.Namespace) -> int:
 def row_name(kind: str, compiled: bool = False, stage: int | None = None, optimizer: str | None = None) -> str:
     if kind == "fused-adam":
         return "DeepSpeed FusedAdam: build before the clock"
+    if kind == "hf-model":
+        return "Llama: random weights on the device, written by save_pretrained before any clock"
     opt = f" {OPTIMIZERS[optimizer]}" if kind == "shardrun" and optimizer else ""
     return f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{opt}{' compiled' if compiled else ''}"
 
@@ -321,6 +364,8 @@ def child(args: argparse.Namespace, kind: str, device: str, data: str, started: 
            "--optimizers", optimizer]
     if args.micro_batch:
         cmd += ["--micro-batch", str(args.micro_batch)]
+    if args.hf_model:
+        cmd += ["--hf-model", args.hf_model]
     what = {"loop": kind, "compile": compiled, "zero_stage": stage}
     if kind in ("bare", "shardrun"):
         what["optimizer"] = optimizer
@@ -463,7 +508,60 @@ def fused_adam_plan(*, prebuilt: bool, nvcc: str | None, on_path: str | None, co
 def model_spec(args: argparse.Namespace):
     from shardrun.config import ModelSpec
 
-    return ModelSpec(type="gpt", **gpt(SIZES[args.size], SIZES[args.size]["vocab_size"]))
+    return ModelSpec(**model_fields(args))
+
+
+def model_fields(args: argparse.Namespace) -> dict:
+    """The spec's model section: the built-in GPT at this size, or the Llama written into args.hf_model, loaded in
+    bf16 with torch's SDPA attention."""
+    size = SIZES[args.size]
+    if "hf" in size:
+        return {"hf": {"path": args.hf_model, "dtype": "bf16", "attn_implementation": "sdpa"}}
+    return {"type": "gpt", **gpt(size, size["vocab_size"])}
+
+
+def write_hf_model(args: argparse.Namespace) -> dict:
+    """Child: the size's Llama with random weights (seed SEED), made on the device in bf16 and written by
+    save_pretrained into args.hf_model."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    size = SIZES[args.size]
+    t0 = time.monotonic()
+    config = LlamaConfig(vocab_size=size["vocab_size"], tie_word_embeddings=False, **size["hf"])
+    torch.manual_seed(SEED)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    made = time.monotonic() - t0
+    model.save_pretrained(args.hf_model)
+    weights = sum(f.stat().st_size for f in Path(args.hf_model).glob("*.safetensors"))
+    return {"params": params, "bytes": weights, "make_s": made, "write_s": time.monotonic() - t0 - made}
+
+
+def build_model(args: argparse.Namespace):
+    """The bare loop's model, seeded as shardrun's Trainer seeds it: the built-in GPT, or the Llama loaded by
+    shardrun's models.hf.build (from_pretrained) with the seconds it took."""
+    import torch
+
+    from shardrun.trainer import models
+
+    torch.manual_seed(SEED)  # the weights shardrun's Trainer builds
+    spec = model_spec(args)
+    if spec.hf is None:
+        return models.build(spec), None
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the clock, as in shardrun's row
+
+    from shardrun.trainer.models import hf
+
+    t0 = time.monotonic()
+    model = hf.build(spec.hf, args.hf_model)
+    return model, time.monotonic() - t0
+
+
+def param_count(model) -> int:
+    """Every parameter, embeddings too (ZeRO-3's partitioned ones whole)."""
+    return sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
 
 
 def run_bare(args: argparse.Namespace) -> dict:
@@ -471,14 +569,17 @@ def run_bare(args: argparse.Namespace) -> dict:
     import torch
 
     from shardrun.metrics import flops
-    from shardrun.trainer import models
 
     device, size = torch.device(args.device), SIZES[args.size]
     mb = args.micro_batch or size["micro_batch"]
-    torch.manual_seed(SEED)  # the weights shardrun's Trainer builds
-    model = models.build(model_spec(args))
+    model, from_pretrained_s = build_model(args)
     flops_per_token = flops.flops_per_token(model, size["seq_len"])
+    t0 = time.monotonic()
     model.to(device=device, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    load = {} if from_pretrained_s is None else {"load": {"from_pretrained_s": from_pretrained_s,
+                                                          "to_device_s": time.monotonic() - t0}}
     if args.compile == "on":
         model.compile()  # what DeepSpeed's engine.compile() does to its module
     params = list(model.parameters())
@@ -510,9 +611,9 @@ def run_bare(args: argparse.Namespace) -> dict:
 
     memory = DeviceMemory(device)
     windows = timed_windows(step, batches, args, device, mb * size["seq_len"], on_timed=memory.reset)
-    return {"flops_per_token": flops_per_token, "params": model.num_params(non_embedding=False),
+    return {"flops_per_token": flops_per_token, "params": param_count(model),
             "windows": windows, "optimizer_ms": clock.ms(), "peak_memory_bytes": memory.peak(),
-            **describe_optimizer(opt)}
+            **describe_optimizer(opt), **load}
 
 
 class StepClock:
@@ -639,14 +740,20 @@ def run_shardrun(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     seen: dict = {}
     on_startup("engine ready", lambda record: instrument(record.engine, args, device, seen))
+    if "hf" in size:
+        time_hf_load(seen)
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-run-") as runs:
         spec = parse(job_spec(args, size, mb, runs, use_gpu=device.type == "cuda"), source="bench/gpu.py")
         run_local(spec)
         records = [json.loads(line) for line in Path(spec.run_dir, "metrics.jsonl").read_text().splitlines()]
     if "clock" not in seen or "mismatch" in seen:
         raise RuntimeError(seen.get("mismatch", "shardrun's worker never logged \"engine ready\""))
-    with torch.device("meta"):
-        model = models.build(model_spec(args))
+    if "hf" in size:  # counted on the engine's module as it was ready (ZeRO 0-2: whole on this rank)
+        per_token, params = seen["flops_per_token"], seen["params"]
+    else:
+        with torch.device("meta"):
+            model = models.build(model_spec(args))
+        per_token, params = flops.flops_per_token(model, size["seq_len"]), model.num_params(non_embedding=False)
     windows, prev = [], {"step": 0, "tokens": 0}
     for r in records:
         n = r["step"] - prev["step"]
@@ -654,9 +761,33 @@ def run_shardrun(args: argparse.Namespace) -> dict:
                         "tokens": r["tokens"] - prev["tokens"], "loss": r["loss"],
                         "data_wait_fraction": r["data_wait_fraction"]})
         prev = r
-    return {"windows": windows, "flops_per_token": flops.flops_per_token(model, size["seq_len"]),
-            "params": model.num_params(non_embedding=False), "optimizer_ms": seen["clock"].ms(),
-            "peak_memory_bytes": seen.get("peak_memory_bytes"), **seen["optimizer"]}
+    out = {"windows": windows, "flops_per_token": per_token, "params": params, "optimizer_ms": seen["clock"].ms(),
+           "peak_memory_bytes": seen.get("peak_memory_bytes"), **seen["optimizer"]}
+    if "hf" in size:
+        out["load"] = {k: seen[k] for k in ("from_pretrained_s", "to_engine_ready_s")}
+    return out
+
+
+def time_hf_load(seen: dict) -> None:
+    """Time the Llama's load in shardrun's worker: its from_pretrained (models.hf.build), and from asking for its
+    folder to "engine ready" (from_pretrained, then deepspeed.initialize moving it to the device), in seen."""
+    import transformers.models.llama.modeling_llama  # noqa: F401 - imported before the clock, as in the bare row
+
+    from shardrun.trainer.models import hf
+
+    folder, build = hf.local_folder, hf.build
+
+    def local_folder(*a, **kw):
+        seen.setdefault("t_folder", time.monotonic())
+        return folder(*a, **kw)
+
+    def timed_build(*a, **kw):
+        t0 = time.monotonic()
+        model = build(*a, **kw)
+        seen.setdefault("from_pretrained_s", time.monotonic() - t0)
+        return model
+
+    hf.local_folder, hf.build = local_folder, timed_build  # restore._build calls them through the module
 
 
 def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
@@ -664,6 +795,12 @@ def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
     optimizer step, once a step) in a StepClock; peak memory from the last warm-up step's end to the last step's."""
     import torch
 
+    from shardrun.metrics import flops
+
+    if "t_folder" in seen:  # a Hugging Face model: its load ends here
+        seen["to_engine_ready_s"] = time.monotonic() - seen["t_folder"]
+        seen["flops_per_token"] = flops.flops_per_token(engine.module, SIZES[args.size]["seq_len"])
+        seen["params"] = param_count(engine.module)
     seen["optimizer"] = describe_optimizer(engine.basic_optimizer, engine.optimizer)
     wanted, built = args.optimizers[0], type(engine.basic_optimizer)
     if not (built.__name__ == "FusedAdam" if wanted == "deepspeed" else issubclass(built, torch.optim.AdamW)):
@@ -688,11 +825,11 @@ def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
 
 
 def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gpu: bool) -> dict:
-    """The bench's job: the GPT at this size, bf16, one worker; no checkpoint until after the last step."""
+    """The bench's job: the model at this size, bf16, one worker; no checkpoint until after the last step."""
     total = args.warmup_steps + args.steps
     return {
         "name": "gpu-bench",
-        "model": {"type": "gpt", **gpt(size, size["vocab_size"])},
+        "model": model_fields(args),
         "data": {"paths": [args.data], "seq_len": size["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage[0], "precision": "bf16", "micro_batch_size": mb,
                       "grad_clip": GRAD_CLIP,
@@ -708,7 +845,8 @@ def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gp
     }
 
 
-CHILDREN = {"peak": measure_peak, "bare": run_bare, "shardrun": run_shardrun, "fused-adam": build_fused_adam}
+CHILDREN = {"peak": measure_peak, "bare": run_bare, "shardrun": run_shardrun, "fused-adam": build_fused_adam,
+            "hf-model": write_hf_model}
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -901,10 +1039,46 @@ def describe_setup(result: dict) -> str:
     ran = next((r for r in result["runs"] if measured(r)), None)
     counts = f"; {ran['params'] / 1e6:.3g}M parameters, {ran['flops_per_token'] / 1e6:.3g} MFLOPs/token" if ran else ""
     config = f", config {json.dumps(result['ds_config'])}" if result["ds_config"] else ""
-    return (f"GPT {result['size']} ({m['n_layer']} layers x {m['n_embd']}, {m['n_head']} heads, vocab "
-            f"{m['vocab_size']}, seq {m['seq_len']}{counts}), micro-batch {m['micro_batch']}, bf16; "
-            f"shardrun on DeepSpeed{config}; {result['warmup_steps']} warm-up steps, "
-            f"{result['steps']} timed, a device sync every {result['window']}")
+    if "hf" in m:
+        h = m["hf"]
+        model = (f"transformers Llama {result['size']} ({h['num_hidden_layers']} layers x {h['hidden_size']}, "
+                 f"{h['num_attention_heads']} heads, {h['num_key_value_heads']} KV heads, "
+                 f"MLP {h['intermediate_size']}, "
+                 f"vocab {m['vocab_size']}, seq {m['seq_len']}{counts}; random weights written by save_pretrained "
+                 "in bf16 before any clock, loaded by from_pretrained in bf16 with SDPA attention)")
+    else:
+        model = (f"GPT {result['size']} ({m['n_layer']} layers x {m['n_embd']}, {m['n_head']} heads, vocab "
+                 f"{m['vocab_size']}, seq {m['seq_len']}{counts})")
+    return (f"{model}, micro-batch {m['micro_batch']}, bf16; shardrun on DeepSpeed{config}; "
+            f"{result['warmup_steps']} warm-up steps, {result['steps']} timed, a device sync every {result['window']}")
+
+
+def format_load_table(result: dict) -> str | None:
+    """A Hugging Face model's load, per row: from_pretrained, then to the device (bare) or on to DeepSpeed's
+    engine ready (shardrun: from asking for the folder, so from_pretrained is inside it)."""
+    rows = []
+    for r in result["runs"]:
+        if measured(r) and "load" in r:
+            load = r["load"]
+            rows.append([r["loop"], "-" if r["zero_stage"] is None else str(r["zero_stage"]),
+                         "yes" if r["compile"] else "no", f"{load['from_pretrained_s']:.2f}",
+                         ms(load.get("to_device_s")), ms(load.get("to_engine_ready_s"))])
+    if not rows:
+        return None
+    return table(["loop", "ZeRO", "compile", "from_pretrained (s)", "then .to(device) (s)",
+                  "from_pretrained to engine ready (s)"], rows, align="llr")
+
+
+def hf_model_line(result: dict) -> str | None:
+    w = result.get("hf_model")
+    if not w:
+        return None
+    if "error" in w:
+        return f"model: not written ({w['error']})"
+    where = "GPU" if result["device"] == "cuda" else "CPU"
+    return (f"model: {w['params'] / 1e6:,.1f}M parameters with random weights, made on the {where} in "
+            f"{w['make_s']:.1f} s and written by save_pretrained ({w['bytes'] / 1e9:.2f} GB of safetensors) in "
+            f"{w['write_s']:.1f} s, before any clock")
 
 
 def describe_optimizers(result: dict) -> str:
@@ -941,8 +1115,13 @@ def print_report(result: dict) -> None:
     print(f"setup: {describe_setup(result)}")
     print(describe_optimizers(result))
     print(format_peak(result))
+    if hf_model_line(result):
+        print(hf_model_line(result))
     print()
     print(format_table(result))
+    if format_load_table(result):
+        print("\nModel load:\n")
+        print(format_load_table(result))
     if fused_adam_line(result):
         print(fused_adam_line(result))
     zero = format_zero_table(result)
@@ -961,11 +1140,14 @@ def record(result: dict, *, local: bool) -> None:
         revision = f"{git_revision()} (working tree copied to the GPU machine)"
     optimizers = describe_optimizers(result)
     details = [f"Setup: {describe_setup(result)}", optimizers[:1].upper() + optimizers[1:], format_peak(result)]
+    if hf_model_line(result):
+        details.append(hf_model_line(result)[:1].upper() + hf_model_line(result)[1:])
     if fused_adam_line(result):
         details.append(fused_adam_line(result))
     append_entry(SECTION, date=result["date"], revision=revision, command=result["command"],
                  card=describe_card(result), machine=result["machine"], versions=result["versions"],
-                 details=details, tables=[t for t in (format_table(result), format_zero_table(result)) if t],
+                 details=details,
+                 tables=[t for t in (format_table(result), format_load_table(result), format_zero_table(result)) if t],
                  found=result["findings"])
 
 

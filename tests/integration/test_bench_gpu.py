@@ -1,7 +1,8 @@
 """bench/gpu.py runs end to end on CPU at its tiny size: both loops train the same tokens over the same
 windows, their losses fall, and the table and JSON agree (its speed is not checked: benchmarks are not tests).
 Every shardrun row runs torch's AdamW unless it asks for DeepSpeed's FusedAdam, whose rows are skipped, with
-their reason, where it cannot be built (always on a CPU); ZeRO 0 and ZeRO 1 are set side by side."""
+their reason, where it cannot be built (always on a CPU); ZeRO 0 and ZeRO 1 are set side by side. Its tiny
+transformers Llama (--size llama-tiny) is written by save_pretrained first, then loaded and trained by both loops."""
 
 import importlib.util
 import json
@@ -134,3 +135,34 @@ def test_zero_conclusion_names_the_faster_stage(gpu):
     assert gpu.zero_conclusion([pair(0.9)]).endswith("ZeRO 0 is faster, use ZeRO 0")
     assert gpu.zero_conclusion([pair(1.005)]).endswith("within 1% of each other, neither is faster")
     assert gpu.zero_conclusion([pair(1.1), pair(0.9, True)]).endswith("neither is faster in every pair")
+
+
+def test_tiny_llama_is_written_first_then_loaded_and_trained_by_both_loops(tmp_path):
+    out_file = tmp_path / "gpu.json"
+    out = run([sys.executable, "bench/gpu.py", "--size", "llama-tiny", "--device", "cpu", "--steps", str(STEPS),
+               "--warmup-steps", str(WARMUP), "--zero-stage", "1", "--out", str(out_file)], timeout=280, cwd=REPO,
+              env=child_env(OMP_NUM_THREADS="1")).stdout
+    result = json.loads(out_file.read_text())
+
+    written = result["hf_model"]  # random weights, by save_pretrained, before any row
+    assert written["params"] > 0 and written["bytes"] > 0 and written["write_s"] >= 0
+    bare, zero1 = result["runs"]
+    assert [(r["loop"], r["zero_stage"]) for r in result["runs"]] == [("bare", None), ("shardrun", 1)]
+    for r in (bare, zero1):
+        assert "error" not in r, r
+        losses = [w["loss"] for w in r["windows"]]
+        assert all(math.isfinite(x) for x in losses) and r["last_loss"] < r["first_loss"] < 7, losses
+        assert r["params"] == written["params"] and 0 < r["mfu_measured"] < 1
+        assert r["load"]["from_pretrained_s"] > 0
+    assert zero1["flops_per_token"] == bare["flops_per_token"]
+    assert bare["load"]["to_device_s"] >= 0
+    assert zero1["load"]["to_engine_ready_s"] > zero1["load"]["from_pretrained_s"]  # deepspeed.initialize after it
+    assert "transformers Llama llama-tiny (2 layers x 64" in out
+    assert "loaded by from_pretrained in bf16 with SDPA attention" in out
+    assert f"| shardrun | 1 | no | {zero1['load']['from_pretrained_s']:.2f} | - |" in out
+
+
+def test_cpu_sizes_are_not_recorded():
+    done = subprocess.run([sys.executable, "bench/gpu.py", "--size", "llama-tiny", "--record"],
+                          cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--size llama-tiny numbers say nothing about speed" in done.stderr
