@@ -14,18 +14,15 @@ second copy of the weights is made, nothing is initialized. transformers is impo
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
-from shardrun import fs
 from shardrun.config import HFModelSpec, ModelSpec
-from shardrun.errors import UserError, redact
+from shardrun.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -33,8 +30,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "sentencepiece.bpe.model", "tokenizer.tiktoken", "chat_template.jinja", "chat_template.json")
 """The tokenizer's files, copied from model.hf.path where they exist."""
 COPIED = (*TOKENIZER_FILES, "generation_config.json")
-SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
-"""What is fetched of a model.hf.path behind a URI or on the Hub: its config, tokenizer and code, no weights."""
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 GPT_GENERATION = {"do_sample": True, "temperature": 0.8, "top_k": 50}
@@ -128,49 +123,6 @@ def gpt_target(spec: ModelSpec, dtype: str) -> Target:
     return Target(model, lambda state: gpt2_state(state, spec), None, "GPT-2")
 
 
-@contextlib.contextmanager
-def source_folder(spec: HFModelSpec, emit: Callable[[str], None]) -> Iterator[str]:
-    """model.hf.path's config, tokenizer and code on this machine: the folder itself, or its small files (no
-    weights) fetched from a URI into a temporary folder or from the Hub into its cache."""
-    path = os.path.expanduser(spec.path)
-    if fs.is_uri(spec.path):
-        with tempfile.TemporaryDirectory(prefix="shardrun-hf-") as tmp:
-            _fetch_small_files(spec.path, tmp, emit)
-            yield tmp
-    elif os.path.isdir(path):
-        yield path
-    elif spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            yield snapshot_download(spec.path, revision=spec.revision, allow_patterns=list(SMALL_FILES))
-        except Exception as e:  # noqa: BLE001 - the Hub client's errors are many (offline, not found, gated)
-            raise UserError(f"model.hf.path {spec.path}: cannot fetch its config from the Hugging Face Hub "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
-    else:
-        raise UserError(f"model.hf.path {spec.path}: no such folder here (export reads the model's config and "
-                        "tokenizer from it)")
-
-
-def _fetch_small_files(uri: str, into: str, emit: Callable[[str], None]) -> None:
-    import pyarrow.fs as pafs
-
-    storage, root = fs.filesystem(uri)
-    root = root.rstrip("/")
-    try:
-        infos = storage.get_file_info(pafs.FileSelector(root, recursive=False))
-    except (OSError, FileNotFoundError) as e:
-        raise UserError(f"model.hf.path {redact(uri)}: cannot list it ({redact(str(e))})") from None
-    names = [i.base_name for i in infos if i.type == pafs.FileType.File
-             and any(fnmatch.fnmatch(i.base_name, p) for p in SMALL_FILES)]
-    if "config.json" not in names:
-        raise UserError(f"model.hf.path {redact(uri)}: no config.json there")
-    emit(f"reading the model's config and tokenizer from {redact(uri)}")
-    for name in names:
-        with storage.open_input_stream(f"{root}/{name}") as src, open(os.path.join(into, name), "wb") as dst:
-            dst.write(src.read())
-
-
 def hf_target(spec: HFModelSpec, folder: str, dtype: str) -> Target:
     """The run's transformers model (config at folder, config_overrides applied) on the meta device."""
     from transformers import AutoModelForCausalLM
@@ -211,6 +163,8 @@ def prepare(spec: ModelSpec, dtype: str, stack: contextlib.ExitStack, emit: Call
     transformers_needed()
     if spec.hf is None:
         return gpt_target(spec, dtype)
+    from shardrun.trainer.models.hf import source_folder
+
     return hf_target(spec.hf, stack.enter_context(source_folder(spec.hf, emit)), dtype)
 
 

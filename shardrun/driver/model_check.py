@@ -5,10 +5,8 @@ positions; its size and the memory each rank's share of training state takes, sa
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 
-from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
 
@@ -36,8 +34,10 @@ def check_hf_model(spec: JobSpec, data_vocab: int | None, emit: Callable[[str], 
     from shardrun.trainer.models import hf
 
     hf_spec = spec.model.hf
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = _config_folder(hf_spec, tmp)
+    with hf.source_folder(hf_spec, emit) as folder:
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise UserError(f"model.hf.path {hf_spec.path}: no config.json there (a Hugging Face model folder holds "
+                            "config.json and its weights)")
         config = hf.load_config(folder, hf_spec)
         hf.causal_lm_class(config, hf_spec)
     where = redact(hf_spec.path)
@@ -77,32 +77,3 @@ def count_parameters(config, trust_remote_code: bool) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())
-
-
-def _config_folder(hf_spec, tmp: str) -> str:
-    """A folder on this machine with the model's config.json: the path itself, the config copied from a URI, or
-    fetched from the Hub (its cache)."""
-    path = hf_spec.path
-    if fs.is_uri(path):
-        text = fs.read_text(fs.join(path, "config.json"))
-        if text is None:
-            raise UserError(f"model.hf.path {redact(path)}: no config.json there")
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            f.write(text)
-        return tmp
-    local = os.path.expanduser(path)
-    if os.path.isdir(local):
-        if not os.path.isfile(os.path.join(local, "config.json")):
-            raise UserError(f"model.hf.path {path}: no config.json there (a Hugging Face model folder holds "
-                            "config.json and its weights)")
-        return local
-    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return os.path.dirname(hf_hub_download(path, "config.json", revision=hf_spec.revision))
-        except Exception as e:  # noqa: BLE001 - the Hub client's errors are many (offline, not found, gated)
-            raise UserError(f"model.hf.path {path}: cannot fetch its config.json from the Hugging Face Hub "
-                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
-    raise UserError(f"model.hf.path {path}: no such folder (a local folder, an abfs:// or s3:// URI, or a Hub id "
-                    "org/name)")

@@ -13,8 +13,10 @@ transformers is imported by the functions here (the `hf` extra): runs of the bui
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from shardrun.errors import UserError, redact
 from shardrun.trainer.models.loss import mean_token_loss
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
+"""What is fetched of a model.hf.path behind a URI or on the Hub: its config, tokenizer and code, no weights."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -124,6 +128,50 @@ def zero3_loading(ds_config: dict) -> Iterator[None]:
         yield
     finally:
         del keep
+
+
+@contextlib.contextmanager
+def source_folder(spec: HFModelSpec, emit) -> Iterator[str]:
+    """model.hf.path's config, tokenizer and code on this machine (the driver's checks, export): the folder
+    itself, or its small files (no weights) fetched from a URI into a temporary folder or from the Hub into its
+    cache. The weights, on a worker, come through local_folder."""
+    path = os.path.expanduser(spec.path)
+    if fs.is_uri(spec.path):
+        with tempfile.TemporaryDirectory(prefix="shardrun-hf-") as tmp:
+            _fetch_small_files(spec.path, tmp, emit)
+            yield tmp
+    elif os.path.isdir(path):
+        yield path
+    elif spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            yield snapshot_download(spec.path, revision=spec.revision, allow_patterns=list(SMALL_FILES))
+        except Exception as e:  # noqa: BLE001 - the Hub client's errors are many (offline, not found, gated)
+            raise UserError(f"model.hf.path {spec.path}: cannot fetch its config from the Hugging Face Hub "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+    else:
+        raise UserError(f"model.hf.path {spec.path}: no such folder here (a local folder, an abfs:// or s3:// URI, "
+                        "or a Hub id org/name)")
+
+
+def _fetch_small_files(uri: str, into: str, emit) -> None:
+    import pyarrow.fs as pafs
+
+    storage, root = fs.filesystem(uri)
+    root = root.rstrip("/")
+    try:
+        infos = storage.get_file_info(pafs.FileSelector(root, recursive=False))
+    except (OSError, FileNotFoundError) as e:
+        raise UserError(f"model.hf.path {redact(uri)}: cannot list it ({redact(str(e))})") from None
+    names = [i.base_name for i in infos if i.type == pafs.FileType.File
+             and any(fnmatch.fnmatch(i.base_name, p) for p in SMALL_FILES)]
+    if "config.json" not in names:
+        raise UserError(f"model.hf.path {redact(uri)}: no config.json there")
+    emit(f"reading the model's config and tokenizer from {redact(uri)}")
+    for name in names:
+        with storage.open_input_stream(f"{root}/{name}") as src, open(os.path.join(into, name), "wb") as dst:
+            dst.write(src.read())
 
 
 def cache_dir(uri: str, revision: str | None) -> Path:
