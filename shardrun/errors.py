@@ -42,6 +42,11 @@ _SECRETS = [
 ]
 
 
+def first_line(text: str) -> str:
+    """An error message's first line, without leading blank lines ("" for none)."""
+    return (text.strip().splitlines() or [""])[0]
+
+
 def redact(text: str) -> str:
     """Text with the secrets of storage URIs (SAS signatures, keys in the user part) masked."""
     for pattern, repl in _SECRETS:

@@ -9,7 +9,7 @@ import ray
 
 from shardrun.cluster.failures import RepeatCounter
 from shardrun.driver.run_log import RunLog
-from shardrun.errors import redact
+from shardrun.errors import first_line, redact
 
 MAX_RETRY_S = 60.0
 
@@ -39,7 +39,7 @@ class EventChannel:
         """A rank's error, said on the console (Ray's forwarded traceback is kept off it); the message that
         ends the run if it repeats (RepeatCounter)."""
         where = f"after step {step}" if step is not None else "while starting"
-        first = (message.strip().splitlines() or [""])[0][:300]
+        first = first_line(message)[:300]
         self.events.append(("note", {}, redact(f"rank {rank} failed {where}: {kind}: {first}")))
         return self.failures.failed(rank, step, kind, message)
 

@@ -14,7 +14,7 @@ from ray.train.v2._internal.execution.failure_handling import DefaultFailurePoli
 from ray.train.v2.api.exceptions import ControllerError, TrainingFailedError, WorkerGroupError
 
 from shardrun import fs
-from shardrun.errors import RepeatedFailure, TrainingDiverged, UserError, redact
+from shardrun.errors import RepeatedFailure, TrainingDiverged, UserError, first_line, redact
 
 DETERMINISTIC = (UserError, TrainingDiverged, RepeatedFailure)
 
@@ -27,7 +27,7 @@ def worker_errors(error: BaseException) -> str | None:
     said = []
     for rank, failure in sorted(error.worker_failures.items()):
         cause = getattr(failure, "_base_exc", failure)
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        first = first_line(str(cause))[:300]
         said.append(f"rank {rank}: {type(cause).__name__}: {first}")
     return redact("; ".join(said)) if said else None
 
@@ -45,7 +45,7 @@ def deterministic_error(error: BaseException) -> BaseException | None:
 def signature(kind: str, message: str) -> str:
     """An error's type and first line with its numbers masked (ports, addresses, pids and timings differ
     from one attempt to the next; the error does not)."""
-    first = (message.strip().splitlines() or [""])[0]
+    first = first_line(message)
     return f"{kind}: {re.sub(r'[0-9]+', '#', first)[:300]}"
 
 
@@ -66,7 +66,7 @@ class RepeatCounter:
         if not self.limit or count < self.limit:
             return None
         where = f"after step {step}" if step is not None else "while starting"
-        first = (message.strip().splitlines() or [""])[0][:500]
+        first = first_line(message)[:500]
         return redact(f"rank {rank} failed {where} in {count} attempts of the worker group with the same error, "
                       f"{kind}: {first}; a restart would meet it again, so the run ends here "
                       f"(failure.same_failure_limit: {self.limit})")
