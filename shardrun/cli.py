@@ -266,7 +266,7 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = Tr
     if spec.model.hf is not None:
         from shardrun.driver.model_check import check_hf_model
 
-        check_hf_model(spec, vocab, emit)
+        check_hf_model(spec, index, emit)
     if not steps_per_epoch(index, spec.global_batch, spec.partitions, seed=spec.data.seed,
                            window=spec.data.shuffle_window):
         raise UserError(f"data.paths: {index.rows:,} rows make no whole step of a global batch of {spec.global_batch} "
@@ -516,7 +516,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                       fmt=args.fmt, max_shard_size=args.max_shard_size, emit=_emit, trust=args.trust_checkpoint)
     as_hf = ", Hugging Face format" if done["format"] == "hf" else ""
     _emit(f"exported step {done['step']} ({done['dtype']}{as_hf}, {done['bytes'] / 1e6:,.1f} MB) from "
-          f"{done['source']} to {done['out']}")
+          f"{done['source']} to {redact(done['out'])}")
     return 0
 
 
@@ -532,8 +532,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # the sampled text is all that goes to stdout (`generate ... > out.txt`); our lines and DeepSpeed's to stderr
     with tempfile.TemporaryDirectory() as tmp, library_output_to_stderr(verbose=args.verbose):
         if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            hf = model_spec(source, "hf").hf is not None  # a model.hf run exports as transformers reads it
-            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint, fmt="hf" if hf else "shardrun")
+            hf = model_spec(source, "hf").hf  # a model.hf run exports as transformers reads it
+            if hf is not None and hf.classifies:
+                raise UserError(generate.NOT_GENERATIVE.format(what=f"{source} trains a sequence classifier"))
+            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint, fmt="hf" if hf is not None else "shardrun")
             source = tmp
         sampling = dict(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         if generate.is_hf_folder(source):

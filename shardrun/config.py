@@ -54,7 +54,14 @@ class HFModelSpec(_Section):
         "honoured).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit); also keys the cache.")
-    task: Literal["causal_lm"] = Field("causal_lm", description="What the model learns: causal_lm (next token).")
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="What the model learns: causal_lm (the next token, over data.format: tokens) or "
+        "sequence_classification (a label per row, over data.format: table with an input_ids column, optional "
+        "attention_mask and token_type_ids columns, and data.label).",
+    )
+    num_labels: int | None = Field(
+        None, ge=2, description="sequence_classification: the classes; labels are 0 .. num_labels - 1.",
+    )
     from_scratch: bool = Field(
         False, description="The architecture of path's config.json with random weights (run.seed), no weights "
         "loaded.",
@@ -75,6 +82,18 @@ class HFModelSpec(_Section):
         default_factory=dict, description="Values set on the model's config before it is built (e.g. "
         "{dropout: 0.1, num_hidden_layers: 2} with from_scratch).",
     )
+
+    @model_validator(mode="after")
+    def _labels_for_classification(self) -> HFModelSpec:
+        if self.task == "sequence_classification" and self.num_labels is None:
+            raise ValueError("model.hf.task sequence_classification needs model.hf.num_labels (the classes)")
+        if self.task != "sequence_classification" and self.num_labels is not None:
+            raise ValueError("model.hf.num_labels is for task: sequence_classification")
+        return self
+
+    @property
+    def classifies(self) -> bool:
+        return self.task == "sequence_classification"
 
 
 class ModelSpec(_Section):
@@ -465,6 +484,14 @@ class JobSpec(_Section):
                 f"data.seq_len ({self.data.seq_len}) is longer than "
                 f"model.block_size ({self.model.block_size})"
             )
+        hf = self.model.hf
+        if hf is not None and hf.classifies != (self.data.format == "table"):
+            raise ValueError("model.hf.task sequence_classification trains on data.format: table (an input_ids "
+                             "column and data.label)" if hf.classifies else
+                             f"model.hf.task {hf.task} trains on data.format: tokens; a table of labelled rows "
+                             "trains model.hf.task: sequence_classification")
+        if hf is not None and hf.classifies and not self.data.label:
+            raise ValueError("model.hf.task sequence_classification needs data.label (the table's label column)")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         if self.scaling.use_gpu and self.scaling.gpus_per_worker == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -113,9 +114,12 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
         config = {"model": spec.model_dump(mode="json"), "step": chosen["step"], "dtype": dtype,
                   "source": chosen["path"]}
         model = None if fmt == "hf" else _gpt(spec, state, dtype)
-        parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
+        if fs.is_uri(out):  # written here first, then uploaded
+            staging = tempfile.mkdtemp(prefix="shardrun-export-")
+        else:
+            parent = os.path.dirname(os.path.abspath(out))
+            os.makedirs(parent, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.staging-", dir=parent)
         try:
             if target is None:
                 from safetensors.torch import save_model
@@ -128,9 +132,12 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
                 files = sorted(os.listdir(staging))
                 config = {**config, "format": "hf", "files": files}
                 Path(staging, EXPORT_RECORD).write_text(redact(json.dumps(config, indent=2)) + "\n")  # hf.path
-            fs.follow_umask(staging)  # mkdtemp's 0700 (and 0600 files): an export on shared storage is for others
-            fs.sync_tree(staging)
-            replace_folder(staging, out)
+            if fs.is_uri(out):
+                upload(staging, out, emit)
+            else:
+                fs.follow_umask(staging)  # mkdtemp's 0700 (and 0600 files): an export on shared storage is for others
+                fs.sync_tree(staging)
+                replace_folder(staging, out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return {"format": fmt, **config, "out": out, "bytes": size}
@@ -187,6 +194,9 @@ def earlier_export(folder: str) -> bool:
 
 def check_out(run_dir: str, out: str) -> None:
     """--out is a new or empty folder, or an earlier export (replaced whole); never inside the run dir."""
+    if fs.is_uri(out):
+        _check_out_uri(run_dir, out)
+        return
     target = os.path.realpath(out)
     if not fs.is_uri(run_dir):
         run = os.path.realpath(os.path.expanduser(run_dir))
@@ -197,6 +207,73 @@ def check_out(run_dir: str, out: str) -> None:
     if os.path.isdir(target) and os.listdir(target) and not earlier_export(target):
         raise UserError(f"--out {out} holds files that are no export ({', '.join(sorted(os.listdir(target)))}): "
                         "give a new or empty folder, or an earlier export to replace")
+
+
+COMPLETES = ("config.json", EXPORT_RECORD)
+"""Written last to storage behind a URI, and taken away first from an earlier export there: a folder without them
+is no (whole) export, and from_pretrained needs config.json."""
+
+
+def _listing(out: str) -> tuple[pafs.FileSystem, str, dict[str, int]]:
+    """The filesystem, path and files (name: bytes) of the folder at out, a URI (no files: a new folder)."""
+    storage, root = fs.filesystem(out)
+    root = root.rstrip("/")
+    try:
+        infos = storage.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        raise UserError(f"--out {redact(out)}: cannot list it ({redact(str(e))})") from None
+    return storage, root, {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _check_out_uri(run_dir: str, out: str) -> None:
+    storage, base = fs.filesystem(out)
+    run_storage, run = fs.filesystem(run_dir) if fs.is_uri(run_dir) else (pafs.LocalFileSystem(),
+                                                                           os.path.realpath(run_dir))
+    base, run = base.rstrip("/"), run.rstrip("/")
+    if storage.type_name == run_storage.type_name and (base == run or base.startswith(run + "/")):
+        raise UserError(f"--out {redact(out)} is inside the run dir {redact(run_dir)}: export to a folder of its own")
+    _, root, names = _listing(out)
+    if not names or set(names) == EXPORT_FILES:
+        return
+    if not set(names) & set(COMPLETES) and all(_written_by_export(n) for n in names):
+        return  # an upload that stopped before its config.json
+    record = fs.read_text(fs.join(out, EXPORT_RECORD)) if EXPORT_RECORD in names else None
+    try:
+        recorded = set(map(str, json.loads(record)["files"])) | {EXPORT_RECORD} if record else None
+    except (ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded != set(names):
+        raise UserError(f"--out {redact(out)} holds files that are no export ({', '.join(sorted(names)[:8])}): give a "
+                        "new or empty folder, or an earlier export to replace")
+
+
+def _written_by_export(name: str) -> bool:
+    from shardrun.hf_export import COPIED
+
+    return name in COPIED or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name) is not None
+
+
+def upload(staging: str, out: str, emit: Callable[[str], None]) -> None:
+    """The folder staging to out (a URI), an earlier export there replaced: its config.json and record go first,
+    the new weights are written, then the new config.json and record, and files of the earlier export that the
+    new one lacks are removed. Object stores have no rename: in between, the folder is no loadable export."""
+    storage, root, before = _listing(out)
+    names = sorted(os.listdir(staging), key=lambda n: (n in COMPLETES, COMPLETES.index(n) if n in COMPLETES else 0, n))
+    total = sum(os.path.getsize(os.path.join(staging, n)) for n in names)
+    emit(f"uploading {len(names)} files ({total / 1e6:,.1f} MB) to {redact(out)}")
+    try:
+        for name in COMPLETES:
+            if name in before:
+                storage.delete_file(f"{root}/{name}")
+        storage.create_dir(root, recursive=True)
+        for name in names:
+            with open(os.path.join(staging, name), "rb") as src, storage.open_output_stream(f"{root}/{name}") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        for name in set(before) - set(names):
+            storage.delete_file(f"{root}/{name}")
+    except OSError as e:
+        raise UserError(f"--out {redact(out)}: cannot write there ({redact(str(e))}); what was written is no "
+                        "export (no config.json): export again") from None
 
 
 def replace_folder(new: str, target: str) -> None:

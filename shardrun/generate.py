@@ -50,6 +50,11 @@ def generate(model, prompt: bytes, *, max_new_tokens: int = 200, temperature: fl
     return bytes(idx[0, len(prompt):].tolist())
 
 
+NOT_GENERATIVE = ("{what}, which labels text and writes none; load it with "
+                  "transformers' AutoModelForSequenceClassification.from_pretrained (after `shardrun export --format "
+                  "hf` for a run)")
+
+
 def is_hf_folder(folder: str) -> bool:
     """A transformers folder (its config.json names a model type), not shardrun's own export format."""
     try:
@@ -68,6 +73,9 @@ def generate_hf(folder: str, prompt: str, *, max_new_tokens: int = 200, temperat
 
     if temperature <= 0:
         raise UserError(f"--temperature must be positive (got {temperature})")
+    architectures = json.loads(Path(folder, "config.json").read_text()).get("architectures") or []
+    if any("ForSequenceClassification" in a for a in architectures):
+        raise UserError(NOT_GENERATIVE.format(what=f"{folder} holds a {architectures[0]}, a sequence classifier"))
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     if any(Path(folder, name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder)

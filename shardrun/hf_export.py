@@ -1,5 +1,6 @@
 """`shardrun export --format hf`: a checkpoint as a Hugging Face transformers folder, which
-`AutoModelForCausalLM.from_pretrained(folder)` loads.
+`AutoModelForCausalLM.from_pretrained(folder)` loads (a sequence classifier's run:
+`AutoModelForSequenceClassification.from_pretrained(folder)`).
 
 The built-in GPT is written as GPT-2 (GPT2LMHeadModel: the same blocks; nn.Linear weights transposed into GPT-2's
 Conv1D layout, zero biases where the GPT has none, exact GELU). A model.hf run's weights are its transformers
@@ -124,16 +125,14 @@ def gpt_target(spec: ModelSpec, dtype: str) -> Target:
 
 
 def hf_target(spec: HFModelSpec, folder: str, dtype: str) -> Target:
-    """The run's transformers model (config at folder, config_overrides applied) on the meta device."""
-    from transformers import AutoModelForCausalLM
-
-    from shardrun.trainer.models.hf import causal_lm_class, load_config
+    """The run's transformers model (config at folder, config_overrides and num_labels applied) on the meta
+    device."""
+    from shardrun.trainer.models.hf import auto_class, load_config, model_class
 
     config = load_config(folder, spec)
-    causal_lm_class(config, spec)  # a clear error for a model that is no causal LM
+    model_class(config, spec)  # a clear error for a model that is not of its task
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype],
-                                                 trust_remote_code=spec.trust_remote_code)
+        model = auto_class(spec).from_config(config, dtype=DTYPES[dtype], trust_remote_code=spec.trust_remote_code)
 
     def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         other = sorted(k for k in state if not k.startswith("model."))
@@ -173,7 +172,10 @@ def write(target: Target, state: dict[str, torch.Tensor], folder: str, *, dtype:
     the source's tokenizer files and generation config; returns the weights' bytes."""
     state = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
              for k, v in target.convert(state).items()}
-    target.model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+    from shardrun.trainer.models.hf import no_progress_bars
+
+    with no_progress_bars():
+        target.model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
     if target.copy_from is not None:
         for name in COPIED:
             if os.path.isfile(os.path.join(target.copy_from, name)):

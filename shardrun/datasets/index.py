@@ -189,6 +189,24 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
     return index
 
 
+def column_range(index: DataIndex, column: str) -> tuple[float, float] | tuple[None, None]:
+    """The smallest and largest value of a numeric column (of a list column: of its elements) over every file,
+    from the Parquet footers' statistics; (None, None) where a row group has none."""
+    low = high = None
+    for f in index.files:
+        fs, _ = filesystem(index.paths[f.source])
+        meta = pq.read_metadata(f.path, filesystem=fs)
+        leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == column]
+        for j in range(meta.num_row_groups):
+            for i in leaves:
+                stats = meta.row_group(j).column(i).statistics
+                if stats is None or not stats.has_min_max:
+                    return None, None
+                low = stats.min if low is None else min(low, stats.min)
+                high = stats.max if high is None else max(high, stats.max)
+    return low, high
+
+
 def files_seq_len(spec: DataSpec, readable: list[tuple[FileEntry, pa.Schema]]) -> int | None:
     """The seq_len every token file records (`shardrun.seq_len` metadata, else a fixed-size list column's length
     less one), for data.seq_len left unset; a UserError naming two files that differ, or one that records none.

@@ -17,9 +17,10 @@ def summary(index: DataIndex, global_batch: int, partitions: int, seq_len_from_f
     steps = steps_per_epoch(index, global_batch, partitions)
     taken = (f"; data.seq_len {seq_len_from_files}, taken from the files (unset in the spec)"
              if seq_len_from_files else "")
-    return (f"data: {len(index.files)} files, {index.rows:,} rows in {index.num_row_groups:,} row groups, "
-            f"{index.bytes / 1e6:,.1f} MB; {partitions} partitions, {steps:,} steps per epoch "
-            f"at a global batch of {global_batch}{taken}")
+    files = f"{len(index.files)} file{'s' if len(index.files) != 1 else ''}"
+    return (f"data: {files}, {index.rows:,} rows in {index.num_row_groups:,} row groups, "
+            f"{index.bytes / 1e6:,.1f} MB; {partitions} partition{'s' if partitions != 1 else ''}, "
+            f"{steps:,} steps per epoch at a global batch of {global_batch}{taken}")
 
 
 def report(index: DataIndex, global_batch: int | None, partitions: int | None, *,

@@ -1,36 +1,25 @@
 """A Hugging Face model (model.hf) checked on the driver before any cluster resource: its config readable and its
-architecture a causal LM transformers knows, the data's token ids within its vocabulary, data.seq_len within its
-positions; its size and the memory each rank's share of training state takes, said."""
+architecture one transformers knows for the task; for token data, the data's token ids within its vocabulary, the
+data's tokenizer the model's, data.seq_len within its positions; for a classifier's table, the columns it takes and
+labels below num_labels. Its size and the memory each rank's share of training state takes are said, and a GPU
+run whose share cannot fit the GPU is refused (here when the GPU is on this machine, else on the workers before
+the optimizer state is made)."""
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import os
 from collections.abc import Callable
 
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
-
-GIB = 1024**3
-
-
-def state_bytes_per_rank(params: int, *, stage: int, precision: str, world: int) -> float:
-    """Bytes of weights, gradients and Adam's state one rank holds (ZeRO's accounting, activations aside): in
-    bf16/fp16 2 + 2 bytes of weights and gradients and 12 of fp32 master weights and moments per parameter, in
-    fp32 4 + 4 and 8; ZeRO 1 shards the optimizer state, 2 the gradients too, 3 everything."""
-    low = precision != "fp32"
-    weights = grads = 2 if low else 4
-    optimizer = 12 if low else 8
-    if stage == 0:
-        return params * (weights + grads + optimizer)
-    if stage == 1:
-        return params * (weights + grads) + params * optimizer / world
-    if stage == 2:
-        return params * weights + params * (grads + optimizer) / world
-    return params * (weights + grads + optimizer) / world
+from shardrun.memory import bytes_text, check_fits, count_text, gpu_memory, state_bytes_per_rank
 
 
-def check_hf_model(spec: JobSpec, data_vocab: int | None, emit: Callable[[str], None]) -> None:
-    """UserError, naming what and where, for a model the run cannot train; else a line with its size."""
+def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> None:
+    """UserError, naming what and where, for a model the run cannot train on the data of index (a DataIndex); else
+    a line with its size."""
     from shardrun.trainer.models import hf
 
     hf_spec = spec.model.hf
@@ -39,41 +28,98 @@ def check_hf_model(spec: JobSpec, data_vocab: int | None, emit: Callable[[str], 
             raise UserError(f"model.hf.path {hf_spec.path}: no config.json there (a Hugging Face model folder holds "
                             "config.json and its weights)")
         config = hf.load_config(folder, hf_spec)
-        hf.causal_lm_class(config, hf_spec)
+        model_class = hf.model_class(config, hf_spec)
+        tokenizer = tokenizer_name(folder)
     where = redact(hf_spec.path)
+    if hf_spec.classifies:
+        check_table(spec, index, config, model_class, where)
+    else:
+        check_tokens(spec, index, config, tokenizer, where)
+    params = count_parameters(config, hf_spec)
+    world = spec.scaling.max_workers
+    need = state_bytes_per_rank(params, stage=spec.deepspeed.zero_stage, precision=spec.deepspeed.precision,
+                                world=world)
+    kind = model_class.__name__ if model_class else (getattr(config, "architectures", None) or [config.model_type])[0]
+    emit(f"model: {kind} from {where}, {count_text(params)} parameters; weights, gradients and optimizer state "
+         f"take about {bytes_text(need)} per rank at ZeRO {spec.deepspeed.zero_stage} in "
+         f"{spec.deepspeed.precision} on {world} {'worker' if world == 1 else 'workers'} (activations come on top)")
+    if spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local run: its GPUs are this machine's
+        check_fits(params, gpu_memory(), spec=spec, world=world, where="this machine's GPU")
+
+
+def check_tokens(spec: JobSpec, index, config, tokenizer: str | None, where: str) -> None:
+    """Token data fits a causal LM: its ids within the vocabulary, made by the model's tokenizer, rows within its
+    positions."""
+    data_vocab = index.vocab_size
     if data_vocab and data_vocab > config.vocab_size:
         raise UserError(f"data.paths: the shards' token ids go up to {data_vocab - 1} (their tokenizer's vocabulary), "
                         f"but {where} takes ids below {config.vocab_size} (its vocab_size): prepare the data with the "
                         "model's own tokenizer (shardrun data prepare-text --tokenizer <its tokenizer.json>)")
+    data_tokenizer = index.metadata.get("shardrun.tokenizer")
+    if data_tokenizer and tokenizer and data_tokenizer.split()[-1] != tokenizer.split()[-1]:
+        raise UserError(f"data.paths: the shards were made by the tokenizer {data_tokenizer}, but {where}'s is "
+                        f"{tokenizer}: the same ids would mean other tokens; prepare the data with the model's own "
+                        "tokenizer (shardrun data prepare-text --tokenizer <its tokenizer.json>)")
     positions = getattr(config, "max_position_embeddings", None)
     if spec.data.seq_len and positions and spec.data.seq_len > positions:
         raise UserError(f"data.seq_len ({spec.data.seq_len}) is longer than {where} takes "
                         f"(max_position_embeddings {positions})")
-    params = count_parameters(config, hf_spec.trust_remote_code)
-    world = spec.scaling.max_workers
-    need = state_bytes_per_rank(params, stage=spec.deepspeed.zero_stage, precision=spec.deepspeed.precision,
-                                world=world)
-    kind = (getattr(config, "architectures", None) or [config.model_type])[0]
-    emit(f"model: {kind} from {where}, {count_text(params)} parameters; weights, gradients and optimizer state "
-         f"take about {bytes_text(need)} per rank at ZeRO {spec.deepspeed.zero_stage} in "
-         f"{spec.deepspeed.precision} on {world} workers (activations come on top)")
 
 
-def count_text(n: int) -> str:
-    """`1.24 B`, `124.4 M`, `34,976`."""
-    return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.1f} M" if n >= 1e6 else f"{n:,}"
+def check_table(spec: JobSpec, index, config, model_class, where: str) -> None:
+    """A table fits a sequence classifier: the columns it takes (input_ids, and attention_mask, token_type_ids,
+    position_ids), labels within num_labels, a padding id when the model reads each row's last real token."""
+    from shardrun.datasets.index import column_range
+    from shardrun.trainer.models.hf import SequenceClassifier
+
+    label = spec.data.label
+    features = [c for c in index.schema if c != label]
+    other = [c for c in features if c not in SequenceClassifier.COLUMNS]
+    if "input_ids" not in features or other:
+        raise UserError(f"data.paths: a sequence classifier takes the columns {', '.join(SequenceClassifier.COLUMNS)} "
+                        f"and data.label; the table has {', '.join(features) or 'no other column'}"
+                        + (" (set data.columns to those it takes)" if other and "input_ids" in features else ""))
+    low, high = column_range(index, label)
+    if low is not None and (low < 0 or high >= spec.model.hf.num_labels):
+        raise UserError(f"data.label {label!r}: its values run from {low:g} to {high:g}, but model.hf.num_labels is "
+                        f"{spec.model.hf.num_labels} (labels 0 .. {spec.model.hf.num_labels - 1})")
+    vocab = getattr(config, "vocab_size", None)
+    ids_low, ids_high = column_range(index, "input_ids")
+    if vocab and ids_high is not None and ids_high >= vocab:
+        raise UserError(f"data.paths: input_ids go up to {ids_high:g}, but {where} takes ids below {vocab} (its "
+                        "vocab_size): tokenize the table with the model's own tokenizer")
+    if config.pad_token_id is None and reads_padding(model_class) and spec.deepspeed.micro_batch_size > 1:
+        raise UserError(f"{where}: its classifier reads each row's last token that is not padding, and its config "
+                        "has no pad_token_id; set model.hf.config_overrides: {pad_token_id: <the id the table pads "
+                        "input_ids with>}")
 
 
-def bytes_text(n: float) -> str:
-    """`3.75 GiB`, `412.0 MiB`."""
-    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 1024**2:,.1f} MiB"
+def reads_padding(model_class) -> bool:
+    """Whether a classifier finds each row's last real token by config.pad_token_id (decoders: GPT-2, Llama, ...;
+    an encoder such as BERT pools its first token instead)."""
+    try:
+        return model_class is not None and "pad_token_id" in inspect.getsource(model_class.forward)
+    except (OSError, TypeError):
+        return False
 
 
-def count_parameters(config, trust_remote_code: bool) -> int:
-    """The model's parameters, counted on torch's meta device (nothing allocated); tied weights once."""
+def tokenizer_name(folder: str) -> str | None:
+    """The model's tokenizer as `shardrun data prepare-text` names the one it used (`tokenizer.json
+    sha256:<digest>`), if the folder has a tokenizer.json."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f"tokenizer.json sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+
+
+def count_parameters(config, spec) -> int:
+    """The model's parameters (spec: its HFModelSpec), counted on torch's meta device (nothing allocated); tied
+    weights once."""
     import torch
-    from transformers import AutoModelForCausalLM
+
+    from shardrun.trainer.models.hf import auto_class
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = auto_class(spec).from_config(config, trust_remote_code=spec.trust_remote_code)
     return sum(p.numel() for p in model.parameters())

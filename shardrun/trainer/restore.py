@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shardrun import checkpoint_format as layout
+from shardrun import memory
 from shardrun.config import JobSpec
 from shardrun.metrics import WorkerMetrics, flops
 from shardrun.trainer import checkpoint, engine, models
@@ -75,6 +76,17 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     with hf.zero3_loading(engine.ds_config(spec, topology, load_universal=load_universal)) if zero3 \
             else contextlib.nullcontext():
         model = hf.build(spec.model.hf, folder)
+        fits_device(model, spec, topology)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
         built = engine.build(model, spec, topology, load_universal=load_universal)
     return Restored(engine=built, flops_per_token=per_token)
+
+
+def fits_device(model: torch.nn.Module, spec: JobSpec, topology: Topology) -> None:
+    """UserError (never retried) when this rank's share of weights, gradients and optimizer state is more than
+    its GPU holds: checked before DeepSpeed makes the optimizer state, where it would run out of memory."""
+    if not topology.device.startswith("cuda"):
+        return
+    params = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+    memory.check_fits(params, torch.cuda.mem_get_info(topology.device)[1], spec=spec, world=topology.world_size,
+                      where=f"rank {topology.rank}'s GPU ({torch.cuda.get_device_name(topology.device)})")

@@ -91,3 +91,46 @@ def test_an_hf_run_resumed_ends_bitwise_equal_and_resumes_on_another_world_size(
     assert ("resuming from step 6 with 1 worker; the checkpoint was written by 2 workers, converted to DeepSpeed's "
             "universal format") in out, out
     assert "[shardrun] finished: steps 6-8" in out
+
+
+def labelled_table(folder, rows=2048, length=16):
+    """Rows of token ids from one of two ranges, the range their label, with padding (id 0, mask 0) at their ends:
+    a classifier learns it in a few dozen steps."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    label = rng.integers(0, 2, size=rows)
+    ids = np.where(label[:, None] == 1, rng.integers(50, 100, (rows, length)), rng.integers(3, 50, (rows, length)))
+    mask = (np.arange(length)[None, :] < rng.integers(length // 2, length + 1, size=rows)[:, None]).astype(np.int8)
+    ids = (ids * mask).astype(np.int32)
+
+    def column(a):
+        return pa.FixedSizeListArray.from_arrays(pa.array(a.ravel()), length)
+
+    folder.mkdir()
+    pq.write_table(pa.table({"input_ids": column(ids), "attention_mask": column(mask), "label": label}),
+                   folder / "part-0.parquet", row_group_size=256)
+    return folder
+
+
+def test_a_bert_classifier_trains_on_a_labelled_table_and_its_loss_falls(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
+                                  ).save_pretrained(tmp_path / "bert")
+    data = labelled_table(tmp_path / "table")
+    raw = tiny_spec(data, tmp_path / "runs", scaling={"num_workers": 1},
+                    data={"paths": [str(data)], "format": "table", "label": "label"},
+                    deepspeed={"zero_stage": 2, "micro_batch_size": 16, "optimizer": {"lr": 2e-3},
+                               "schedule": {"warmup_steps": 2}},
+                    run={"max_steps": 40, "log_every": 10})
+    raw["model"] = {"hf": {"path": str(tmp_path / "bert"), "task": "sequence_classification", "num_labels": 2}}
+    out = run([sys.executable, "-m", "shardrun", "train", str(write_spec(tmp_path / "job.yaml", raw))],
+              timeout=240).stdout
+    assert "model: BertForSequenceClassification from" in out, out
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    assert losses[0] > 0.6 and losses[-1] < 0.35, losses  # from chance (ln 2) to most rows right

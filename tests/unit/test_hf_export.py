@@ -182,3 +182,54 @@ def test_generate_samples_from_a_hf_run_and_from_a_gpt_exported_as_gpt2(tmp_path
     capsys.readouterr()
     assert cli.main(["generate", str(tmp_path / "gpt2"), "--prompt", "def ", "--tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+
+
+def test_a_classifier_run_exports_as_a_sequence_classifier_and_generate_says_it_writes_no_text(tmp_path, llama,
+                                                                                                  capsys):
+    _, path = llama
+    config = transformers.AutoConfig.from_pretrained(path, num_labels=3, pad_token_id=0)
+    torch.manual_seed(2)
+    model = transformers.LlamaForSequenceClassification(config).eval()
+    hf = {"path": str(path), "task": "sequence_classification", "num_labels": 3,
+          "config_overrides": {"pad_token_id": 0}}
+    _run(tmp_path / "runs", {"hf": hf}, {"model." + k: v for k, v in model.state_dict().items()})
+    out = tmp_path / "export"
+    assert _export(tmp_path / "runs", out) == 0
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(loaded).__name__ == "LlamaForSequenceClassification" and loaded.config.num_labels == 3
+    idx = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(loaded, idx), _logits(model, idx), atol=1e-5, rtol=0)
+
+    capsys.readouterr()
+    assert cli.main(["generate", "tiny", "--storage", str(tmp_path / "runs")]) == 2
+    assert "trains a sequence classifier, which labels text and writes none" in capsys.readouterr().err
+    assert cli.main(["generate", str(out)]) == 2
+    assert "holds a LlamaForSequenceClassification, a sequence classifier, which labels text and writes none" in capsys.readouterr().err
+
+
+def test_an_export_to_a_uri_is_uploaded_whole_and_replaces_an_earlier_one(tmp_path, llama, capsys):
+    model, path = llama
+    _run(tmp_path / "runs", {"hf": {"path": str(path)}}, {"model." + k: v for k, v in model.state_dict().items()})
+    out = tmp_path / "bucket/exports/llama"
+    assert _export(tmp_path / "runs", f"file://{out}", "--max-shard-size", "20KB") == 0
+    printed = capsys.readouterr().err
+    assert f"uploading {len(list(out.iterdir()))} files" in printed, repr(printed)
+    shards = {p.name for p in out.glob("model-*.safetensors")}
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+
+    assert _export(tmp_path / "runs", f"file://{out}") == 0  # one file now: the shards and their index go
+    assert not (out / "model.safetensors.index.json").exists() and not any(out.glob("model-*.safetensors"))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(_logits(loaded, idx), _logits(model, idx), atol=1e-5, rtol=0)
+
+    (tmp_path / "bucket/other").mkdir()
+    (tmp_path / "bucket/other/notes.txt").write_text("mine")
+    assert _export(tmp_path / "runs", f"file://{tmp_path}/bucket/other") == 2
+    assert "holds files that are no export (notes.txt)" in capsys.readouterr().err
+    assert _export(tmp_path / "runs", f"file://{tmp_path}/runs/tiny/hf") == 2
+    assert "is inside the run dir" in capsys.readouterr().err
+    (out / "config.json").unlink()  # an upload that stopped before its last files: exported again, whole
+    (out / "shardrun-export.json").unlink()
+    assert _export(tmp_path / "runs", f"file://{out}") == 0
+    assert (out / "config.json").is_file()

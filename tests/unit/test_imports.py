@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "shardrun"
 
 LAYERS = [
     ("shardrun", "shardrun.errors", "shardrun.config", "shardrun.fs", "shardrun.net", "shardrun.lease",
-     "shardrun.checkpoint_format"),
+     "shardrun.memory", "shardrun.checkpoint_format"),
     ("shardrun.datasets", "shardrun.metrics"),
     ("shardrun.trainer",),
     ("shardrun.cluster", "shardrun.driver", "shardrun.runs", "shardrun.export", "shardrun.hf_export",

@@ -1,5 +1,6 @@
-"""Hugging Face transformers models (model.hf): a causal LM from pretrained weights, or from its config alone, as
-shardrun's loop calls a model (forward(inputs, targets) -> mean loss).
+"""Hugging Face transformers models (model.hf): a causal LM or a sequence classifier, from pretrained weights or
+from its config alone, as shardrun's loop calls a model (forward(inputs, targets) -> mean loss for token data;
+forward(input_ids=..., label=..., [attention_mask=...]) -> mean loss for a table of labelled rows).
 
 Where the weights come from (`local_folder`): a folder as it is; an abfs:// or s3:// URI copied once per node into
 a cache keyed by URI and revision (the node's first rank copies, the others wait); a Hub id through
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from shardrun import fs
 from shardrun.config import HFModelSpec
@@ -57,6 +59,24 @@ class CausalLM(nn.Module):
         return 6.0 * params + 12.0 * layers * getattr(config, "hidden_size", 0) * seq_len
 
 
+class SequenceClassifier(nn.Module):
+    """A transformers sequence classifier over table rows: the table's input_ids (attention_mask, token_type_ids,
+    position_ids when it has them) in, the mean cross-entropy against `label` out."""
+
+    COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    """The table columns the model takes (data.label aside)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, label: torch.Tensor, **columns: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=input_ids.long(), **{k: v.long() for k, v in columns.items()}).logits
+        return F.cross_entropy(logits.float(), label.long().reshape(-1))
+
+    flops_per_token = CausalLM.flops_per_token
+
+
 def _numel(p: torch.Tensor) -> int:
     return int(getattr(p, "ds_numel", 0) or p.numel())
 
@@ -80,40 +100,68 @@ def load_config(folder: str, spec: HFModelSpec):
     if unknown:
         raise UserError(f"model.hf.config_overrides: {config.model_type}'s config has no {', '.join(unknown)}")
     config.update(dict(spec.config_overrides))
+    if spec.classifies and config.num_labels != spec.num_labels:
+        config.num_labels = spec.num_labels  # also remakes id2label / label2id
     return config
 
 
-def causal_lm_class(config, spec: HFModelSpec):
-    """transformers' causal LM class for config; UserError when there is none (an encoder, an unknown type)."""
-    from transformers import AutoModelForCausalLM
+TASKS = {"causal_lm": ("AutoModelForCausalLM", "causal LM"),
+         "sequence_classification": ("AutoModelForSequenceClassification", "sequence classifier")}
+"""model.hf.task -> transformers' auto class, and what the messages call it."""
 
+
+def auto_class(spec: HFModelSpec):
+    """transformers' auto class of the task (AutoModelForCausalLM, AutoModelForSequenceClassification)."""
+    import transformers
+
+    return getattr(transformers, TASKS[spec.task][0])
+
+
+def model_class(config, spec: HFModelSpec):
+    """transformers' class for config and the task; UserError when there is none (a causal LM of an encoder, an
+    unknown type). None for a model's own class (trust_remote_code), which the auto class finds."""
     try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
+        return auto_class(spec)._model_mapping[type(config)]
     except KeyError:
         if spec.trust_remote_code and getattr(config, "auto_map", None):
-            return None  # the model's own class, through AutoModelForCausalLM
+            return None
         named = ", ".join(getattr(config, "architectures", None) or []) or "no architectures named"
-        raise UserError(f"model.hf.path {redact(spec.path)}: transformers has no causal LM for model type "
-                        f"{config.model_type!r} ({named})") from None
+        raise UserError(f"model.hf.path {redact(spec.path)}: transformers has no {TASKS[spec.task][1]} for model "
+                        f"type {config.model_type!r} ({named})") from None
 
 
-def build(spec: HFModelSpec, folder: str) -> CausalLM:
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off inside the block: on a run's
+    console or an export's they are a redrawn line each rank repeats, where shardrun says what it loads."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def build(spec: HFModelSpec, folder: str) -> CausalLM | SequenceClassifier:
     """The model from folder (local_folder's): pretrained weights, or random ones with from_scratch (seed torch
-    first: every rank must build the same)."""
-    from transformers import AutoModelForCausalLM
-
+    first: every rank must build the same; so is a classifier's new head over a pretrained body)."""
     config = load_config(folder, spec)
-    causal_lm_class(config, spec)
+    model_class(config, spec)
+    auto = auto_class(spec)
     common = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation,
               "trust_remote_code": spec.trust_remote_code}
     if spec.from_scratch:
-        model = AutoModelForCausalLM.from_config(config, **common)
+        model = auto.from_config(config, **common)
     else:
         if not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
             raise UserError(f"model.hf.path {redact(spec.path)}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
                             "set model.hf.from_scratch: true to train its architecture from random weights")
-        model = AutoModelForCausalLM.from_pretrained(folder, config=config, revision=spec.revision, **common)
-    return CausalLM(model)
+        with no_progress_bars():
+            model = auto.from_pretrained(folder, config=config, revision=spec.revision, **common)
+    return SequenceClassifier(model) if spec.classifies else CausalLM(model)
 
 
 @contextlib.contextmanager
