@@ -82,6 +82,7 @@ bench: setup
 	$(BIN)/python bench/checkpoint.py --record
 	$(BIN)/python bench/data.py --record
 	$(BIN)/python bench/metrics.py --record
+	$(BIN)/python bench/hf_load.py --record
 	$(if $(GPU),$(BIN)/python bench/gpu.py --zero-stage 0,1 --compile both --record)
 
 lint: setup

@@ -490,6 +490,10 @@ class JobSpec(_Section):
                              "column and data.label)" if hf.classifies else
                              f"model.hf.task {hf.task} trains on data.format: tokens; a table of labelled rows "
                              "trains model.hf.task: sequence_classification")
+        if hf is not None and hf.attn_implementation == "flash_attention_2" and not (
+                self.scaling.use_gpu and self.deepspeed.precision in ("bf16", "fp16")):
+            raise ValueError("model.hf.attn_implementation flash_attention_2 runs on GPUs in bf16 or fp16: set "
+                             "scaling.use_gpu: true and deepspeed.precision: bf16, or use sdpa")
         if hf is not None and hf.classifies and not self.data.label:
             raise ValueError("model.hf.task sequence_classification needs data.label (the table's label column)")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:

@@ -8,6 +8,7 @@ the optimizer state is made)."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import os
 from collections.abc import Callable
@@ -45,6 +46,9 @@ def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> None:
          f"{spec.deepspeed.precision} on {world} {'worker' if world == 1 else 'workers'} (activations come on top)")
     if spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local run: its GPUs are this machine's
         check_fits(params, gpu_memory(), spec=spec, world=world, where="this machine's GPU")
+        if hf_spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise UserError("model.hf.attn_implementation flash_attention_2 needs the flash-attn package, which "
+                            "is not installed here (pip install flash-attn, or use sdpa)")
 
 
 def check_tokens(spec: JobSpec, index, config, tokenizer: str | None, where: str) -> None:

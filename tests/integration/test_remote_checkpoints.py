@@ -67,3 +67,12 @@ def test_checkpoints_on_azure_blob_survive_a_rank_killed_while_saving(tmp_path, 
     assert "downloading checkpoint 12 " in sampled and sampled.rstrip("\n").split("\n")[-1].startswith("def ")
     assert "sig=" not in (exported + sampled + json.dumps(config)).replace("sig=***", "")
     assert list(tmp.iterdir()) == []
+
+    # and an export in the Hugging Face format is uploaded to the container, config.json last
+    uploaded = run(["shardrun", "export", join(storage, "tiny"), "--format", "hf", "--out", join(storage, "hf")],
+                   timeout=120, env=child_env(TMPDIR=str(tmp))).stdout
+    names = {info.base_name for info in blob.get_file_info(fs.FileSelector(f"{root}/runs/hf"))}
+    assert {"config.json", "model.safetensors", "generation_config.json", "shardrun-export.json"} == names, uploaded
+    with blob.open_input_stream(f"{root}/runs/hf/config.json") as f:
+        assert json.loads(f.read())["architectures"] == ["GPT2LMHeadModel"]
+    assert "sig=" not in uploaded.replace("sig=***", "") and list(tmp.iterdir()) == []

@@ -129,8 +129,9 @@ def test_a_table_the_classifier_cannot_read_exits_2_with_the_reason(tmp_path, ca
     ({"num_labels": 2}, {}, "model.hf.num_labels is for task: sequence_classification"),
     ({}, {"format": "table", "label": "label"}, "model.hf.task causal_lm trains on data.format: tokens"),
     ({"task": "sequence_classification", "num_labels": 2}, {"format": "table"}, "needs data.label"),
+    ({"attn_implementation": "flash_attention_2"}, {}, "flash_attention_2 runs on GPUs in bf16 or fp16"),
 ])
-def test_the_task_and_the_data_format_go_together(tmp_path, model, data, expect):
+def test_the_task_goes_with_the_data_format_and_the_attention_with_the_device(tmp_path, model, data, expect):
     spec = tiny_spec(tmp_path, tmp_path / "runs", data={"paths": [str(tmp_path)], **data})
     spec["model"] = {"hf": {"path": str(tmp_path), **model}}
     with pytest.raises(UserError, match=expect):
@@ -147,3 +148,22 @@ def test_a_gpu_run_whose_training_state_cannot_fit_is_refused_with_the_levers():
         "model: 10.00 B parameters need about 83.82 GiB per rank for weights, gradients and optimizer state at ZeRO 1 "
         "in fp32 on 8 workers, more than rank 0's GPU (NVIDIA A100 80GB PCIe) holds (80.00 GiB); try "
         "deepspeed.zero_stage: 2, deepspeed.precision: bf16, more workers")
+
+
+def test_a_model_behind_a_uri_is_copied_once_into_the_node_cache(tmp_path, monkeypatch):
+    from shardrun.config import HFModelSpec
+    from shardrun.trainer.models import hf
+
+    monkeypatch.setenv("SHARDRUN_HF_CACHE", str(tmp_path / "cache"))
+    source = llama(tmp_path / "m")
+    lines = []
+    folder = hf.local_folder(HFModelSpec(path=f"file://{source}"), emit=lines.append)
+    assert folder == str(hf.cache_dir(f"file://{source}", None)) and (tmp_path / "cache") in hf.Path(folder).parents
+    assert {p.name for p in source.iterdir()} | {".complete"} == {p.name for p in hf.Path(folder).iterdir()}
+    assert lines[0].startswith(f"copying the model from file://{source} (0.1 MB, 3 files) to this node's cache")
+    assert lines[-1].startswith("copied the model in ")
+    lines.clear()
+    assert hf.local_folder(HFModelSpec(path=f"file://{source}"), emit=lines.append) == folder and lines == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json there"):
+        hf.local_folder(HFModelSpec(path=f"file://{tmp_path / 'empty'}"), emit=lines.append)

@@ -13,11 +13,13 @@ transformers is imported by the functions here (the `hf` extra): runs of the bui
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fnmatch
 import hashlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from shardrun.trainer.models.loss import mean_token_loss
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
 """What is fetched of a model.hf.path behind a URI or on the Hub: its config, tokenizer and code, no weights."""
+COPY_PROGRESS_EVERY_S = 10.0
+"""A line on how far a model's copy from storage has come, this often."""
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -153,14 +157,20 @@ def build(spec: HFModelSpec, folder: str) -> CausalLM | SequenceClassifier:
     auto = auto_class(spec)
     common = {"dtype": DTYPES[spec.dtype], "attn_implementation": spec.attn_implementation,
               "trust_remote_code": spec.trust_remote_code}
-    if spec.from_scratch:
-        model = auto.from_config(config, **common)
-    else:
-        if not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
-            raise UserError(f"model.hf.path {redact(spec.path)}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
-                            "set model.hf.from_scratch: true to train its architecture from random weights")
-        with no_progress_bars():
-            model = auto.from_pretrained(folder, config=config, revision=spec.revision, **common)
+    if not spec.from_scratch and not any(os.path.exists(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise UserError(f"model.hf.path {redact(spec.path)}: no weights there (none of {', '.join(WEIGHT_FILES)}); "
+                        "set model.hf.from_scratch: true to train its architecture from random weights")
+    try:
+        if spec.from_scratch:
+            model = auto.from_config(config, **common)
+        else:
+            with no_progress_bars():
+                model = auto.from_pretrained(folder, config=config, revision=spec.revision, **common)
+    except ImportError as e:  # flash-attn missing or unusable on this node: every attempt would fail alike
+        if spec.attn_implementation != "flash_attention_2":
+            raise
+        raise UserError(f"model.hf.attn_implementation flash_attention_2 on this node: {' '.join(str(e).split())}"
+                        [:500]) from None
     return SequenceClassifier(model) if spec.classifies else CausalLM(model)
 
 
@@ -264,7 +274,23 @@ def _copy_from_storage(uri: str, target: Path, emit) -> None:
          f"{target}")
     staging = target.with_name(target.name + f".partial-{os.getpid()}")
     staging.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(staging), source_filesystem=storage, destination_filesystem=pafs.LocalFileSystem())
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # pyarrow copies the files in parallel; we watch
+        copy = pool.submit(pafs.copy_files, path, str(staging), source_filesystem=storage,
+                           destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
+        while True:
+            try:
+                copy.result(timeout=COPY_PROGRESS_EVERY_S)
+                break
+            except concurrent.futures.TimeoutError:
+                done = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+                seconds = time.monotonic() - start
+                emit(f"copying the model: {done / 1e6:,.0f} of {total / 1e6:,.0f} MB ({done / max(total, 1):.0%}), "
+                     f"{done / 1e6 / seconds:,.0f} MB/s")
+            except OSError as e:
+                raise UserError(f"model.hf.path {redact(uri)}: cannot copy it ({redact(str(e))})") from None
+    seconds = time.monotonic() - start
+    emit(f"copied the model in {seconds:,.1f} s ({total / 1e6 / max(seconds, 1e-3):,.0f} MB/s)")
     (staging / ".complete").write_text(redact(uri) + "\n")
     if target.exists():
         import shutil
