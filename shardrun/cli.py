@@ -160,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_arg(p)
     _add_verbose_arg(p)
 
+    p = sub.add_parser("eval", help="a checkpoint's loss on held-out data (the run's eval section, or --paths); "
+                       "under torchrun, on its ranks")
+    _add_run_args(p)
+    p.add_argument("--step", type=int, default=None, help="a checkpoint's step (default: the newest complete)")
+    p.add_argument("--paths", nargs="+", metavar="PATH", default=None,
+                   help="held-out Parquet files or folders in the run's data format (default: the run's eval.paths)")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N",
+                   help="micro-batches evaluated (default: the run's eval.max_batches, else 50)")
+    p.add_argument("--json", action="store_true", help="the result as one JSON object")
+    _add_trust_arg(p)
+    _add_verbose_arg(p)
+
     p = sub.add_parser("generate", help="sample text from a byte-level GPT run (its newest checkpoint) or export")
     _add_run_args(p, metavar="RUN_OR_EXPORT", help=f"{RUN_HELP}, or a folder written by `shardrun export`")
     p.add_argument("--prompt", default="", help="text to continue (default: none)")
@@ -273,6 +285,13 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = Tr
                         f"samples over {spec.partitions} partitions (deepspeed.micro_batch_size x grad_accum_steps x "
                         "workers); add data, or lower the batch or data.partitions")
     emit(summary(index, spec.global_batch, spec.partitions, seq_len_from_files=spec.data.seq_len if taken else None))
+    if spec.eval is not None:
+        held = build_index(spec.eval_data())
+        rows = min(held.rows, spec.eval.max_batches * spec.deepspeed.micro_batch_size)
+        when = f"every {spec.eval.every_steps} steps" if spec.eval.every_steps else ""
+        when += (" and " if when else "") + "after the last step" if spec.eval.at_end else ""
+        emit(f"eval: the first {rows:,} of {held.rows:,} held-out rows in {', '.join(spec.eval.paths)}, "
+             f"{when or 'never (eval.every_steps unset, eval.at_end false)'}")
     if resume:
         check_resume(spec, index)
     return index.to_dict()
@@ -547,6 +566,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from shardrun.checkpoint_format import pick
+    from shardrun.driver.noise import library_output_to_stderr
+    from shardrun.driver.run_log import eval_line
+    from shardrun.export import check_pickles, local_folder
+    from shardrun.runs import resolve_run_dir
+
+    run_dir = resolve_run_dir(args.run, args.storage)
+    spec = run_spec(run_dir)
+    paths = args.paths or (spec.eval.paths if spec.eval else None)
+    if not paths:
+        raise UserError(f"{redact(run_dir)}'s spec has no eval section: give the held-out data with --paths")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UserError(f"--max-batches is at least 1 (got {args.max_batches})")
+    batches = args.max_batches or (spec.eval.max_batches if spec.eval else None)
+    spec.eval = config.EvalSpec(paths=paths, **({"max_batches": batches} if batches else {}))
+    chosen = pick(run_dir, args.step)
+    main = os.environ.get("RANK", "0") == "0"
+    with library_output_to_stderr(verbose=args.verbose), local_folder(run_dir, chosen, fs.log) as folder:
+        if not args.trust_checkpoint:
+            check_pickles(folder)
+        from shardrun.trainer.extensions import choose_accelerator
+
+        choose_accelerator(spec.scaling.use_gpu)  # before DeepSpeed is imported
+        from shardrun.trainer.evaluate import evaluate_checkpoint
+        from shardrun.trainer.topology import Topology
+
+        result = evaluate_checkpoint(spec, folder, Topology.from_env(spec.scaling.use_gpu))
+    if main:
+        line = f"{spec.name}: {eval_line(result, byte_level=spec.model.byte_level)}"
+        print(json.dumps(result) if args.json else line)
+    return 0
+
+
+def run_spec(run_dir: str) -> config.JobSpec:
+    """The resolved spec a run dir holds (job.yaml), validated."""
+    path = fs.join(run_dir, "job.yaml")
+    try:
+        text = fs.read_text(path)
+    except OSError as e:
+        raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
+    if text is None:
+        raise UserError(f"{redact(path)} is missing: is {redact(run_dir)} a run dir?")
+    import yaml
+
+    return config.parse(yaml.safe_load(text), source=redact(path))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from shardrun import report
     from shardrun.runs import resolve_run_dir
@@ -555,7 +622,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report,
+COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report, "eval": cmd_eval,
             "runs": cmd_runs, "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate,
             "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
 DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}

@@ -454,6 +454,22 @@ class FailureSpec(_Section):
         return value
 
 
+class EvalSpec(_Section):
+    paths: list[str] = Field(
+        ..., min_length=1,
+        description="Held-out Parquet files or directories in the training data's format (data.format, "
+        "data.column, data.seq_len, data.label), local or abfs:// / s3://.",
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Evaluate every this many steps (null: only at the end, with at_end).",
+    )
+    max_batches: int = Field(
+        50, ge=1, description="Micro-batches of deepspeed.micro_batch_size rows evaluated, over all ranks: the "
+        "held-out set's first max_batches x micro_batch_size rows, in file order, the same for every world size.",
+    )
+    at_end: bool = Field(True, description="Evaluate after the last step too.")
+
+
 class RunSpec(_Section):
     max_steps: int = Field(..., ge=1, description="Optimizer steps to train to.")
     seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="Seed of weights and dropout.")
@@ -473,6 +489,11 @@ class JobSpec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    eval: EvalSpec | None = Field(
+        None, description="A validation loop on held-out data: the token-weighted mean loss over every rank's "
+        "share, in metrics.jsonl (eval_loss), Prometheus (shardrun_eval_loss) and summary.json; training's "
+        "data position, random state and mode are left as they were.",
+    )
     run: RunSpec
 
     @model_validator(mode="after")
@@ -539,6 +560,13 @@ class JobSpec(_Section):
     def global_batch_for(self, world_size: int) -> int:
         d = self.deepspeed
         return d.micro_batch_size * self.grad_accum_for(world_size) * world_size
+
+    def eval_data(self) -> DataSpec | None:
+        """The held-out data of the eval section, read as the training data is (format, column, seq_len,
+        label)."""
+        if self.eval is None:
+            return None
+        return self.data.model_copy(update={"paths": list(self.eval.paths), "prepare": None})
 
     @property
     def run_dir(self) -> str:

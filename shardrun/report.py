@@ -44,6 +44,9 @@ class RunMetrics:
     restarts: list[int]
     """The first step logged after each restart."""
     byte_level: bool
+    evals: list[dict]
+    """The eval records (step, eval_loss), one per step in step order (a restart's repeats replace earlier
+    ones)."""
     spec_yaml: str | None
     run_summary: dict | None
 
@@ -80,6 +83,11 @@ def read_run(run_dir: str) -> RunMetrics:
     records = parse_records(text, redact(path))
     spec = _read_yaml(join(run_dir, "job.yaml"))
     curve, restarts = [], []
+    evals = {r["step"]: r for r in records if "eval_loss" in r}  # a restart's repeat replaces the earlier
+    records = [r for r in records if "loss" in r]
+    if not records:
+        raise UserError(f"{redact(path)} has no step records yet; the run appends one every run.log_every steps: "
+                        "report again after the first log step")
     for rec in records:
         if curve and rec["step"] <= curve[-1]["step"]:
             restarts.append(rec["step"])
@@ -90,7 +98,8 @@ def read_run(run_dir: str) -> RunMetrics:
     name = (spec or {}).get("name") or base.rstrip("/").rsplit("/", 1)[-1]
     return RunMetrics(
         name=str(name), location=redact(run_dir), records=records, curve=curve, restarts=restarts,
-        byte_level=_byte_level(spec), spec_yaml=redact(yaml.safe_dump(spec, sort_keys=False)) if spec else None,
+        byte_level=_byte_level(spec), evals=[evals[k] for k in sorted(evals)],
+        spec_yaml=redact(yaml.safe_dump(spec, sort_keys=False)) if spec else None,
         run_summary=_read_json(join(run_dir, "summary.json")),
     )
 
@@ -108,8 +117,9 @@ def parse_records(text: str, path: str) -> list[dict]:
             if number == len(lines) and not text.endswith("\n"):
                 break
             raise UserError(f"{path}, line {number}: not a JSON record ({e.msg}); remove or fix that line") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or "loss" not in rec:
-            raise UserError(f"{path}, line {number}: not a step record (it needs step and loss); "
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or not (
+                "loss" in rec or "eval_loss" in rec):
+            raise UserError(f"{path}, line {number}: not a step record (it needs step and loss, or eval_loss); "
                             "remove that line")
         records.append(rec)
     if not records:
@@ -131,6 +141,10 @@ def summarize(run: RunMetrics) -> dict:
         "first_loss": first["loss"],
         "last_loss": last["loss"],
     }
+    if run.evals:
+        best = min(run.evals, key=lambda r: r["eval_loss"])
+        out.update(first_eval_loss=run.evals[0]["eval_loss"], last_eval_loss=run.evals[-1]["eval_loss"],
+                   best_eval_loss=best["eval_loss"], best_eval_step=best["step"])
     if run.byte_level:
         out["first_bits_per_byte"] = _bits(first["loss"])
         out["last_bits_per_byte"] = _bits(last["loss"])
@@ -151,6 +165,9 @@ def format_summary(summary: dict) -> str:
              f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}"]
     if "first_bits_per_byte" in summary:
         parts[-1] += f" (bits per byte {summary['first_bits_per_byte']:.3f} -> {summary['last_bits_per_byte']:.3f})"
+    if "last_eval_loss" in summary:
+        parts.append(f"eval loss {summary['first_eval_loss']:.4f} -> {summary['last_eval_loss']:.4f} (best "
+                     f"{summary['best_eval_loss']:.4f} at step {summary['best_eval_step']})")
     if summary["mean_tokens_per_s"]:
         parts.append(f"{summary['mean_tokens_per_s']:,.0f} tokens/s")
     elif summary["mean_samples_per_s"]:
@@ -198,10 +215,13 @@ def draw(run: RunMetrics, out: Path) -> list[Plot]:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         values = [r.get(plot.key) if _number(r.get(plot.key)) else math.nan for r in run.curve]
-        ax.plot(steps, values, marker="." if len(steps) <= 50 else None)
+        ax.plot(steps, values, marker="." if len(steps) <= 50 else None, label="training" if run.evals else None)
+        if plot.key == "loss" and run.evals:
+            ax.plot([r["step"] for r in run.evals], [r["eval_loss"] for r in run.evals], marker="o",
+                    label="held-out (eval)")
         for i, step in enumerate(run.restarts):
             ax.axvline(step, color="0.5", linestyle="--", linewidth=1, label="restart" if i == 0 else None)
-        if run.restarts:
+        if run.restarts or (plot.key == "loss" and run.evals):
             ax.legend(loc="best")
         if plot.key == "loss" and run.byte_level:
             ax.secondary_yaxis("right", functions=(_bits, lambda b: b * math.log(2))).set_ylabel("bits per byte")

@@ -154,5 +154,6 @@ def hidden_line(filters: tuple[ConsoleFilter, ...]) -> str | None:
     count = sum(f.hidden for f in filters)
     if not count:
         return None
-    return (f"{plural(count, 'line')} of Ray's, DeepSpeed's and the workers' own logging were kept off the console: "
+    return (f"{plural(count, 'line')} of Ray's, DeepSpeed's and the workers' own logging "
+            f"{'was' if count == 1 else 'were'} kept off the console: "
             "--verbose shows them (a Ray run's are also under /tmp/ray/session_latest/logs)")

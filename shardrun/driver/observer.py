@@ -13,6 +13,7 @@ from typing import TextIO
 from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.driver.console import Console
+from shardrun.driver.run_log import plural
 from shardrun.errors import redact
 
 
@@ -47,10 +48,13 @@ class RunObserver:
             endpoints = info.get("endpoints") or []
             self.write_targets(endpoints)
             driver = f" and the run's own series (state, workers, restarts) at {self.job.address}" if self.job else ""
-            self.emit(f"metrics: {len(endpoints)} ranks{driver} listed for Prometheus in {self.targets_path}")
+            self.emit(f"metrics: {plural(len(endpoints), 'rank')}{driver} listed for Prometheus in {self.targets_path}")
 
     def record(self, record: dict, line: str) -> None:
-        self.console.update(record, line)
+        if "eval_loss" in record:  # its own line, above the bar
+            self.emit(line)
+        else:
+            self.console.update(record, line)
         if self.spec.metrics.jsonl:
             self._unwritten.append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
             self._append_rows()

@@ -107,6 +107,7 @@ class WorkerMetrics:
         self.skipped_row_groups = counter("shardrun_data_skipped_row_groups", "Bad row groups skipped as padding.")
         self.loss = gauge("shardrun_loss", "Mean training loss over the last log window, all ranks.")
         self.lr = gauge("shardrun_learning_rate", "Learning rate.")
+        self.eval_loss = optional_gauge("shardrun_eval_loss", "Mean loss on the held-out data (eval), all ranks.")
         self.grad_norm = optional_gauge("shardrun_grad_norm", "Global gradient norm before clipping.")
         self.loss_scale = optional_gauge("shardrun_loss_scale", "fp16 dynamic loss scale.")
         self.mfu = optional_gauge("shardrun_mfu_ratio", "Model FLOPs utilisation of this rank's device, 0 to 1.")
@@ -167,6 +168,10 @@ class WorkerMetrics:
             self.mem_allocated.set(memory[0])
             self.mem_reserved.set(memory[1])
             self.mem_peak.set(memory[2])
+
+    def evaluated(self, loss: float) -> None:
+        if math.isfinite(loss):
+            self.eval_loss.set(loss)
 
     def checkpoint_saved(self, seconds: float) -> None:
         self.save_time.observe(seconds)

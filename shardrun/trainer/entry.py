@@ -19,6 +19,7 @@ from shardrun.trainer.checkpoint import TrainState
 from shardrun.trainer.collectives import Collectives
 from shardrun.trainer.control import FLAGS, watcher_for
 from shardrun.trainer.endpoints import start_metrics
+from shardrun.trainer.evaluate import Evaluator
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.loop import Trainer
 from shardrun.trainer.restore import restore
@@ -85,5 +86,7 @@ def build(spec: JobSpec, session: Session, topology: Topology, *, data_index: di
                            partitions=spec.partitions, vocab_size=vocab,
                            wait_timeout=spec.failure.data_wait_timeout_s)
     startup.info("data open")
+    evaluator = Evaluator(spec, topology, vocab_size=vocab) if spec.eval is not None else None
     return Trainer(spec, session, topology, restored=restored, stream=stream, collectives=collectives,
-                   metrics=metrics, endpoints=endpoints, watcher=watcher_for(spec, topology), faults=faults)
+                   metrics=metrics, endpoints=endpoints, watcher=watcher_for(spec, topology), faults=faults,
+                   evaluator=evaluator)

@@ -18,6 +18,7 @@ from shardrun.trainer.azure_events import PreemptionWatcher
 from shardrun.trainer.checkpointer import Checkpointer
 from shardrun.trainer.collectives import Collectives
 from shardrun.trainer.control import StepControl
+from shardrun.trainer.evaluate import Evaluator, is_due
 from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.nonfinite import NonFiniteAction, NonFinitePolicy
 from shardrun.trainer.restore import Restored
@@ -31,10 +32,12 @@ class Trainer:
 
     def __init__(self, spec: JobSpec, session: Session, topology: Topology, *, restored: Restored, stream,
                  collectives: Collectives, faults: FaultInjector, metrics: WorkerMetrics | None = None,
-                 endpoints: list | None = None, watcher: PreemptionWatcher | None = None):
+                 endpoints: list | None = None, watcher: PreemptionWatcher | None = None,
+                 evaluator: Evaluator | None = None):
         self.spec, self.session, self.topology, self.faults = spec, session, topology, faults
         self.restored, self.stream, self.collectives, self.metrics = restored, stream, collectives, metrics
         self.endpoints = endpoints or []
+        self.evaluator = evaluator
         self.engine, self.state = restored.engine, restored.state
         self.grad_accum = spec.grad_accum_for(topology.world_size)
         self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.deepspeed.precision)
@@ -76,6 +79,8 @@ class Trainer:
             step = self.state.step
             if step == start + 1 or step % self.spec.run.log_every == 0 or done or action.ends_group:
                 self.log_progress()
+            if self.evaluator is not None and is_due(self.spec, step, last=done):
+                self.evaluate()
             self.window.exclude(self.checkpointer.save(self.state, last_step=done))
             self.control.carry_out(action, self.state, self.checkpointer)
             if action.ends_group:
@@ -128,6 +133,16 @@ class Trainer:
             self.metrics_logged(record)
         if self.topology.is_main:
             self.session.reporter.progress(record)
+
+    def evaluate(self) -> None:
+        """The held-out loss after this step (every rank takes part), reported by rank 0; its time is kept out
+        of the step timings."""
+        result = self.evaluator.evaluate(self.engine, self.collectives)
+        self.window.exclude(result["eval_seconds"])
+        if self.metrics is not None:
+            self.metrics.evaluated(result["eval_loss"])
+        if self.topology.is_main:
+            self.session.reporter.progress({"step": self.state.step, **result})
 
     def metrics_logged(self, record: dict) -> None:
         skipped = engines.skipped_steps(self.engine)

@@ -12,7 +12,7 @@ from shardrun.metrics import JobMetrics, WorkerMetrics
 pytestmark = pytest.mark.timeout(60)
 
 
-OPTIONAL = {"shardrun_grad_norm", "shardrun_loss_scale", "shardrun_mfu_ratio",
+OPTIONAL = {"shardrun_eval_loss", "shardrun_grad_norm", "shardrun_loss_scale", "shardrun_mfu_ratio",
             "shardrun_device_memory_allocated_bytes", "shardrun_device_memory_reserved_bytes",
             "shardrun_device_memory_peak_bytes"}
 
@@ -26,6 +26,7 @@ def _exposition(everything: bool = True) -> str:
             data = {"queue_depth": 1, "buffered_bytes": 1, "skipped_files": 0, "skipped_row_groups": 0}
             worker.logged(loss=1.0, lr=0.1, grad_norm=1.0, loss_scale=1024.0, mfu=0.4, skipped_steps=0, data=data,
                           world_size=1, memory=(1, 2, 3))
+            worker.evaluated(1.5)
         return "".join(urllib.request.urlopen(f"http://{m.address}/metrics", timeout=10).read().decode()
                        for m in (worker, job))
     finally:

@@ -57,7 +57,8 @@ class Prometheus:
 
 def test_prometheus_finds_every_rank_and_every_panel_and_rule_has_data(tmp_path, corpus):
     spec = tiny_spec(corpus, tmp_path / "runs", run={"max_steps": 1_000_000, "log_every": 5},
-                     checkpoint={"every_steps": 40, "keep": 1}, metrics={"peak_flops": 1e11})
+                     checkpoint={"every_steps": 40, "keep": 1}, metrics={"peak_flops": 1e11},
+                     eval={"paths": [str(corpus)], "every_steps": 10, "max_batches": 2})
     targets = tmp_path / "runs" / "targets"
     targets.mkdir(parents=True)  # Prometheus watches the folder from its start (the head node's bootstrap makes it)
     config = render_prometheus_config(tmp_path / "prom", scrape_interval="1s",
@@ -77,6 +78,7 @@ def test_prometheus_finds_every_rank_and_every_panel_and_rule_has_data(tmp_path,
         prom.wait_for('shardrun_checkpoint_save_seconds_count{run="tiny"} > 0', 2)
         prom.wait_for('count_over_time(shardrun_steps_total{run="tiny"}[1m]) >= 4', 2)
         prom.wait_for('shardrun:tokens_per_second:rate1m{run="tiny"}', 1, timeout=30)
+        prom.wait_for('shardrun_eval_loss{run="tiny"} > 0', 2, timeout=30)  # the held-out loss, on each rank
 
         empty = []
         for expr in dashboard_exprs("tiny"):
