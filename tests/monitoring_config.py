@@ -32,7 +32,8 @@ COUNTERS = (
     "shardrun_data_skipped_files_total", "shardrun_data_skipped_row_groups_total", "shardrun_job_restarts_total",
 )
 GAUGES = (
-    "shardrun_loss", "shardrun_eval_loss", "shardrun_learning_rate", "shardrun_grad_norm", "shardrun_loss_scale", "shardrun_mfu_ratio",
+    "shardrun_loss", "shardrun_eval_loss", "shardrun_learning_rate", "shardrun_grad_norm", "shardrun_loss_scale",
+    "shardrun_mfu_ratio",
     "shardrun_device_memory_allocated_bytes", "shardrun_device_memory_reserved_bytes",
     "shardrun_device_memory_peak_bytes", "shardrun_world_size",
     "shardrun_data_queue_depth", "shardrun_data_buffered_bytes", "shardrun_step", "shardrun_job_state",

@@ -204,7 +204,8 @@ def test_a_classifier_run_exports_as_a_sequence_classifier_and_generate_says_it_
     assert cli.main(["generate", "tiny", "--storage", str(tmp_path / "runs")]) == 2
     assert "trains a sequence classifier, which labels text and writes none" in capsys.readouterr().err
     assert cli.main(["generate", str(out)]) == 2
-    assert "holds a LlamaForSequenceClassification, a sequence classifier, which labels text and writes none" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds a LlamaForSequenceClassification, a sequence classifier, which labels text and writes none" in err
 
 
 def test_an_export_to_a_uri_is_uploaded_whole_and_replaces_an_earlier_one(tmp_path, llama, capsys):
