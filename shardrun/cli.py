@@ -200,16 +200,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-mb", type=float, default=None, help="read at most this many MB")
     p.add_argument("--tokenizer", metavar="PATH", default=None,
                    help="a Hugging Face tokenizers tokenizer.json (default: one token per byte)")
+    text_parser = p
+
+    p = data.add_parser("prepare", help="text, prompt/completion or chat records to loss-masked token shards (a "
+                                        "Hugging Face tokenizer)")
+    p.add_argument("sources", nargs="+", metavar="INPUT",
+                   help="text files (one document each), JSONL (.jsonl, .jsonl.gz), Parquet, or folders of them")
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per training sequence (rows hold one more)")
+    p.add_argument("--tokenizer", required=True, metavar="TOKENIZER",
+                   help="a Hugging Face tokenizer folder (special tokens and chat template come with it) or a "
+                        "tokenizer.json")
+    p.add_argument("--format", choices=("text", "prompt-completion", "chat"), default="text",
+                   help="text: every token in the loss; prompt-completion: the completion only; chat: the "
+                        "assistant's turns only (default %(default)s)")
+    p.add_argument("--text-field", default="text", help="JSONL key or Parquet column of a text document "
+                                                        "(default %(default)s)")
+    p.add_argument("--prompt-field", default="prompt", help="key of the prompt (default %(default)s)")
+    p.add_argument("--completion-field", default="completion", help="key of the completion (default %(default)s)")
+    p.add_argument("--messages-field", default="messages",
+                   help="key of a chat's list of {role, content} messages (default %(default)s)")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one document per row, padded (default: documents packed into rows, with position_ids)")
+    p.add_argument("--on-bad-record", choices=("fail", "skip"), default="fail",
+                   help="a record that is not valid JSON, misses a field, has an empty completion or no assistant "
+                        "turn: fail names it; skip leaves it out, counted (default %(default)s)")
+    prepare_parser = p
     # Defaults are prepare_text's (a unit test holds them equal); importing it here would load the
     # data stack for every command.
-    p.add_argument("--rows-per-file", type=int, default=4096, metavar="N",
-                   help="rows in each Parquet file (default %(default)s)")
-    p.add_argument("--row-group-rows", type=int, default=512, metavar="N",
-                   help="rows in each row group, the unit ranks read (default %(default)s)")
-    p.add_argument("--compression", choices=("none", "snappy", "zstd", "lz4", "gzip"), default="zstd",
-                   help="Parquet compression (default %(default)s)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="at most N processes tokenize and write (default: the CPUs); small inputs stay in this one")
+    for p in (text_parser, prepare_parser):
+        p.add_argument("--rows-per-file", type=int, default=4096, metavar="N",
+                       help="rows in each Parquet file (default %(default)s)")
+        p.add_argument("--row-group-rows", type=int, default=512, metavar="N",
+                       help="rows in each row group, the unit ranks read (default %(default)s)")
+        p.add_argument("--compression", choices=("none", "snappy", "zstd", "lz4", "gzip"), default="zstd",
+                       help="Parquet compression (default %(default)s)")
+        p.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="at most N processes tokenize and write (default: the CPUs); small inputs stay in "
+                            "this one")
 
     p = data.add_parser("inspect", help="files, rows, row groups, schema, bytes and steps per epoch")
     p.add_argument("paths", nargs="+", metavar="URI", help="Parquet files or directories (path, abfs://, s3://)")
@@ -440,6 +468,22 @@ def cmd_prepare_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from shardrun.datasets import finetune
+
+    fmt = finetune.RecordFormat(kind=args.format, text_field=args.text_field, prompt_field=args.prompt_field,
+                                completion_field=args.completion_field, messages_field=args.messages_field)
+    started = time.perf_counter()
+    done = finetune.prepare_documents(args.sources, Path(args.out), args.seq_len, args.tokenizer, fmt=fmt,
+                                      pack_rows=args.pack, on_bad_record=args.on_bad_record,
+                                      rows_per_file=args.rows_per_file, row_group_rows=args.row_group_rows,
+                                      compression=args.compression, workers=args.workers)
+    for line in done.bad_lines():
+        fs.log(line)
+    _emit(done.line(args.out, time.perf_counter() - started))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from shardrun.datasets import build_index
     from shardrun.datasets.inspect import report
@@ -625,7 +669,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {"run": cmd_run, "train": cmd_train, "check": cmd_check, "report": cmd_report, "eval": cmd_eval,
             "runs": cmd_runs, "checkpoints": cmd_checkpoints, "export": cmd_export, "generate": cmd_generate,
             "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
-DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "inspect": cmd_inspect}
+DATA_COMMANDS = {"prepare-text": cmd_prepare_text, "prepare": cmd_prepare, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,11 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from shardrun import fs
 from shardrun.errors import UserError
@@ -51,6 +53,14 @@ TASKS_PER_WORKER = 4  # smaller slices even out files of unequal size
 META_TOKENIZER = b"shardrun.tokenizer"
 META_VOCAB_SIZE = b"shardrun.vocab_size"
 META_SEQ_LEN = b"shardrun.seq_len"
+META_FORMAT = b"shardrun.format"
+"""`shardrun data prepare`'s --format: text, prompt-completion or chat (prepare-text records none)."""
+META_PACKED = b"shardrun.packed"
+"""b"true" when a row may hold several documents (then position_ids restart at each), else b"false"."""
+LOSS_MASK_COLUMN = "loss_mask"
+"""Per token, 1 where the token is a target counted in the loss (`data prepare`'s shards)."""
+POSITION_IDS_COLUMN = "position_ids"
+"""Per token, its position within its document, written only for packed rows."""
 
 
 def stdlib_sources() -> list[Path]:
@@ -255,13 +265,13 @@ def _prepare(files: list[Path], out_dir: Path, layout: ShardLayout, encoder: Tex
     total = sum(size for _, size in sizes)
     workers = max(1, min(workers, total // MIN_BYTES_PER_WORKER[encoder.kind]))
     slices = _slices(sizes, max(workers * TASKS_PER_WORKER, math.ceil(total / MAX_SLICE_BYTES)))
-    with _staging(out_dir) as staging, _task_runner(workers) as run_all:
+    with staging_dir(out_dir) as staging, task_runner(workers) as run_all:
         stream = staging / ".tokens"
         stream.mkdir()
         encode = [EncodeTask(encoder, tuple(f for f, _ in s), sum(n for _, n in s), stream / f"piece-{i:05d}.npy")
                   for i, s in enumerate(slices)]
-        pieces = tuple(zip([t.piece for t in encode], run_all(_encode_slice, encode), strict=True))
-        run_all(_write_shard, _shard_tasks(pieces, staging, layout, encoder))
+        pieces = tuple(zip([t.piece for t in encode], run_all(_encode_slice, encode, "tokenizing"), strict=True))
+        run_all(_write_shard, _shard_tasks(pieces, staging, layout, encoder), "writing shards")
         shutil.rmtree(stream)
     return sorted(out_dir.glob("*.parquet"))
 
@@ -317,14 +327,14 @@ def _encode_slice(task: EncodeTask) -> int:
 
 
 def _write_shard(task: ShardTask) -> None:
-    rows = token_rows(_read_span(task.pieces, task.start, task.stop), task.layout.seq_len)
+    rows = token_rows(read_span(task.pieces, task.start, task.stop), task.layout.seq_len)
     column = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=pa.int32()), rows.shape[1])
     table = pa.table({"tokens": column}).replace_schema_metadata(task.metadata)
     pq.write_table(table, task.path, row_group_size=task.layout.row_group_rows,
                    compression=task.layout.compression)
 
 
-def _read_span(pieces: tuple[tuple[Path, int], ...], start: int, stop: int) -> np.ndarray:
+def read_span(pieces: tuple[tuple[Path, int], ...], start: int, stop: int) -> np.ndarray:
     """Tokens [start, stop) of the stream that the pieces hold in order."""
     parts, offset = [], 0
     for path, length in pieces:
@@ -336,7 +346,7 @@ def _read_span(pieces: tuple[tuple[Path, int], ...], start: int, stop: int) -> n
 
 
 @contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
+def staging_dir(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside out_dir, renamed to it when done, removed on any failure."""
     if out_dir.exists():
         raise UserError(f"{out_dir} already exists; remove it or choose another --out")
@@ -352,17 +362,35 @@ def _staging(out_dir: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def _task_runner(workers: int) -> Iterator[Callable[[Callable, list], list]]:
-    """A map over tasks, results in order: in this process for one worker, else in a process pool."""
-    if workers == 1:
-        yield lambda fn, tasks: [fn(t) for t in tasks]
-        return
-    # spawn, not fork: a forked child would inherit the parent's threads' locks (tokenizers, Arrow)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+def task_runner(workers: int) -> Iterator[Callable[..., list]]:
+    """A map over tasks, results in order: in this process for one worker, else in a process pool. Given a
+    `progress` label, a bar counts finished tasks on stderr, only when stderr is a terminal."""
+    pool = None
+    if workers > 1:
+        # spawn, not fork: a forked child would inherit the parent's threads' locks (tokenizers, Arrow)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run_all(fn: Callable, tasks: list, progress: str | None = None) -> list:
+        with tqdm(total=len(tasks), desc=progress, unit="task", leave=False,
+                  disable=progress is None or not sys.stderr.isatty()) as bar:
+            if pool is None:
+                return [_counted(fn(t), bar) for t in tasks]
+            futures = [pool.submit(fn, t) for t in tasks]
+            for future in as_completed(futures):
+                future.result()  # the first failure ends the run (the pool's shutdown cancels the rest)
+                bar.update(1)
+            return [f.result() for f in futures]
+
     try:
-        yield lambda fn, tasks: list(pool.map(fn, tasks))
+        yield run_all
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _counted(result, bar):
+    bar.update(1)
+    return result
 
 
 @dataclass(frozen=True)
