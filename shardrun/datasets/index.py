@@ -152,6 +152,9 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
         found = files_seq_len(spec, [r for r in results if not isinstance(r[0], str)])
         if found is not None:
             spec.seq_len = found
+    if spec.format == "tokens":  # a loss mask and positions are read where the first file has them
+        first = next((schema for entry, schema in results if not isinstance(entry, str)), None)
+        wanted = wanted + [c for c in TOKEN_EXTRAS if first is not None and c in first.names]
     files, problems, types, metadata = [], [], {}, {}
     short: dict[str, int] = {}
     """Files left out because their fixed-size rows are shorter than seq_len + 1: tokens per row."""
@@ -253,6 +256,11 @@ def _shorter_seq_len(spec: DataSpec, short: dict[str, int]) -> str:
     if n < 2:
         return again
     return f"set data.seq_len to {n - 1} or less (the rows' length less one), or {again}"
+
+
+TOKEN_EXTRAS = ("loss_mask", "position_ids")
+"""Token data's optional per-token columns (`shardrun data prepare`'s), read with the tokens when the first file
+has them (then every file must): shardrun.datasets.reader decodes them."""
 
 
 def _wanted_columns(spec: DataSpec) -> list[str] | None:

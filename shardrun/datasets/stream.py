@@ -25,12 +25,10 @@ from shardrun import fs
 from shardrun.config import DataSpec, check_partitions
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.plan import Plan
-from shardrun.datasets.reader import PAD, BadRowGroup, RowGroupReader
+from shardrun.datasets.reader import IGNORE_INDEX, PAD, BadRowGroup, RowGroupReader, decode_rows
 from shardrun.errors import DataStalled, UserError
 
 POSITION_VERSION = 1
-IGNORE_INDEX = -100
-"""Targets with this value are left out of the loss (torch's cross_entropy default)."""
 CHUNK_TOKENS = 1 << 19
 """Tokens the producer gathers in one go (tables: CHUNK_ROWS rows): per step, Python's overhead
 outweighs the copying; the loop takes the steps of a chunk from the queue together."""
@@ -313,14 +311,18 @@ class Stream:
 
     def _token_micro_batches(self, rows: np.ndarray) -> list[dict[str, torch.Tensor]]:
         t = torch.from_numpy(rows)
-        inputs, targets = t[:, :-1], t[:, 1:]
-        if self._step_has_pad:
-            inputs = inputs.clamp(min=0)
-            targets = targets.masked_fill(targets == PAD, IGNORE_INDEX)
+        if self.reader.encoded:  # a loss mask or positions ride in the ids' high bits
+            batch = decode_rows(t, positions=self.reader.positions)
+        else:
+            inputs, targets = t[:, :-1], t[:, 1:]
+            if self._step_has_pad:
+                inputs = inputs.clamp(min=0)
+                targets = targets.masked_fill(targets == PAD, IGNORE_INDEX)
+            batch = {"inputs": inputs, "targets": targets}
         out = []
         for m in range(self.grad_accum_steps):
             sl = slice(m * self.micro_batch_size, (m + 1) * self.micro_batch_size)
-            out.append(self._staged({"inputs": inputs[sl], "targets": targets[sl]}))
+            out.append(self._staged({k: v[sl] for k, v in batch.items()}))
         return out
 
     def _staged(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,8 +24,8 @@ import torch
 from shardrun.config import JobSpec
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.index import build as build_index
-from shardrun.datasets.reader import PAD, RowGroupReader
-from shardrun.trainer.models.loss import IGNORE_INDEX
+from shardrun.datasets.reader import IGNORE_INDEX, RowGroupReader, decode_rows
+from shardrun.trainer import models
 
 
 def assigned(batches: int, world: int, rank: int) -> list[int | None]:
@@ -86,9 +86,8 @@ class Evaluator:
     def _batch(self, part) -> dict[str, torch.Tensor]:
         device = self.topology.device
         if isinstance(part, np.ndarray):  # token rows: (n, seq_len + 1), PAD where a row is short
-            t = torch.from_numpy(part.astype(np.int64))
-            inputs, targets = t[:, :-1].clamp(min=0), t[:, 1:].masked_fill(t[:, 1:] == PAD, IGNORE_INDEX)
-            return {"inputs": inputs.to(device), "targets": targets.to(device)}
+            batch = decode_rows(torch.from_numpy(part.astype(np.int64)), positions=self._reader.positions)
+            return {k: v.to(device) for k, v in batch.items()}
         label = self.data.label
         cols = {("label" if k == label else k): torch.from_numpy(np.ascontiguousarray(v)).to(device)
                 for k, v in part.items()}
@@ -115,7 +114,12 @@ class Evaluator:
                 batch = self._held[b] if b is not None else last or self._held.get(self._first())
                 if batch is None:
                     break  # no rows at all: nothing any rank can run
-                loss = engine(batch["inputs"], batch["targets"]) if "inputs" in batch else engine(**batch)
+                if "inputs" in batch:
+                    positions = {"position_ids": batch["position_ids"]} if "position_ids" in batch and \
+                        models.takes_positions(module) else {}
+                    loss = engine(batch["inputs"], batch["targets"], **positions)
+                else:
+                    loss = engine(**batch)
                 if b is not None:
                     count = int((batch["targets"] != IGNORE_INDEX).sum()) if "targets" in batch else \
                         int(batch["label"].shape[0])
@@ -163,7 +167,6 @@ def evaluate_checkpoint(spec: JobSpec, path: str, topology) -> dict:
     (one, or torchrun's), with the run's model and the spec's eval section: {step, eval_loss, eval_tokens or
     eval_rows, eval_seconds}."""
     from shardrun.trainer import engine as engines
-    from shardrun.trainer import models
     from shardrun.trainer.collectives import Collectives
     from shardrun.trainer.control import FLAGS
     from shardrun.trainer.restore import restore

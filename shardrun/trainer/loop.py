@@ -14,6 +14,7 @@ from shardrun.errors import TrainingDiverged
 from shardrun.fs import log
 from shardrun.metrics import WorkerMetrics, device_memory, flops
 from shardrun.trainer import engine as engines
+from shardrun.trainer import models
 from shardrun.trainer.azure_events import PreemptionWatcher
 from shardrun.trainer.checkpointer import Checkpointer
 from shardrun.trainer.collectives import Collectives
@@ -55,6 +56,8 @@ class Trainer:
         self.last_wait = 0.0
         """Seconds the last step waited for data."""
         self._skipped_logged = engines.skipped_steps(self.engine)
+        self.takes_positions: bool | None = None
+        """Whether the model's forward takes position_ids; asked when the data first has them."""
 
     def train(self) -> None:
         self.control.start()
@@ -97,7 +100,7 @@ class Trainer:
         for _ in range(self.grad_accum):
             batch = self.stream.next_batch()
             if "inputs" in batch:
-                loss = self.engine(batch["inputs"], batch["targets"])
+                loss = self.engine(batch["inputs"], batch["targets"], **self.positions(batch))
             else:  # table data: the model takes the columns (and `label`) as keyword arguments
                 loss = self.engine(**self.as_module_dtype(batch))
             loss = self.faults.loss(loss, step=self.state.step + 1, rank=self.topology.rank)
@@ -114,6 +117,18 @@ class Trainer:
             self.metrics.step_done(step=self.state.step, seconds=self.window.clock() - t0, data_wait=self.last_wait,
                                    samples=self.global_batch // world, tokens=self.tokens_per_step // world)
         return total / self.grad_accum
+
+    def positions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The packed rows' position ids, for a model whose forward takes them."""
+        if "position_ids" not in batch:
+            return {}
+        if self.takes_positions is None:
+            self.takes_positions = models.takes_positions(self.engine.module)
+            if not self.takes_positions and self.topology.is_main:
+                self.session.reporter.note("the data's rows pack several documents with their position_ids, but "
+                                           "the model's forward takes no position_ids: positions run on across "
+                                           "document boundaries")
+        return {"position_ids": batch["position_ids"]} if self.takes_positions else {}
 
     def as_module_dtype(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Floating columns in the dtype DeepSpeed cast the module to (bf16, fp16): it casts positional inputs
@@ -168,3 +183,4 @@ class Trainer:
         self.stream.close()
         if self.metrics is not None:
             self.metrics.close()
+

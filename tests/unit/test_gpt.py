@@ -27,6 +27,17 @@ def test_attention_is_causal():
     assert not torch.allclose(a[0, 10:], b[0, 10:])
 
 
+def test_position_ids_place_a_packed_document_as_if_it_began_the_row():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).eval()
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.equal(model.logits(x, torch.arange(12)[None]), model.logits(x))
+    restarted = torch.cat([torch.arange(5), torch.arange(7)])[None]  # a second document from token 5
+    assert not torch.allclose(model.logits(x, restarted)[0, 5:], model.logits(x)[0, 5:])
+    assert torch.allclose(model.logits(x, restarted)[0, :5], model.logits(x)[0, :5])
+    assert model(x, x, position_ids=restarted) != model(x, x)
+
+
 def test_too_long_a_sequence_is_refused():
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=4))
     with pytest.raises(ValueError, match="exceeds block_size 4"):

@@ -304,3 +304,32 @@ def test_a_parquet_file_without_the_column_is_named(tmp_path, tokenizers_dir):
     with pytest.raises(UserError, match=r"a.parquet: no column 'text' \(it has body\)"):
         prepare_documents([tmp_path / "a.parquet"], tmp_path / "out", 16, tokenizers_dir["plain"], workers=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_stream_leaves_masked_tokens_out_of_the_targets_and_hands_on_the_positions(tmp_path, tokenizers_dir):
+    import torch
+
+    from shardrun.config import DataSpec
+    from shardrun.datasets import Stream, build_index
+
+    records = [{"prompt": f"Question {i}? " * (1 + i % 3), "completion": f"Answer {i}!"} for i in range(40)]
+    src = _write_jsonl(tmp_path / "pc.jsonl", records)
+    prepare_documents([src], tmp_path / "out", 24, tokenizers_dir["plain"], fmt=RecordFormat(kind="prompt-completion"),
+                      row_group_rows=4)
+    cols = _columns(tmp_path / "out")
+    spec = DataSpec(paths=[str(tmp_path / "out")], shuffle_window=1)
+    index = build_index(spec)
+    assert set(index.schema) == {"tokens", "loss_mask", "position_ids"}
+    rows = len(cols["tokens"])
+    stream = Stream(spec, index, rank=0, world_size=1, micro_batch_size=rows, grad_accum_steps=1)
+    try:
+        batch = stream.next_batch()
+    finally:
+        stream.close()
+    # shuffle_window 1 keeps each row group's rows together; match the batch's rows to the file's by content
+    tokens, mask, positions = (torch.tensor(cols[c]).long() for c in ("tokens", "loss_mask", "position_ids"))
+    order = [next(i for i in range(rows) if torch.equal(batch["inputs"][r], tokens[i, :-1])) for r in range(rows)]
+    tokens, mask, positions = tokens[order], mask[order], positions[order]
+    assert torch.equal(batch["targets"], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -100))
+    assert torch.equal(batch["position_ids"], positions[:, :-1])
+    assert (batch["targets"] == -100).any() and (batch["targets"] != -100).any()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -64,3 +65,11 @@ def build(spec: ModelSpec) -> nn.Module:
             f"model.entrypoint {spec.entrypoint!r} returned {type(model).__name__}, not an nn.Module"
         )
     return model
+
+
+def takes_positions(module: nn.Module) -> bool:
+    """Whether the model's forward takes position_ids (the built-in GPT and Hugging Face models do)."""
+    try:
+        return "position_ids" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -115,17 +115,19 @@ class GPT(nn.Module):
         cfg = self.config
         return 6.0 * self.num_params(non_embedding=True) + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        """Next-token logits for every position of idx (B, T)."""
+    def logits(self, idx: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits for every position of idx (B, T); position_ids (B, T): each token's position in its
+        document (packed rows), else 0..T-1."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(T, device=idx.device) if position_ids is None else position_ids
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of predicting targets from idx (targets of -100 left out; loss.mean_token_loss)."""
-        return mean_token_loss(self.logits(idx), targets)
+        return mean_token_loss(self.logits(idx, position_ids), targets)

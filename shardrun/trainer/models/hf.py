@@ -49,8 +49,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return mean_token_loss(self.model(input_ids=inputs).logits, targets)
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return mean_token_loss(self.model(input_ids=inputs, position_ids=position_ids).logits, targets)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6N over the parameters that take part in a matmul (embeddings are lookups), plus attention's
