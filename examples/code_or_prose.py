@@ -13,14 +13,14 @@ shuffled with a fixed seed.
 from __future__ import annotations
 
 import argparse
-import ast
 import sysconfig
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from examples.docstrings import documented_functions
 
 CODE, PROSE = 0, 1
 ROW_GROUP_ROWS = 1024
@@ -30,29 +30,17 @@ PAD = 0
 def pieces(stdlib: Path, limit: int):
     """(text, label) pairs: each documented function's docstring, and its source without it."""
     found = 0
-    for path in sorted(stdlib.glob("*.py")):
-        try:
-            source = path.read_text(encoding="utf-8")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SyntaxWarning)
-                tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError, ValueError):
+    for _, lines, node, doc in documented_functions(stdlib):
+        if len(node.body) < 2:
             continue
-        lines = source.splitlines()
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc or len(node.body) < 2:
-                continue
-            body = "\n".join(lines[node.body[1].lineno - 1:node.end_lineno]).strip()
-            if len(doc) < 40 or len(body) < 40:
-                continue
-            yield doc, PROSE
-            yield body, CODE
-            found += 1
-            if found >= limit:
-                return
+        body = "\n".join(lines[node.body[1].lineno - 1:node.end_lineno]).strip()
+        if len(doc) < 40 or len(body) < 40:
+            continue
+        yield doc, PROSE
+        yield body, CODE
+        found += 1
+        if found >= limit:
+            return
 
 
 def encoder(tokenizer: str | None):

@@ -740,5 +740,7 @@ def _resolve_paths(spec: JobSpec) -> JobSpec:
         return p if is_uri(p) else os.path.abspath(os.path.expanduser(p))
 
     spec.data.paths = [resolve(p) for p in spec.data.paths]
+    if spec.eval is not None:
+        spec.eval.paths = [resolve(p) for p in spec.eval.paths]
     spec.checkpoint.storage = resolve(spec.checkpoint.storage)
     return spec

@@ -56,20 +56,51 @@ class Target:
     """What the checkpoint's weights become: a transformers model on the meta device (names, shapes, dtype, the
     config save_pretrained writes), the files to copy next to it, and how the gathered names map to its own."""
 
-    def __init__(self, model, convert: Callable[[dict], dict], copy_from: str | None, what: str):
+    def __init__(self, model, convert: Callable[[dict], dict], copy_from: str | None, what: str,
+                 tokenizer: Callable[[str], None] | None = None):
         self.model, self.convert, self.copy_from, self.what = model, convert, copy_from, what
+        self.tokenizer = tokenizer
+        """Writes the model's tokenizer into a folder, where none is copied from a source."""
+
+
+def byte_tokenizer(folder: str) -> None:
+    """A transformers tokenizer whose ids are the text's UTF-8 bytes (`list(text.encode())`), as the byte-level
+    GPT reads text: GPT-2's byte-level BPE over its 256 byte symbols, byte b at id b, no merges. Byte 0, which no
+    text of the demo's holds, is its end-of-sequence token (`shardrun data prepare` ends documents with it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbol = byte_symbols()
+    tok = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=symbol[BYTE_EOS],
+                            model_max_length=int(1e30)).save_pretrained(folder)
+
+
+BYTE_EOS = 0
+"""The byte-level GPT's end of sequence, exported: byte 0."""
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's printable symbol of each byte (its bytes_to_unicode), which byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(rest)}
 
 
 def gpt2_config(spec: ModelSpec):
-    """transformers' GPT-2 config of the built-in GPT: byte-level by default, so no bos/eos token ids."""
+    """transformers' GPT-2 config of the built-in GPT: byte-level by default, with byte 0 as its end of sequence
+    (byte_tokenizer), no bos token."""
     from transformers import GPT2Config
 
     return GPT2Config(vocab_size=spec.vocab_size, n_positions=spec.block_size, n_embd=spec.n_embd,
                       n_layer=spec.n_layer, n_head=spec.n_head, n_inner=4 * spec.n_embd,
                       activation_function="gelu",  # the GPT's F.gelu is exact (erf); GPT-2's gelu_new is not
                       resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=spec.dropout,
-                      layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                      pad_token_id=None, architectures=["GPT2LMHeadModel"])
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=BYTE_EOS if spec.byte_level else None, pad_token_id=None,
+                      architectures=["GPT2LMHeadModel"])
 
 
 def gpt2_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -120,8 +151,9 @@ def gpt_target(spec: ModelSpec, dtype: str) -> Target:
 
     with torch.device("meta"):
         model = GPT2LMHeadModel(gpt2_config(spec)).to(DTYPES[dtype])
-    model.generation_config = GenerationConfig(**GPT_GENERATION)
-    return Target(model, lambda state: gpt2_state(state, spec), None, "GPT-2")
+    model.generation_config = GenerationConfig(**GPT_GENERATION, eos_token_id=model.config.eos_token_id)
+    return Target(model, lambda state: gpt2_state(state, spec), None, "GPT-2",
+                  tokenizer=byte_tokenizer if spec.byte_level else None)
 
 
 def hf_target(spec: HFModelSpec, folder: str, dtype: str) -> Target:
@@ -176,6 +208,8 @@ def write(target: Target, state: dict[str, torch.Tensor], folder: str, *, dtype:
 
     with no_progress_bars():
         target.model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+    if target.tokenizer is not None:
+        target.tokenizer(folder)
     if target.copy_from is not None:
         for name in COPIED:
             if os.path.isfile(os.path.join(target.copy_from, name)):

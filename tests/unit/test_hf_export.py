@@ -59,7 +59,11 @@ def test_the_gpt_exports_as_gpt2_with_the_same_logits(tmp_path, bias):
     assert config["architectures"] == ["GPT2LMHeadModel"] and config["activation_function"] == "gelu"
     assert (config["n_positions"], config["n_embd"], config["n_layer"], config["vocab_size"]) == (16, 16, 2, 256)
     assert config["tie_word_embeddings"] is True and config.get("bos_token_id") is None
-    assert json.loads((out / "generation_config.json").read_text())["top_k"] == 50
+    assert config["eos_token_id"] == 0 and json.loads((out / "generation_config.json").read_text())["top_k"] == 50
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # the text's bytes, as the GPT read them
+    text = 'def f(x):\n    """Ünïcode, tabs\tand — dashes."""\n'
+    assert tokenizer(text)["input_ids"] == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
+    assert tokenizer.eos_token_id == 0
     record = json.loads((out / "shardrun-export.json").read_text())
     assert record["step"] == 4 and record["format"] == "hf" and "model.safetensors" in record["files"]
 
