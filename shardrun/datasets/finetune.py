@@ -44,6 +44,7 @@ from shardrun.datasets.prepare import (
     shard_count,
     staging_dir,
     task_runner,
+    tokenizer_name,
 )
 from shardrun.errors import UserError
 
@@ -133,11 +134,12 @@ class DocumentTokenizer:
 
 
 def _tokenizer_name(path: Path, tok) -> str:
-    """`<file name> sha256:<digest>` of the tokenizer.json (the folder's, for a folder); for a folder without
-    one, the folder's name and the digest of the tokenizer transformers converted."""
+    """The tokenizer.json's name (the folder's, for a folder: prepare.tokenizer_name, `bytes` for a byte
+    tokenizer); for a folder without one, the folder's name and the digest of the tokenizer transformers
+    converted."""
     file = path / "tokenizer.json" if path.is_dir() else path
     if file.is_file():
-        return f"{file.name} sha256:{hashlib.sha256(file.read_bytes()).hexdigest()}"
+        return tokenizer_name(file)
     return f"{path.name} sha256:{hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()}"
 
 

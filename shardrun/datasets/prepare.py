@@ -175,8 +175,7 @@ class TextEncoder:
         if vocab_size - 1 > np.iinfo(np.int32).max:
             raise UserError(f"--tokenizer {tokenizer}: {vocab_size} token ids do not fit int32")
         ids = (tok.token_to_id(t) for t in END_OF_TEXT_TOKENS)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        return cls(name=f"{path.name} sha256:{digest}", vocab_size=vocab_size, tokenizer_path=path,
+        return cls(name=tokenizer_name(path), vocab_size=vocab_size, tokenizer_path=path,
                    end_of_text=next((i for i in ids if i is not None), None))
 
     @property
@@ -203,6 +202,21 @@ class TextEncoder:
                 ids = tok.encode(text, add_special_tokens=False).ids + tail
                 parts.append(np.asarray(ids, dtype=np.int32))
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)
+
+
+BYTES_SAMPLE = "def f(x):\n\t\"\"\"Ünïcode — ok.\"\"\"\r\n\x00\x7f"
+"""Text a byte tokenizer turns into its exact UTF-8 bytes."""
+
+
+def tokenizer_name(file: Path) -> str:
+    """How data and models name a tokenizer.json: `bytes` for one whose ids are the text's UTF-8 bytes (the
+    byte-level GPT's, exported in the Hugging Face format), as data made without a tokenizer is named; else
+    `<file name> sha256:<digest of the file>`."""
+    tok = _load_tokenizer(file)
+    if tok.get_vocab_size() == BYTE_VOCAB_SIZE and \
+            tok.encode(BYTES_SAMPLE, add_special_tokens=False).ids == list(BYTES_SAMPLE.encode()):
+        return "bytes"
+    return f"{file.name} sha256:{hashlib.sha256(file.read_bytes()).hexdigest()}"
 
 
 @lru_cache(maxsize=2)

@@ -7,7 +7,6 @@ the optimizer state is made)."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import inspect
 import os
@@ -108,13 +107,14 @@ def reads_padding(model_class) -> bool:
 
 
 def tokenizer_name(folder: str) -> str | None:
-    """The model's tokenizer as `shardrun data prepare-text` names the one it used (`tokenizer.json
-    sha256:<digest>`), if the folder has a tokenizer.json."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return f"tokenizer.json sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+    """The model's tokenizer as data names the one it was made with (shardrun.datasets.prepare.tokenizer_name:
+    `bytes`, or `tokenizer.json sha256:<digest>`), if the folder has a tokenizer.json."""
+    from pathlib import Path
+
+    from shardrun.datasets.prepare import tokenizer_name as name
+
+    path = Path(folder, "tokenizer.json")
+    return name(path) if path.is_file() else None
 
 
 def count_parameters(config, spec) -> int:

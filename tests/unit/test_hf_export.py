@@ -12,6 +12,7 @@ from helpers import commit, write_checkpoint
 
 from shardrun import cli
 from shardrun.errors import UserError
+from shardrun.driver.model_check import tokenizer_name
 from shardrun.export import check_out
 from shardrun.hf_export import parse_size
 
@@ -64,6 +65,7 @@ def test_the_gpt_exports_as_gpt2_with_the_same_logits(tmp_path, bias):
     text = 'def f(x):\n    """Ünïcode, tabs\tand — dashes."""\n'
     assert tokenizer(text)["input_ids"] == list(text.encode()) and tokenizer.decode(list(text.encode())) == text
     assert tokenizer.eos_token_id == 0
+    assert tokenizer_name(str(out)) == "bytes"  # byte-level data, made without a tokenizer, fits it
     record = json.loads((out / "shardrun-export.json").read_text())
     assert record["step"] == 4 and record["format"] == "hf" and "model.safetensors" in record["files"]
 
