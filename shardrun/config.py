@@ -468,6 +468,8 @@ class EvalSpec(_Section):
         "held-out set's first max_batches x micro_batch_size rows, in file order, the same for every world size.",
     )
     at_end: bool = Field(True, description="Evaluate after the last step too.")
+    at_start: bool = Field(False, description="Evaluate before the first step of a new run too (step 0: the "
+                           "loaded model's held-out loss, the baseline a fine-tune starts from).")
 
 
 class RunSpec(_Section):

@@ -69,6 +69,8 @@ class Trainer:
             if advice:
                 self.session.reporter.note(advice)
         start = self.state.step
+        if self.evaluator is not None and self.spec.eval.at_start and start == 0:
+            self.evaluate()  # the baseline: the model as loaded
         while self.state.step < self.spec.run.max_steps:
             loss = self.train_step()
             self.faults.after_step(step=self.state.step, rank=self.topology.rank)

@@ -66,7 +66,7 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, corpus, pre
                                "schedule": {"decay": "constant", "warmup_steps": 3}},
                     model={"dropout": 0.1}, run={"max_steps": 8, "log_every": 4},
                     checkpoint={"every_steps": 4},  # with a validation loop, which must leave training alone
-                    eval={"paths": [str(corpus)], "every_steps": 3, "max_batches": 5})
+                    eval={"paths": [str(corpus)], "every_steps": 3, "max_batches": 5, "at_start": True})
     whole = write_spec(tmp_path / "whole.yaml",
                        tiny_spec(corpus, tmp_path / "a", **sections))
     torchrun(whole)
@@ -80,14 +80,15 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path, corpus, pre
         assert torch.equal(a[name], b[name]), name
     fresh = _weights(tmp_path / "b/tiny/checkpoints/step_00000004")
     assert not torch.equal(a["wte.weight"], fresh["wte.weight"])
-    evals = {}  # step -> held-out loss, the same in both runs: at 3, 6 and the ends (4 for the split run, 8)
+    evals = {}  # step -> held-out loss, the same in both runs: at 0, 3, 6 and the ends (4 for the split run, 8)
     for run_dir in ("a", "b"):
         for line in (tmp_path / run_dir / "tiny/metrics.jsonl").read_text().splitlines():
             if "eval_loss" in (rec := json.loads(line)):
                 assert evals.setdefault(rec["step"], rec["eval_loss"]) == rec["eval_loss"], (run_dir, rec)
                 assert rec["eval_tokens"] == 5 * 4 * 32, rec  # 5 batches of 4 rows of 32 targets
-    assert sorted(evals) == [3, 4, 6, 8]
-    assert summary(tmp_path / "a/tiny")["best_eval_loss"] == min(evals[s] for s in (3, 6, 8))
+    assert sorted(evals) == [0, 3, 4, 6, 8]
+    assert summary(tmp_path / "a/tiny")["best_eval_loss"] == min(evals[s] for s in (0, 3, 6, 8))
+    assert summary(tmp_path / "b/tiny")["first_eval_loss"] == evals[0]  # the resumed invocation keeps the run's
     if precision == "fp32":  # the same checkpoint evaluated offline by 1 rank: the 2 ranks' number
         out = run([sys.executable, "-m", "shardrun", "eval", str(tmp_path / "a/tiny"), "--json"], timeout=240).stdout
         offline = json.loads(out.strip().splitlines()[-1])

@@ -11,8 +11,8 @@ import yaml
 from helpers import commit, write_checkpoint
 
 from shardrun import cli
-from shardrun.errors import UserError
 from shardrun.driver.model_check import tokenizer_name
+from shardrun.errors import UserError
 from shardrun.export import check_out
 from shardrun.hf_export import parse_size
 
