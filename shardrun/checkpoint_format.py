@@ -21,6 +21,7 @@ ended between Ray's commit and the marker; shardrun before markers), named in Ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -68,11 +69,24 @@ def tag(step: int) -> str:
     return f"global_step{step}"
 
 
-def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str, data: dict | None = None) -> dict:
-    """What rank 0 writes last into MANIFEST: the train state, the tag, how the checkpoint was written and the
-    data position (the driver checks a resume against it before any worker starts)."""
-    return {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
-            "precision": precision, "data": data}
+def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str, data: dict | None = None,
+             eval_loss: float | None = None) -> dict:
+    """What rank 0 writes last into MANIFEST: the train state, the tag, how the checkpoint was written, the
+    data position (the driver checks a resume against it before any worker starts) and the held-out loss at its
+    step, when there was an evaluation."""
+    out = {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
+           "precision": precision, "data": data}
+    if eval_loss is not None:
+        out["eval_loss"] = eval_loss
+    return out
+
+
+def kept_steps(losses: dict[int, float | None], newest: int, keep: int) -> set[int]:
+    """checkpoint.keep_best's retention, as Ray Train's with checkpoint_score_attribute eval_loss (min): the keep
+    checkpoints of the lowest held-out loss (losses: step -> eval_loss, None where there was no evaluation, which
+    ranks last; ties to the newer), and the newest."""
+    ranked = sorted(losses, key=lambda step: (math.inf if losses[step] is None else losses[step], -step))
+    return set(ranked[:keep]) | {newest}
 
 
 def commit_record(step: int, sizes: dict[str, int]) -> dict:
@@ -194,7 +208,7 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str, *, named_b
         info["why"] = uncommitted_because(_read_json(fs, f"{path}/{COMMIT}"), files, named_by_ray)
     if not info["why"]:
         info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
-                    precision=found.get("precision"), data=found.get("data"))
+                    precision=found.get("precision"), data=found.get("data"), eval_loss=found.get("eval_loss"))
     return info
 
 

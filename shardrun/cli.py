@@ -565,7 +565,8 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         print(f"{redact(run)}: no checkpoints")
     for c in found:
         state = "complete" if c["complete"] else f"incomplete: {c['why']}"
-        print(f"step {c['step']:>8}  {c['bytes'] / 1e6:>10,.1f} MB  {state}  {c['path']}")
+        held_out = f"  eval loss {c['eval_loss']:.4f}" if c.get("eval_loss") is not None else ""
+        print(f"step {c['step']:>8}  {c['bytes'] / 1e6:>10,.1f} MB  {state}{held_out}  {c['path']}")
     return 0
 
 

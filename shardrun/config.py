@@ -364,7 +364,13 @@ class CheckpointSpec(_Section):
         "~/shardrun/runs", description="Where runs live (path or URI); run dir = storage/name."
     )
     every_steps: int = Field(100, ge=1, description="Save every this many steps (and at the end).")
-    keep: int = Field(2, ge=1, description="Newest checkpoints to keep.")
+    keep: int = Field(2, ge=1, description="Newest checkpoints to keep (with keep_best: those of the lowest "
+                      "held-out loss, and the newest besides).")
+    keep_best: bool = Field(
+        False, description="Keep the keep checkpoints with the lowest held-out loss (eval section), and the newest "
+        "for resuming, instead of the keep newest; a checkpoint saved at a step without an evaluation ranks last. "
+        "Ray Train's own retention (checkpoint_score_attribute eval_loss) does the same.",
+    )
 
 
 class MetricsSpec(_Section):
@@ -519,6 +525,9 @@ class JobSpec(_Section):
                              "scaling.use_gpu: true and deepspeed.precision: bf16, or use sdpa")
         if hf is not None and hf.classifies and not self.data.label:
             raise ValueError("model.hf.task sequence_classification needs data.label (the table's label column)")
+        if self.checkpoint.keep_best and (self.eval is None or not self.eval.every_steps):
+            raise ValueError("checkpoint.keep_best ranks checkpoints by their held-out loss: it needs an eval "
+                             "section with every_steps")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs a GPU; use bf16 or fp32 on CPU")
         if self.scaling.use_gpu and self.scaling.gpus_per_worker == 0:
@@ -589,6 +598,11 @@ class JobSpec(_Section):
             found.append(f"deepspeed.schedule.warmup_steps ({warmup}) is more than a fifth of run.max_steps "
                          f"({steps}), so {what}; set deepspeed.schedule.warmup_steps to {steps // WARMUP_SHARE} "
                          f"or less (e.g. --set deepspeed.schedule.warmup_steps={steps // 10})")
+        if self.checkpoint.keep_best and self.eval is not None and self.eval.every_steps and \
+                self.checkpoint.every_steps % self.eval.every_steps:
+            found.append(f"checkpoint.keep_best ranks checkpoints by the held-out loss of their step, but "
+                         f"checkpoint.every_steps ({self.checkpoint.every_steps}) is no multiple of eval.every_steps "
+                         f"({self.eval.every_steps}): checkpoints between evaluations rank last")
         return found
 
 

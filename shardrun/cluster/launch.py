@@ -57,7 +57,9 @@ def run_config(spec: JobSpec) -> RunConfig:
             # after the event's NotBefore (at most 15 minutes away): Ray Train's own limit, counted from the
             # drain's deadline (now), must not come first.
             preemption_grace_s=15 * 60 + WAIT_MARGIN_S + 60),
-        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep, **(
+            {"checkpoint_score_attribute": "eval_loss", "checkpoint_score_order": "min"}
+            if spec.checkpoint.keep_best else {})),
     )
 
 

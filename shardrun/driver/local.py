@@ -36,7 +36,7 @@ def run_local(spec: JobSpec, data_index: dict | None = None, *, faults: FaultInj
     across_nodes = int(os.environ.get("WORLD_SIZE", 1)) > int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
     spec.metrics.host = bind_host(spec.metrics.host, cluster=across_nodes)
     observer = RunObserver(spec, _print) if topology.is_main else None
-    store = LocalCheckpointStore(spec.run_dir, topology, keep=spec.checkpoint.keep)
+    store = LocalCheckpointStore(spec.run_dir, topology, keep=spec.checkpoint.keep, keep_best=spec.checkpoint.keep_best)
     reporter = LocalReporter(store, spec, observer)
     ok = False
     try:
@@ -53,11 +53,11 @@ class LocalCheckpointStore:
     """Checkpoints in <run dir>/checkpoints on a local or shared disk: written into a staging folder, renamed
     into place by rank 0 once every rank has written its part, then named in `latest`."""
 
-    def __init__(self, run_dir: str, topology: Topology, *, keep: int):
+    def __init__(self, run_dir: str, topology: Topology, *, keep: int, keep_best: bool = False):
         self.run_dir = run_dir
         self.root = os.path.join(run_dir, layout.LOCAL_FOLDER)
         self.topology = topology
-        self.keep = keep
+        self.keep, self.keep_best = keep, keep_best
 
     def latest_path(self) -> str | None:
         name = fs.read_text(os.path.join(self.root, layout.LATEST))
@@ -105,10 +105,23 @@ class LocalCheckpointStore:
         run's history: they stay until the run reaches their step and replaces them."""
         names = os.listdir(self.root)
         older = sorted((int(m[1]), n) for n in names if (m := layout.STEP_DIR.match(n)) and int(m[1]) < committed)
-        doomed = [n for _, n in older[: max(0, len(older) - (self.keep - 1))]]
+        if self.keep_best:  # the keep of the lowest held-out loss, and the newest
+            losses = {step: _eval_loss(os.path.join(self.root, n)) for step, n in older}
+            kept = layout.kept_steps({**losses, committed: _eval_loss(os.path.join(self.root,
+                                                                                   layout.local_dir_name(committed)))},
+                                     committed, self.keep)
+            doomed = [n for step, n in older if step not in kept]
+        else:
+            doomed = [n for _, n in older[: max(0, len(older) - (self.keep - 1))]]
         doomed += [n for n in names if n.startswith(layout.STAGING_PREFIX)]
         for old in doomed:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+
+def _eval_loss(folder: str) -> float | None:
+    """The held-out loss a checkpoint's manifest records, if any."""
+    found = fs.read_json(os.path.join(folder, layout.MANIFEST))
+    return found.get("eval_loss") if isinstance(found, dict) else None
 
 
 class LocalReporter:

@@ -81,7 +81,7 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
 
 
 def save(engine, directory: str, state: TrainState, data_position: dict, topology: Topology, *,
-         zero_stage: int, precision: str, faults: FaultInjector | None = None) -> None:
+         zero_stage: int, precision: str, faults: FaultInjector | None = None, eval_loss: float | None = None) -> None:
     """Write this rank's part of a checkpoint into directory (every rank calls it)."""
     engine.save_checkpoint(directory, tag=layout.tag(state.step), client_state={"shardrun": asdict(state)})
     if faults is not None:
@@ -92,7 +92,7 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
     )
     if topology.is_main:
         manifest = layout.manifest(asdict(state), world_size=topology.world_size, zero_stage=zero_stage,
-                                   precision=precision, data=data_position)
+                                   precision=precision, data=data_position, eval_loss=eval_loss)
         fs.write_json(os.path.join(directory, layout.MANIFEST), manifest)
 
 

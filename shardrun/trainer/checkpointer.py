@@ -16,6 +16,10 @@ from shardrun.trainer.faults import FaultInjector
 from shardrun.trainer.session import CheckpointStore
 from shardrun.trainer.topology import Topology
 
+UNRANKED = 1e30
+"""The eval_loss Ray Train's retention reads for a checkpoint without an evaluation: finite, for its snapshot is
+JSON (which turns infinity into null, which it then cannot rank), and above any loss."""
+
 
 class Checkpointer:
     """Saves through the store, every checkpoint.every_steps and at the last step; at most once per step."""
@@ -31,6 +35,9 @@ class Checkpointer:
         self.saved_step = saved_step
         """The step of the last checkpoint (or the step the run resumed from)."""
         self.metrics, self.faults, self.clock = metrics, faults, clock
+        self.keep_best = spec.checkpoint.keep_best
+        self.evaluated: tuple[int, float] | None = None
+        """(step, held-out loss) of the last evaluation: a checkpoint of that step records it."""
 
     def due(self, step: int, *, last_step: bool) -> bool:
         return step % self.every_steps == 0 or last_step
@@ -47,9 +54,13 @@ class Checkpointer:
             return 0.0
         t0 = self.clock()
         self.saved_step = state.step
-        with self.collectives.long_timeout(), self.store.checkpoint_dir(state.step, asdict(state)) as directory:
-            checkpoint.save(self.engine, directory, state, self.position(), self.topology,
-                            zero_stage=self.zero_stage, precision=self.precision, faults=self.faults)
+        eval_loss = self.evaluated[1] if self.evaluated and self.evaluated[0] == state.step else None
+        reported = asdict(state)
+        if eval_loss is not None or self.keep_best:  # Ray Train ranks by it; a step without one ranks last
+            reported["eval_loss"] = UNRANKED if eval_loss is None else eval_loss
+        with self.collectives.long_timeout(), self.store.checkpoint_dir(state.step, reported) as directory:
+            checkpoint.save(self.engine, directory, state, self.position(), self.topology, zero_stage=self.zero_stage,
+                            precision=self.precision, faults=self.faults, eval_loss=eval_loss)
         seconds = self.clock() - t0
         if self.metrics is not None:
             self.metrics.checkpoint_saved(seconds)

@@ -155,6 +155,7 @@ class Trainer:
         """The held-out loss after this step (every rank takes part), reported by rank 0; its time is kept out
         of the step timings."""
         result = self.evaluator.evaluate(self.engine, self.collectives)
+        self.checkpointer.evaluated = (self.state.step, result["eval_loss"])  # a checkpoint of this step records it
         self.window.exclude(result["eval_seconds"])
         if self.metrics is not None:
             self.metrics.evaluated(result["eval_loss"])

@@ -114,3 +114,40 @@ def test_the_report_plots_the_held_out_loss_beside_the_training_loss(tmp_path):
     assert (summary["first_eval_loss"], summary["best_eval_loss"], summary["best_eval_step"]) == (2.0, 1.5, 30)
     assert "eval loss 2.0000 -> 1.5000 (best 1.5000 at step 30)" in format_summary(summary)
     assert "loss.png" in summary["plots"]
+
+
+def test_keep_best_keeps_the_lowest_held_out_losses_and_the_newest_as_ray_train_does():
+    from shardrun.checkpoint_format import kept_steps
+
+    losses = {10: 2.0, 20: 1.5, 30: None, 40: 1.7, 50: 1.9}
+    assert kept_steps(losses, 50, keep=1) == {20, 50}
+    assert kept_steps(losses, 50, keep=2) == {20, 40, 50}
+    assert kept_steps({10: 1.0, 20: 1.0, 30: None}, 30, keep=1) == {20, 30}  # a tie goes to the newer
+    assert kept_steps({10: None, 20: None}, 20, keep=1) == {20}
+
+
+def test_keep_best_needs_evaluations_and_says_when_checkpoints_fall_between_them(tmp_path):
+    from shardrun.errors import UserError
+
+    raw = tiny_spec(tmp_path, tmp_path, checkpoint={"keep_best": True, "every_steps": 5})
+    with pytest.raises(UserError, match="keep_best ranks checkpoints by their held-out loss: it needs an eval"):
+        config.parse(raw)
+    spec = config.parse({**raw, "eval": {"paths": ["x"], "every_steps": 2}})
+    assert any("checkpoint.every_steps (5) is no multiple of eval.every_steps (2)" in w for w in spec.warnings())
+    assert not config.parse({**raw, "eval": {"paths": ["x"], "every_steps": 5}}).warnings()
+
+
+def test_under_ray_keep_best_is_ray_trains_own_retention_by_eval_loss(tmp_path):
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _TrainingResultState
+
+    from shardrun.cluster.launch import run_config
+    from shardrun.trainer.checkpointer import UNRANKED
+
+    raw = tiny_spec(tmp_path, tmp_path, checkpoint={"keep_best": True, "every_steps": 2, "keep": 3},
+                    eval={"paths": ["x"], "every_steps": 2})
+    kept = run_config(config.parse(raw)).checkpoint_config
+    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (3, "eval_loss", "min")
+    assert run_config(config.parse(tiny_spec(tmp_path, tmp_path))).checkpoint_config.checkpoint_score_attribute is None
+    # Ray keeps its record as JSON, where infinity would come back as null and fail its ranking on resume
+    record = _TrainingResultState(checkpoint_dir_name="c", metrics={"eval_loss": UNRANKED})
+    assert _TrainingResultState.model_validate_json(record.model_dump_json()).metrics["eval_loss"] == UNRANKED
