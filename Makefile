@@ -78,6 +78,7 @@ bench: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,bench]'
 	$(BIN)/pytest -q -m bench tests/integration/test_bench_cpu.py
 	$(BIN)/python bench/overhead.py --record
+	$(BIN)/python bench/overhead.py --size llama --record
 	$(BIN)/python bench/startup.py --record
 	$(BIN)/python bench/checkpoint.py --record
 	$(BIN)/python bench/data.py --record

@@ -1,6 +1,6 @@
 """What the benchmarks share: their common flags, repetitions and summaries, markdown tables, child processes,
-DeepSpeed's CPU environment, synthetic tokens, the hook into shardrun's worker start-up, and the record each run
-appends to docs/benchmarks.md.
+DeepSpeed's CPU environment, synthetic tokens, a Llama with random weights, the hook into shardrun's worker
+start-up, and the record each run appends to docs/benchmarks.md.
 
 Nothing here imports shardrun at the top: bench/gpu.py imports this module on a bare GPU machine before it has
 installed what shardrun needs."""
@@ -320,6 +320,18 @@ def gpt(size: dict, vocab: int = VOCAB) -> dict:
     """The built-in GPT's model settings for a size."""
     return {"n_layer": size["n_layer"], "n_head": size["n_head"], "n_embd": size["n_embd"],
             "block_size": size["seq_len"], "vocab_size": vocab}
+
+
+def write_llama(folder: Path, vocab: int, **config) -> int:
+    """A transformers Llama of config (LlamaConfig's fields) with random weights (seed SEED), fp32, untied
+    embeddings, written by save_pretrained into folder as a pretrained model is; its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **config))
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
 
 
 def on_startup(message: str, action: Callable[[logging.LogRecord], None]) -> None:

@@ -1,7 +1,8 @@
 """Runner overhead: shardrun's worker loop against a bare DeepSpeed loop, same model, data and config.
 
-Two loops train the built-in GPT with the same DeepSpeed config (shardrun's build_ds_config of one
-job spec), each in a fresh process, one rank alone and then 2 gloo ranks under torchrun:
+Two loops train the built-in GPT, or with --size llama a transformers Llama of the demo GPT's shape, with the
+same DeepSpeed config (shardrun's build_ds_config of one job spec), each in a fresh process, one rank alone and
+then 2 gloo ranks under torchrun:
   bare      deepspeed.initialize, then forward / backward / step over micro-batches read from the
             Parquet shards into tensors before training: nothing else
   shardrun  `shardrun train`'s path (shardrun.driver.local.run_local: the worker loop, Parquet streamed
@@ -13,17 +14,25 @@ window of steps holds everything a loop does between two forwards), and wrappers
 forward, backward and step add up the time inside DeepSpeed (the rest is the loop's own).
 Repetitions alternate the order (bare first, then shardrun first), and the ratio is taken per pair.
 
+The Llama (fp32, SDPA attention, untied embeddings) gets random weights written by save_pretrained into the
+bench's temporary folder before any run; shardrun loads it as `model: {hf: {path: FOLDER}}`, the bare loop with
+shardrun's models.hf.build from the same folder: the same transformers model in the same CausalLM wrapper, whose
+loss is mean_token_loss over its logits.
+
     python bench/overhead.py                   # demo model, 5 pairs of 100 timed steps, 1 then 2 ranks
     python bench/overhead.py --record          # the same, appended to docs/benchmarks.md
     python bench/overhead.py --profile         # where shardrun's loop spends its time (cProfile; or py-spy)
     python bench/overhead.py --quick           # tiny model, a few steps: checks that it all runs
+    python bench/overhead.py --size llama      # the Llama instead of the GPT (--quick: a tiny Llama)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import gc
+import importlib.util
 import json
 import os
 import pstats
@@ -41,7 +50,7 @@ from pathlib import Path
 from common import (
     REPO,
     SEED,
-    SIZES,
+    VOCAB,
     Parser,
     deepspeed_cpu_env,
     gpt,
@@ -56,8 +65,10 @@ from common import (
     running,
     spread,
     table,
+    write_llama,
     write_rank_tokens,
 )
+from common import SIZES as GPT_SIZES
 from gpu import pinned_batches
 
 from shardrun.net import free_port
@@ -70,7 +81,20 @@ SHARDRUN_DIR = str(REPO / "shardrun") + os.sep
 SHARDRUN_FRAME = re.compile(r"\((?:[^()]*/)?shardrun/([\w/]+)\.py:(\d+)\)$")
 """A py-spy frame of a shardrun module: "func (.../shardrun/trainer/loop.py:123)"."""
 MODELS = "trainer/models/"
-"""The built-in GPT: shardrun's code, but the same in both loops; left out of the profiles' tables."""
+"""The built-in GPT, and the Llama's wrapper and loss: shardrun's code, but the same in both loops; left out of
+the profiles' tables."""
+SIZES = {
+    **GPT_SIZES,
+    # transformers' Llama in the demo GPT's shape (4 x 128, seq 128, micro-batch 16), its MLP about 8/3 of its
+    # width as Llama's are, 2 KV heads; and its --quick size
+    "llama": {"hf": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "intermediate_size": 352}, "seq_len": 128, "micro_batch": 16},
+    "llama-tiny": {"hf": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "num_key_value_heads": 1, "intermediate_size": 64}, "seq_len": 32, "micro_batch": 4},
+}
+"""The built-in GPT's sizes (common.SIZES) and the Llama's (model.hf)."""
+QUICK_SIZES = {"demo": "tiny", "llama": "llama-tiny"}
+"""The size --quick runs in place of each."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,26 +106,30 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="shardrun-overhead-") as work:
         work = Path(work)
         data = write_rank_tokens(work / "data", SIZES[args.size], max(args.ranks), 2 * total_steps(args))
+        params = write_model(args, work)
         if args.profile:
             for world in args.ranks:
                 profile(args, world, data, work, env)
             return 0
         rows = summarize(measure(args, data, work, env))
-    report(SECTION, args, [format_table(rows)], findings(rows), details=[setup(args)], versions_of=VERSIONS)
+    report(SECTION, args, [format_table(rows)], findings(rows), details=[setup(args, params)],
+           versions_of=VERSIONS + (("transformers",) if args.hf_model else ()))
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(__doc__, reps=5, reps_help="pairs of runs (bare and shardrun) per rank count", measures="overhead",
-               quick={"size": "tiny", "reps": 1, "steps": 6, "warmup_steps": 2, "log_every": 3},
-               quick_help="tiny model, 1 pair of 6 timed steps")
+               quick={"reps": 1, "steps": 6, "warmup_steps": 2, "log_every": 3},
+               quick_help="tiny model (the GPT's or the Llama's), 1 pair of 6 timed steps")
     p.add_argument("--steps", type=positive, default=100, help="timed steps per run (default 100)")
     p.add_argument("--warmup-steps", type=positive, default=10, help="steps before the timed window (default 10)")
     p.add_argument("--ranks", type=rank_counts, default=[1, 2], metavar="N[,N...]",
                    help="rank counts, one after the other; 2 or more run under torchrun (default 1,2)")
     p.add_argument("--zero-stage", type=int, choices=range(4), default=2, help="deepspeed.zero_stage (default 2)")
     p.add_argument("--size", choices=SIZES, default="demo",
-                   help="model and micro-batch: demo (examples/gpt-stdlib.yaml's) or tiny (default demo)")
+                   help="model and micro-batch: demo (examples/gpt-stdlib.yaml's GPT), llama (a transformers Llama "
+                        "of the demo's shape and micro-batch), or their --quick sizes tiny and llama-tiny "
+                        "(default demo)")
     p.add_argument("--log-every", type=positive, default=25, help="shardrun's run.log_every (default 25, the demo's)")
     p.add_argument("--threads", type=positive, help="torch threads per rank in both loops (OMP_NUM_THREADS; default: "
                    "torch's own choice, all cores for one rank, 1 per rank under torchrun)")
@@ -114,11 +142,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--runs", help=argparse.SUPPRESS)
+    p.add_argument("--hf-model", help=argparse.SUPPRESS)
     p.add_argument("--profiler", choices=("py-spy", "cprofile"), help=argparse.SUPPRESS)
     args = p.parse(argv)
     if args.profile and args.record:
         p.error("--profile runs no comparison; nothing to --record")
+    if args.quick:
+        args.size = QUICK_SIZES.get(args.size, args.size)
+    if "hf" in SIZES[args.size] and importlib.util.find_spec("transformers") is None:
+        p.error(f"--size {args.size} is a transformers model: install shardrun's hf extra (pip install -e '.[hf]')")
     return args
+
+
+def write_model(args: argparse.Namespace, work: Path) -> int | None:
+    """The Llama's weights, written before any clock into work/llama (args.hf_model, which both loops load); its
+    parameter count. Nothing for the GPT, which each loop builds from the seed."""
+    s = SIZES[args.size]
+    if "hf" not in s:
+        return None
+    args.hf_model = str(work / "llama")
+    return write_llama(work / "llama", VOCAB, max_position_embeddings=s["seq_len"], **s["hf"])
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -154,7 +197,8 @@ def child_command(args: argparse.Namespace, loop: str, world: int, data: str, ou
     """The command of one loop's run on world ranks: this script as --child."""
     script = [str(Path(__file__).resolve()), "--child", loop, "--data", data, "--out", str(out), "--runs", str(runs),
               "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
-              "--zero-stage", str(args.zero_stage), "--log-every", str(args.log_every)]
+              "--zero-stage", str(args.zero_stage), "--log-every", str(args.log_every),
+              *(["--hf-model", args.hf_model] if args.hf_model else [])]
     return on_ranks([*script, "--profiler", profiler] if profiler else script, world)
 
 
@@ -181,7 +225,8 @@ def job_spec(args: argparse.Namespace, data: str, runs: str, world: int) -> dict
     s = SIZES[args.size]
     return {
         "name": "overhead",
-        "model": {"type": "gpt", **gpt(s)},
+        "model": {"hf": {"path": args.hf_model, "dtype": "fp32", "attn_implementation": "sdpa"}} if "hf" in s
+        else {"type": "gpt", **gpt(s)},
         "data": {"paths": [data], "seq_len": s["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage, "precision": "fp32", "micro_batch_size": s["micro_batch"],
                       "grad_accum_steps": 1, "grad_clip": 1.0,
@@ -303,11 +348,13 @@ def run_bare(args: argparse.Namespace, spec, window: Window, rank: int, world: i
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    torch.manual_seed(spec.run.seed)
-    model = build(spec.model)
     config = build_ds_config(spec.deepspeed, max_steps=spec.run.max_steps, on_gpu=False,
                              grad_accum_steps=spec.grad_accum_for(world))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    torch.manual_seed(spec.run.seed)
+    # the Llama as shardrun's restore builds it: ZeRO-3 partitions it as it is made
+    with hf_loading(spec, config):
+        model = build(spec.model) if spec.model.hf is None else hf_build(spec.model.hf)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     window.attach(engine)
     batches = pinned_batches(args.data, spec.deepspeed.micro_batch_size, torch.device("cpu"))[rank::world]
     for inputs, targets in batches[:total_steps(args)]:
@@ -315,6 +362,22 @@ def run_bare(args: argparse.Namespace, spec, window: Window, rank: int, world: i
         engine.backward(loss)
         engine.step()
     return {}
+
+
+def hf_loading(spec, config: dict):
+    """transformers' ZeRO-3 loading for a Llama at ZeRO-3, as shardrun's restore enters it; else nothing."""
+    if spec.model.hf is None or spec.deepspeed.zero_stage != 3:
+        return contextlib.nullcontext()
+    from shardrun.trainer.models import hf
+
+    return hf.zero3_loading(config)
+
+
+def hf_build(hf_spec):
+    """The Llama from its folder in shardrun's CausalLM wrapper (forward(inputs, targets) -> mean_token_loss)."""
+    from shardrun.trainer.models import hf
+
+    return hf.build(hf_spec, hf_spec.path)
 
 
 def run_shardrun(args: argparse.Namespace, spec, window: Window, rank: int, world: int) -> dict:
@@ -485,10 +548,18 @@ def findings(rows: list[dict]) -> list[str]:
     return out
 
 
-def setup(args: argparse.Namespace) -> str:
+def setup(args: argparse.Namespace, params: int | None) -> str:
     """The record's line on what ran."""
     s = SIZES[args.size]
-    return (f"Setup: GPT {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads, seq {s['seq_len']}, micro-batch "
+    if "hf" in s:
+        h = s["hf"]
+        model = (f"transformers Llama {h['num_hidden_layers']} x {h['hidden_size']}, {h['num_attention_heads']} "
+                 f"heads ({h['num_key_value_heads']} KV), MLP {h['intermediate_size']}, vocab {VOCAB}, untied, "
+                 f"{params / 1e6:.2f}M parameters, SDPA attention, random weights written by save_pretrained; both "
+                 "loops load it with shardrun's models.hf.build")
+    else:
+        model = f"GPT {s['n_layer']} x {s['n_embd']}, {s['n_head']} heads"
+    return (f"Setup: {model}, seq {s['seq_len']}, micro-batch "
             f"{s['micro_batch']} per rank, fp32, ZeRO {args.zero_stage}, gloo; {args.warmup_steps} warm-up steps, "
             f"{args.steps} timed; log every {args.log_every}; torch threads per rank: "
             f"{args.threads or 'default (all cores for 1 rank, 1 each under torchrun)'}; {args.reps} pairs per rank "

@@ -1,9 +1,10 @@
 """bench/overhead.py, bench/startup.py and bench/checkpoint.py run end to end at their tiny --quick sizes (their
 numbers are not checked: benchmarks are not tests).
 
-`make test` runs the one-rank overhead check (the benchmark that leans most on shardrun's internals); the
-others are marked `bench` and run first in `make bench`, which runs the benchmarks themselves anyway: they
-would add about two minutes to every test run."""
+`make test` runs the one-rank overhead check of the GPT (the benchmark that leans most on shardrun's internals;
+the transformers Llama's path through both loops is bench/gpu.py's llama-tiny check in test_bench_gpu.py); the
+others are marked `bench` and run first in `make bench`, which runs the benchmarks themselves anyway: they would
+add about two minutes to every test run."""
 
 import re
 import sys
@@ -26,6 +27,17 @@ def test_overhead_pairs_both_loops_on_one_rank():
     [row] = table_rows(out, "1")
     bare, ours, ratio = float(row[1]), float(row[3]), float(row[5])
     assert bare > 0 and ours > 0 and ratio == pytest.approx(ours / bare, rel=1e-2)
+    assert "1 rank: shardrun / bare = " in out
+
+
+@pytest.mark.bench
+def test_overhead_pairs_both_loops_on_a_transformers_llama():
+    # both loads of the Llama's folder (shardrun's model.hf, the bare loop's models.hf.build), which the GPT's
+    # check above does not reach
+    out = run([sys.executable, "bench/overhead.py", "--size", "llama", "--quick", "--ranks", "1"], timeout=180,
+              cwd=REPO).stdout
+    [row] = table_rows(out, "1")
+    assert float(row[1]) > 0 and float(row[3]) > 0
     assert "1 rank: shardrun / bare = " in out
 
 
