@@ -72,7 +72,8 @@ def test_checkpoints_on_azure_blob_survive_a_rank_killed_while_saving(tmp_path, 
     uploaded = run(["shardrun", "export", join(storage, "tiny"), "--format", "hf", "--out", join(storage, "hf")],
                    timeout=120, env=child_env(TMPDIR=str(tmp))).stdout
     names = {info.base_name for info in blob.get_file_info(fs.FileSelector(f"{root}/runs/hf"))}
-    assert {"config.json", "model.safetensors", "generation_config.json", "shardrun-export.json"} == names, uploaded
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "shardrun-export.json"} == names, uploaded
     with blob.open_input_stream(f"{root}/runs/hf/config.json") as f:
         assert json.loads(f.read())["architectures"] == ["GPT2LMHeadModel"]
     assert "sig=" not in uploaded.replace("sig=***", "") and list(tmp.iterdir()) == []
