@@ -225,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-record", choices=("fail", "skip"), default="fail",
                    help="a record that is not valid JSON, misses a field, has an empty completion or no assistant "
                         "turn: fail names it; skip leaves it out, counted (default %(default)s)")
+    p.add_argument("--held-out", type=float, default=None, metavar="SHARE",
+                   help="put about this share of the documents (above 0, at most 0.5; chosen by a hash of each "
+                        "document's tokens, so duplicates stay together) in --held-out-dir, for the spec's "
+                        "eval.paths (default: none)")
+    p.add_argument("--held-out-dir", default=None, metavar="DIR",
+                   help="output directory of the held-out documents (must not exist; default: --out's name with "
+                        "-eval after it, e.g. data/train-eval)")
     prepare_parser = p
     # Defaults are prepare_text's (a unit test holds them equal); importing it here would load the
     # data stack for every command.
@@ -477,7 +484,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     done = finetune.prepare_documents(args.sources, Path(args.out), args.seq_len, args.tokenizer, fmt=fmt,
                                       pack_rows=args.pack, on_bad_record=args.on_bad_record,
                                       rows_per_file=args.rows_per_file, row_group_rows=args.row_group_rows,
-                                      compression=args.compression, workers=args.workers)
+                                      compression=args.compression, workers=args.workers,
+                                      held_out=args.held_out, held_out_dir=args.held_out_dir)
     for line in done.bad_lines():
         fs.log(line)
     _emit(done.line(args.out, time.perf_counter() - started))

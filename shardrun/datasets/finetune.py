@@ -5,7 +5,8 @@ record becomes one document: token ids and a loss mask (1 where the token is a t
 passes over a process pool: contiguous parts of the inputs are tokenized into one token stream on disk, in input
 order; then the documents are packed greedily, in order, into rows of seq_len + 1 tokens and written as shards.
 A document's tokens depend only on its record and the packing only on the documents' lengths, so the output is
-the same byte for byte whatever the number of workers.
+the same byte for byte whatever the number of workers. With a held-out share, a hash of each document's token ids
+sends it to the training or the held-out split (duplicates together), and each split is packed on its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -58,6 +60,8 @@ MAX_PART_BYTES = 32_000_000  # the input one task reads at once
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIX = ".parquet"
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+MAX_HELD_OUT = 0.5  # a larger share is most likely a mistake: more documents to evaluate than to train on
+HELD_OUT_SUFFIX = "-eval"  # the default held-out folder is --out's name with this after it
 
 
 class BadRecord(Exception):
@@ -367,29 +371,49 @@ def _parquet_records(part: InputPart, fmt: RecordFormat) -> Iterator[tuple[str, 
 
 
 @dataclass(frozen=True)
+class StreamPiece:
+    """One task's part of a split's token stream: token ids and loss mask as .npy files."""
+
+    tokens: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
 class EncodeTask:
-    """Tokenize a contiguous run of input parts into one piece of the stream (tokens and mask .npy files)."""
+    """Tokenize a contiguous run of input parts into one piece of each split's stream."""
 
     tokenizer: DocumentTokenizer
     fmt: RecordFormat
     parts: tuple[InputPart, ...]
-    tokens: Path
-    mask: Path
+    pieces: tuple[StreamPiece, ...]
+    """The training split's piece, then the held-out split's (with held_out only)."""
     stop_at_bad: bool
+    held_out: float = 0.0
+    """The share of documents held out (is_held_out), 0 for none."""
 
 
 @dataclass
 class EncodeResult:
-    """What one EncodeTask made: its documents' lengths, and its bad records (the first few named)."""
+    """What one EncodeTask made: its documents' lengths in each split, and its bad records (the first few named)."""
 
-    doc_lens: np.ndarray
+    doc_lens: list[np.ndarray] = field(default_factory=list)
+    """One array per piece of the task."""
     bad: int = 0
     named: list[tuple[str, str]] = field(default_factory=list)
     """(where, why) of the first BAD_RECORDS_NAMED bad records."""
 
 
+def is_held_out(ids: np.ndarray, share: float) -> bool:
+    """Whether a document goes to the held-out split: the first 8 bytes of the sha256 of its token ids (int32,
+    little-endian), as a fraction of 2**64, below the share. It depends on the document alone, so the split is the
+    same for any --workers and input order, and identical documents never straddle it."""
+    digest = hashlib.sha256(ids.astype("<i4", copy=False).tobytes()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
 def _encode_task(task: EncodeTask) -> EncodeResult:
-    ids, masks, lens, result = [], [], [], EncodeResult(np.empty(0, dtype=np.int64))
+    splits = [([], [], []) for _ in task.pieces]  # ids, masks, lengths of each split's documents
+    result = EncodeResult()
     for part in task.parts:
         for where, record in read_records(part, task.fmt):
             try:
@@ -401,18 +425,22 @@ def _encode_task(task: EncodeTask) -> EncodeResult:
                 if len(result.named) < BAD_RECORDS_NAMED:
                     result.named.append((where, str(e)))
                 if task.stop_at_bad:
-                    return _save(task, ids, masks, lens, result)
+                    return _save(task, splits, result)
                 continue
-            ids.append(np.asarray(doc_ids, dtype=np.int32))
+            ids = np.asarray(doc_ids, dtype=np.int32)
+            held = task.held_out > 0 and is_held_out(ids, task.held_out)
+            split_ids, masks, lens = splits[1 if held else 0]
+            split_ids.append(ids)
             masks.append(np.asarray(doc_mask, dtype=np.int8))
             lens.append(len(doc_ids))
-    return _save(task, ids, masks, lens, result)
+    return _save(task, splits, result)
 
 
-def _save(task: EncodeTask, ids: list, masks: list, lens: list, result: EncodeResult) -> EncodeResult:
-    np.save(task.tokens, np.concatenate(ids) if ids else np.empty(0, dtype=np.int32))
-    np.save(task.mask, np.concatenate(masks) if masks else np.empty(0, dtype=np.int8))
-    result.doc_lens = np.asarray(lens, dtype=np.int64)
+def _save(task: EncodeTask, splits: list[tuple[list, list, list]], result: EncodeResult) -> EncodeResult:
+    for piece, (ids, masks, lens) in zip(task.pieces, splits, strict=True):
+        np.save(piece.tokens, np.concatenate(ids) if ids else np.empty(0, dtype=np.int32))
+        np.save(piece.mask, np.concatenate(masks) if masks else np.empty(0, dtype=np.int8))
+        result.doc_lens.append(np.asarray(lens, dtype=np.int64))
     return result
 
 
@@ -434,7 +462,7 @@ def pack(doc_lens: np.ndarray, row_len: int, packed: bool = True) -> Packing:
     """Documents in order into rows of row_len tokens: greedily, each into the current row if it fits, else into
     a new one (packed=False: one per row). A document longer than a row is cut into pieces of row_len tokens that
     overlap by one, so every target keeps its token before it; its last piece packs like a document."""
-    starts = np.concatenate([[0], np.cumsum(doc_lens)[:-1]]).astype(np.int64)
+    starts = (np.cumsum(doc_lens) - doc_lens).astype(np.int64)  # also right for no documents
     seg_start, seg_len, seg_row, seg_col = [], [], [], []
     row, column, cut = -1, row_len, 0
     for doc_start, doc_len in zip(starts.tolist(), doc_lens.tolist(), strict=True):
@@ -511,6 +539,10 @@ class PrepareSummary:
     bad: int
     named: list[tuple[str, str]]
     """(where, why) of the first bad records."""
+    held_out: PrepareSummary | None = None
+    """What went to the held-out folder (--held-out): its own files, documents, rows and tokens."""
+    held_out_dir: Path | None = None
+    """The held-out folder, for the summary line."""
 
     @property
     def efficiency(self) -> float:
@@ -523,7 +555,14 @@ class PrepareSummary:
         return (f"wrote {shard_count(len(self.files))} to {out_dir}: {_count(self.documents, 'document')}, "
                 f"{_count(self.rows, 'row')}, {_count(self.tokens, 'token')}, {self.loss_tokens:,} in the loss, "
                 f"packing efficiency {self.efficiency:.1%}, {_count(self.cut, 'document')} cut, "
-                f"{_count(self.bad, 'bad record')}, {size:,.1f} MB on disk, {seconds:.1f} s")
+                f"{_count(self.bad, 'bad record')}, {size:,.1f} MB on disk, {seconds:.1f} s{self._held_out_part()}")
+
+    def _held_out_part(self) -> str:
+        if self.held_out is None:
+            return ""
+        held = self.held_out
+        return (f"; held out: {_count(held.documents, 'document')}, {_count(held.rows, 'row')}, "
+                f"{_count(held.tokens, 'token')} in {self.held_out_dir}")
 
     def bad_lines(self) -> list[str]:
         """The skipped bad records named, and how many more there were."""
@@ -540,13 +579,16 @@ def _count(n: int, noun: str) -> str:
 def prepare_documents(sources: list[str | Path], out_dir: Path, seq_len: int, tokenizer: str | Path, *,
                       fmt: RecordFormat | None = None, pack_rows: bool = True, on_bad_record: str = "fail",
                       rows_per_file: int = ROWS_PER_FILE, row_group_rows: int = ROWS_PER_ROW_GROUP,
-                      compression: str = DEFAULT_COMPRESSION, workers: int | None = None) -> PrepareSummary:
-    """Text, prompt/completion or chat records to loss-masked token shards in out_dir."""
+                      compression: str = DEFAULT_COMPRESSION, workers: int | None = None,
+                      held_out: float | None = None, held_out_dir: str | Path | None = None) -> PrepareSummary:
+    """Text, prompt/completion or chat records to loss-masked token shards in out_dir (and, with held_out, about
+    that share of the documents in held_out_dir instead)."""
     fmt = fmt or RecordFormat()
     layout = ShardLayout(seq_len=seq_len, rows_per_file=rows_per_file, row_group_rows=row_group_rows,
                          compression=compression)
     if on_bad_record not in ON_BAD_RECORD:
         raise UserError(f"--on-bad-record must be one of {', '.join(ON_BAD_RECORD)} (got {on_bad_record!r})")
+    held_dir = held_out_folder(out_dir, held_out, held_out_dir)
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers must be at least 1 (got {workers})")
@@ -559,11 +601,14 @@ def prepare_documents(sources: list[str | Path], out_dir: Path, seq_len: int, to
     total = sum(p.size for p in parts)
     workers = max(1, min(workers, total // MIN_BYTES_PER_WORKER))
     groups = _groups(parts, max(workers * TASKS_PER_WORKER, math.ceil(total / MAX_PART_BYTES)))
-    with staging_dir(out_dir) as staging, task_runner(workers) as run_all:
-        stream = staging / ".tokens"
+    with ExitStack() as stack:  # both folders move into place only when both are written
+        stagings = [stack.enter_context(staging_dir(d)) for d in (out_dir, held_dir) if d is not None]
+        run_all = stack.enter_context(task_runner(workers))
+        stream = stagings[0] / ".tokens"
         stream.mkdir()
-        tasks = [EncodeTask(tok, fmt, tuple(g), stream / f"tokens-{i:05d}.npy", stream / f"mask-{i:05d}.npy",
-                            stop_at_bad=on_bad_record == "fail") for i, g in enumerate(groups)]
+        tasks = [EncodeTask(tok, fmt, tuple(g), _stream_pieces(stream, i, len(stagings)),
+                            stop_at_bad=on_bad_record == "fail", held_out=held_out or 0.0)
+                 for i, g in enumerate(groups)]
         results = run_all(_encode_task, tasks, "tokenizing")
         bad = sum(r.bad for r in results)
         named = [n for r in results for n in r.named][:BAD_RECORDS_NAMED]
@@ -571,15 +616,66 @@ def prepare_documents(sources: list[str | Path], out_dir: Path, seq_len: int, to
             where, why = named[0]
             raise UserError(f"{where}: bad record: {why}; fix it, or pass --on-bad-record skip to leave bad records "
                             "out (counted and named in the summary)")
-        lens = [r.doc_lens for r in results]
-        packing = pack(np.concatenate(lens), layout.seq_len + 1, pack_rows)
-        if not packing.rows:
-            skipped = f" ({bad:,} bad records skipped)" if bad else ""
-            raise UserError(f"no documents in {', '.join(map(str, sources))}{skipped}")
+        lens = [[r.doc_lens[k] for r in results] for k in range(len(stagings))]
+        packings = [pack(np.concatenate(n), layout.seq_len + 1, pack_rows) for n in lens]
+        _check_splits(packings, lens, sources, bad, held_out)
         metadata = _metadata(tok, fmt, layout, pack_rows)
-        shards = _shard_tasks(packing, tasks, lens, staging, layout, tok.pad_id, pack_rows, metadata)
-        counts = run_all(_write_shard, shards, "writing shards")
+        shards = [_shard_tasks(packing, [t.pieces[k] for t in tasks], lens[k], stagings[k], layout, tok.pad_id,
+                               pack_rows, metadata) for k, packing in enumerate(packings)]
+        counts = run_all(_write_shard, [s for split in shards for s in split], "writing shards")
         shutil.rmtree(stream)
+    train_counts, held_counts = counts[: len(shards[0])], counts[len(shards[0]):]
+    summary = _summary(out_dir, lens[0], packings[0], train_counts, layout, bad, named)
+    if held_dir is None:
+        return summary
+    held = _summary(held_dir, lens[1], packings[1], held_counts, layout, 0, [])
+    return replace(summary, held_out=held, held_out_dir=held_dir)
+
+
+def held_out_folder(out_dir: Path, share: float | None, held_out_dir: str | Path | None) -> Path | None:
+    """Where the held-out documents go (None without a share): held_out_dir, else --out's name with -eval after
+    it; checked before any work."""
+    if share is None:
+        if held_out_dir is not None:
+            raise UserError("--held-out-dir goes with --held-out SHARE (the share of the documents to hold out)")
+        return None
+    if not 0 < share <= MAX_HELD_OUT:
+        raise UserError(f"--held-out is the share of the documents to hold out: above 0 and at most {MAX_HELD_OUT} "
+                        f"(got {share}; 0.05 holds out about 5%)")
+    folder = Path(held_out_dir) if held_out_dir is not None else Path(f"{out_dir}{HELD_OUT_SUFFIX}")
+    if folder.exists():
+        raise UserError(f"{folder} already exists; remove it or choose another --held-out-dir")
+    out, held = Path(out_dir).resolve(), folder.resolve()
+    if out == held or out in held.parents or held in out.parents:
+        raise UserError(f"--held-out-dir {folder} and --out {out_dir} must be two folders, neither inside the other")
+    return folder
+
+
+def _stream_pieces(stream: Path, i: int, splits: int) -> tuple[StreamPiece, ...]:
+    """Task i's piece of each split's stream: the training split's, then the held-out split's."""
+    prefixes = ("", "held-out-")[:splits]
+    return tuple(StreamPiece(stream / f"{p}tokens-{i:05d}.npy", stream / f"{p}mask-{i:05d}.npy") for p in prefixes)
+
+
+def _check_splits(packings: list[Packing], lens: list[list[np.ndarray]], sources: list[str | Path], bad: int,
+                  share: float | None) -> None:
+    """Refuses an empty output: no documents at all, or none in one of the two splits."""
+    if not sum(p.rows for p in packings):
+        skipped = f" ({bad:,} bad records skipped)" if bad else ""
+        raise UserError(f"no documents in {', '.join(map(str, sources))}{skipped}")
+    if len(packings) == 1:
+        return
+    train, held = (sum(len(n) for n in split) for split in lens)
+    if not train:
+        raise UserError(f"--held-out {share} held out all {_count(held, 'document')}, leaving none to train on; "
+                        "give more documents or a smaller share")
+    if not held:
+        raise UserError(f"--held-out {share} held out none of the {_count(train, 'document')} (each document is "
+                        "held out or not by a hash of its tokens); give more documents or a larger share")
+
+
+def _summary(out_dir: Path, lens: list[np.ndarray], packing: Packing, counts: list[tuple[int, int]],
+             layout: ShardLayout, bad: int, named: list[tuple[str, str]]) -> PrepareSummary:
     return PrepareSummary(files=sorted(out_dir.glob("*.parquet")), documents=int(sum(len(n) for n in lens)),
                           rows=packing.rows, row_len=layout.seq_len + 1, tokens=sum(c[0] for c in counts),
                           loss_tokens=sum(c[1] for c in counts), cut=packing.cut, bad=bad, named=named)
@@ -604,12 +700,12 @@ def _metadata(tok: DocumentTokenizer, fmt: RecordFormat, layout: ShardLayout, pa
             META_PACKED: b"true" if packed else b"false"}
 
 
-def _shard_tasks(packing: Packing, tasks: list[EncodeTask], lens: list[np.ndarray], staging: Path,
+def _shard_tasks(packing: Packing, pieces: list[StreamPiece], lens: list[np.ndarray], staging: Path,
                  layout: ShardLayout, pad_id: int, packed: bool, metadata: dict[bytes, bytes]) -> list[ShardTask]:
-    """One task per file of rows_per_file rows."""
+    """One task per file of rows_per_file rows of one split, whose stream the pieces hold."""
     sizes = [int(n.sum()) for n in lens]
-    tokens = tuple(zip([t.tokens for t in tasks], sizes, strict=True))
-    mask = tuple(zip([t.mask for t in tasks], sizes, strict=True))
+    tokens = tuple(zip([p.tokens for p in pieces], sizes, strict=True))
+    mask = tuple(zip([p.mask for p in pieces], sizes, strict=True))
     shards = []
     for i, first in enumerate(range(0, packing.rows, layout.rows_per_file)):
         rows = min(layout.rows_per_file, packing.rows - first)

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import inspect
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -294,7 +295,8 @@ def test_cli_defaults_are_the_modules():
     assert (args.format, args.text_field, args.prompt_field, args.completion_field, args.messages_field) == \
            (fmt.kind, fmt.text_field, fmt.prompt_field, fmt.completion_field, fmt.messages_field)
     defaults = inspect.signature(prepare_documents).parameters
-    for name in ("rows_per_file", "row_group_rows", "compression", "workers", "on_bad_record"):
+    for name in ("rows_per_file", "row_group_rows", "compression", "workers", "on_bad_record", "held_out",
+                 "held_out_dir"):
         assert getattr(args, name) == defaults[name].default, name
     assert args.pack == defaults["pack_rows"].default
 
@@ -333,3 +335,112 @@ def test_the_stream_leaves_masked_tokens_out_of_the_targets_and_hands_on_the_pos
     assert torch.equal(batch["targets"], tokens[:, 1:].masked_fill(mask[:, 1:] == 0, -100))
     assert torch.equal(batch["position_ids"], positions[:, :-1])
     assert (batch["targets"] == -100).any() and (batch["targets"] != -100).any()
+
+
+# A few hundred documents of different lengths, ten of them three times over.
+HELD_OUT_TEXTS = [f"hello world {i} {'the user asks ' * (i % 5)}answer {i * 7}" for i in range(270)] + \
+                 [f"Question {i}? Answer!" for i in range(10)] * 3
+
+
+def _split_documents(out, pad_id):
+    return Counter((tuple(ids), tuple(mask)) for ids, mask in _documents(_columns(out), pad_id))
+
+
+def test_held_out_and_training_documents_together_are_every_document_once(tmp_path, tok, tokenizers_dir):
+    src = _write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in HELD_OUT_TEXTS])
+    prepare_documents([src], tmp_path / "all", 64, tokenizers_dir["plain"], rows_per_file=16)
+    done = prepare_documents([src], tmp_path / "train", 64, tokenizers_dir["plain"], rows_per_file=16,
+                             held_out=0.2)
+    train, held = (_split_documents(tmp_path / d, tok.pad_id) for d in ("train", "train-eval"))
+    assert train + held == _split_documents(tmp_path / "all", tok.pad_id)
+    assert done.cut == done.held_out.cut == 0  # so the documents recovered are the documents
+    assert done.held_out_dir == tmp_path / "train-eval"
+    assert done.documents + done.held_out.documents == len(HELD_OUT_TEXTS)
+    assert done.held_out.documents == held.total() and abs(done.held_out.documents - 0.2 * len(HELD_OUT_TEXTS)) < 25
+    assert done.held_out.files == sorted((tmp_path / "train-eval").glob("*.parquet"))
+    assert done.held_out.rows == len(_columns(tmp_path / "train-eval")["tokens"])
+    # duplicates are never split: a document in the held-out folder has no copy in the training folder
+    assert not set(train) & set(held)
+    assert sorted(n for n in (train + held).values() if n > 1) == [3] * 10
+
+
+def test_both_folders_have_the_same_metadata(tmp_path, tokenizers_dir):
+    src = _write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": t, "completion": " Answer!"} for t in HELD_OUT_TEXTS])
+    done = prepare_documents([src], tmp_path / "out", 32, tokenizers_dir["plain"], pack_rows=False,
+                             fmt=RecordFormat(kind="prompt-completion"), held_out=0.3,
+                             held_out_dir=tmp_path / "eval" / "pc")
+    train, held = (pq.read_schema(f).metadata for f in (done.files[0], done.held_out.files[0]))
+    assert train == held and held[b"shardrun.packed"] == b"false" and held[b"shardrun.seq_len"] == b"32"
+    assert held[b"shardrun.format"] == b"prompt-completion"
+    assert set(_columns(tmp_path / "eval" / "pc")) == {"tokens", "loss_mask"}
+
+
+def test_the_held_out_split_is_byte_identical_for_any_number_of_workers(tmp_path, monkeypatch, tokenizers_dir):
+    monkeypatch.setattr(finetune, "MIN_BYTES_PER_WORKER", 1)
+    monkeypatch.setattr(finetune, "MAX_PART_BYTES", 500)  # parts and tasks differ with the workers
+    src = _write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in HELD_OUT_TEXTS])
+    outs = []
+    for workers in (1, 2):
+        prepare_documents([src], tmp_path / f"out{workers}", 24, tokenizers_dir["plain"], rows_per_file=8,
+                          workers=workers, held_out=0.25)
+        outs.append({(split, f.name): f.read_bytes() for split in ("", "-eval")
+                     for f in sorted((tmp_path / f"out{workers}{split}").iterdir())})
+    assert len(outs[0]) > 4 and any(split for split, _ in outs[0]) and outs[0] == outs[1]
+
+
+def test_the_summary_line_counts_the_held_out_documents(tmp_path, capsys, tokenizers_dir):
+    src = _write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in HELD_OUT_TEXTS])
+    assert _run(src, "--out", tmp_path / "train", "--seq-len", 64, "--tokenizer", tokenizers_dir["plain"],
+                "--held-out", 0.1, "--workers", 1) == 0
+    line = capsys.readouterr().out
+    cols = _columns(tmp_path / "train-eval")
+    assert line.count("\n") == 1 and "0 documents cut" in line
+    assert f"; held out: {len(_documents(cols, 0))} documents, {len(cols['tokens'])} rows, " in line
+    assert line.rstrip().endswith(f"tokens in {tmp_path / 'train-eval'}")
+
+
+@pytest.mark.parametrize("share", ["0", "0.6", "1", "-0.1", "nan"])
+def test_a_held_out_share_out_of_range_exits_2_before_any_work(tmp_path, capsys, monkeypatch, share):
+    monkeypatch.setattr(finetune.DocumentTokenizer, "load", lambda *a, **k: pytest.fail("loaded the tokenizer"))
+    assert _run("docs.jsonl", "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", "tok",
+                "--held-out", share) == 2
+    assert "--held-out is the share of the documents to hold out: above 0 and at most 0.5" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_held_out_options_that_cannot_work_exit_2(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        _run("docs.jsonl", "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", "t", "--held-out", "some")
+    assert e.value.code == 2 and "--held-out: invalid float value: 'some'" in capsys.readouterr().err
+    monkeypatch.setattr(finetune.DocumentTokenizer, "load", lambda *a, **k: pytest.fail("loaded the tokenizer"))
+    args = ("docs.jsonl", "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", "t")
+    assert _run(*args, "--held-out-dir", tmp_path / "eval") == 2
+    assert "--held-out-dir goes with --held-out SHARE" in capsys.readouterr().err
+    assert _run(*args, "--held-out", 0.1, "--held-out-dir", tmp_path / "out" / "eval") == 2
+    assert "neither inside the other" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_held_out_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(finetune.DocumentTokenizer, "load", lambda *a, **k: pytest.fail("loaded the tokenizer"))
+    (tmp_path / "out-eval").mkdir()
+    assert _run("docs.jsonl", "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", "t", "--held-out", 0.1) == 2
+    assert f"{tmp_path / 'out-eval'} already exists; remove it or choose another --held-out-dir" in \
+           capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["out-eval"]
+
+
+def test_a_split_left_empty_writes_neither_folder(tmp_path, capsys, tokenizers_dir):
+    src = _write_jsonl(tmp_path / "docs.jsonl", [{"text": "hello world"}])
+    assert _run(src, "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", tokenizers_dir["plain"],
+                "--held-out", 0.01) == 2
+    assert "--held-out 0.01 held out none of the 1 document" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["docs.jsonl"]
+
+
+def test_input_of_only_bad_records_skipped_says_there_are_no_documents(tmp_path, capsys, tokenizers_dir):
+    src = _write_jsonl(tmp_path / "pairs.jsonl", ["{not json", {"prompt": "q"}])
+    assert _run(src, "--out", tmp_path / "out", "--seq-len", 16, "--tokenizer", tokenizers_dir["plain"],
+                "--format", "prompt-completion", "--on-bad-record", "skip") == 2
+    assert f"no documents in {src} (2 bad records skipped)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
