@@ -84,6 +84,7 @@ bench: setup
 	$(BIN)/python bench/data.py --record
 	$(BIN)/python bench/metrics.py --record
 	$(BIN)/python bench/hf_load.py --record
+	$(BIN)/python bench/prepare.py --record
 	$(if $(GPU),$(BIN)/python bench/gpu.py --zero-stage 0,1 --compile both --record)
 
 lint: setup

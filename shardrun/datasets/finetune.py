@@ -56,6 +56,10 @@ BAD_RECORDS_NAMED = 5  # under skip, the summary names this many and counts the 
 # Below this much input per worker, starting a process (it imports transformers: about 2 s) costs more than it
 # saves; chat templates and the tokenizer's Python wrapper encode about 1 MB a second.
 MIN_BYTES_PER_WORKER = 2_000_000
+MIN_BYTES_PER_BATCHED_WORKER = 256_000_000
+"""The same for text and prompt/completion records with a fast tokenizer: its encode_batch already runs on every
+core of one process (measured: 32 MB of JSONL on 2 cores took 7.2 s in one process, 10.6 s in two), so more
+processes pay off only where reading the records and writing the shards weigh."""
 MAX_PART_BYTES = 32_000_000  # the input one task reads at once
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIX = ".parquet"
@@ -178,6 +182,60 @@ def encode_record(tok: DocumentTokenizer, fmt: RecordFormat, record) -> tuple[li
         body = tok.hf.encode(completion, add_special_tokens=False) + _tail(tok)
         return head + body, [0] * len(head) + [1] * len(body)
     return chat_tokens(tok.hf, _messages(record, fmt.messages_field))
+
+
+ENCODE_BATCH = 256
+"""Records tokenized together: text and prompt/completion records go through the fast tokenizer's encode_batch
+(its Rust loop, not one Python call per text), with the same ids encode_record gives one by one."""
+
+
+def encode_records(tok: DocumentTokenizer, fmt: RecordFormat, records: list) -> list:
+    """Each record's (ids, mask), or the BadRecord it is, in order: encode_record's results, the texts of a batch
+    encoded together where the tokenizer is a fast one."""
+    backend = getattr(tok.hf, "backend_tokenizer", None)
+    if backend is None or fmt.kind == "chat":
+        return [_one(tok, fmt, record) for record in records]
+    texts, out = [], []
+    for record in records:
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            if fmt.kind == "text":
+                text = record if isinstance(record, str) else _field(record, fmt.text_field)
+                if not text:
+                    raise BadRecord("empty text")
+                out.append(len(texts))
+                texts.append(text)
+            else:
+                prompt, completion = _field(record, fmt.prompt_field), _field(record, fmt.completion_field)
+                if not completion.strip():
+                    raise BadRecord(f"empty {fmt.completion_field!r}")
+                out.append(len(texts))
+                texts += [prompt, completion]
+        except BadRecord as e:
+            out.append(e)
+    encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+    head, tail = _head(tok), _tail(tok)
+    results = []
+    for item in out:
+        if isinstance(item, BadRecord):
+            results.append(item)
+        elif fmt.kind == "text":
+            ids = head + encoded[item] + tail
+            results.append((ids, [1] * len(ids)))
+        else:
+            first, body = head + encoded[item], encoded[item + 1] + tail
+            results.append((first + body, [0] * len(first) + [1] * len(body)))
+    return results
+
+
+def _one(tok: DocumentTokenizer, fmt: RecordFormat, record):
+    try:
+        if isinstance(record, BadRecord):
+            raise record
+        return encode_record(tok, fmt, record)
+    except BadRecord as e:
+        return e
 
 
 def _head(tok: DocumentTokenizer) -> list[int]:
@@ -415,25 +473,35 @@ def _encode_task(task: EncodeTask) -> EncodeResult:
     splits = [([], [], []) for _ in task.pieces]  # ids, masks, lengths of each split's documents
     result = EncodeResult()
     for part in task.parts:
-        for where, record in read_records(part, task.fmt):
-            try:
-                if isinstance(record, BadRecord):
-                    raise record
-                doc_ids, doc_mask = encode_record(task.tokenizer, task.fmt, record)
-            except BadRecord as e:
-                result.bad += 1
-                if len(result.named) < BAD_RECORDS_NAMED:
-                    result.named.append((where, str(e)))
-                if task.stop_at_bad:
-                    return _save(task, splits, result)
-                continue
-            ids = np.asarray(doc_ids, dtype=np.int32)
-            held = task.held_out > 0 and is_held_out(ids, task.held_out)
-            split_ids, masks, lens = splits[1 if held else 0]
-            split_ids.append(ids)
-            masks.append(np.asarray(doc_mask, dtype=np.int8))
-            lens.append(len(doc_ids))
+        for batch in _batches(read_records(part, task.fmt), ENCODE_BATCH):
+            for (where, _), encoded in zip(batch, encode_records(task.tokenizer, task.fmt, [r for _, r in batch]),
+                                           strict=True):
+                if isinstance(encoded, BadRecord):
+                    result.bad += 1
+                    if len(result.named) < BAD_RECORDS_NAMED:
+                        result.named.append((where, str(encoded)))
+                    if task.stop_at_bad:
+                        return _save(task, splits, result)
+                    continue
+                doc_ids, doc_mask = encoded
+                ids = np.asarray(doc_ids, dtype=np.int32)
+                held = task.held_out > 0 and is_held_out(ids, task.held_out)
+                split_ids, masks, lens = splits[1 if held else 0]
+                split_ids.append(ids)
+                masks.append(np.asarray(doc_mask, dtype=np.int8))
+                lens.append(len(doc_ids))
     return _save(task, splits, result)
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _save(task: EncodeTask, splits: list[tuple[list, list, list]], result: EncodeResult) -> EncodeResult:
@@ -599,7 +667,10 @@ def prepare_documents(sources: list[str | Path], out_dir: Path, seq_len: int, to
         raise UserError(f"{text}: a text file is one plain document, but --format {fmt.kind} reads records from "
                         "JSONL (.jsonl, .jsonl.gz) or Parquet (.parquet) files")
     total = sum(p.size for p in parts)
-    workers = max(1, min(workers, total // MIN_BYTES_PER_WORKER))
+    workers = worker_count(total, workers, batched=fmt.kind != "chat" and getattr(tok.hf, "backend_tokenizer",
+                                                                                 None) is not None)
+    if workers > 1:  # parts that share the input out (at most MAX_PART_BYTES, one file would be one task)
+        parts = input_parts(sources, part_bytes=part_bytes(total, workers))
     groups = _groups(parts, max(workers * TASKS_PER_WORKER, math.ceil(total / MAX_PART_BYTES)))
     with ExitStack() as stack:  # both folders move into place only when both are written
         stagings = [stack.enter_context(staging_dir(d)) for d in (out_dir, held_dir) if d is not None]
@@ -679,6 +750,17 @@ def _summary(out_dir: Path, lens: list[np.ndarray], packing: Packing, counts: li
     return PrepareSummary(files=sorted(out_dir.glob("*.parquet")), documents=int(sum(len(n) for n in lens)),
                           rows=packing.rows, row_len=layout.seq_len + 1, tokens=sum(c[0] for c in counts),
                           loss_tokens=sum(c[1] for c in counts), cut=packing.cut, bad=bad, named=named)
+
+
+def worker_count(total: int, workers: int, *, batched: bool) -> int:
+    """Processes for total bytes of input, at most workers: one for a small input, and for text or
+    prompt/completion records with a fast tokenizer (batched) up to a large one (MIN_BYTES_PER_BATCHED_WORKER)."""
+    return max(1, min(workers, total // (MIN_BYTES_PER_BATCHED_WORKER if batched else MIN_BYTES_PER_WORKER)))
+
+
+def part_bytes(total: int, workers: int) -> int:
+    """The size of the parts the input is read in by that many processes: TASKS_PER_WORKER each."""
+    return min(MAX_PART_BYTES, math.ceil(total / (workers * TASKS_PER_WORKER)))
 
 
 def _groups(parts: list[InputPart], n: int) -> list[list[InputPart]]:

@@ -1,5 +1,5 @@
-"""bench/overhead.py, bench/startup.py and bench/checkpoint.py run end to end at their tiny --quick sizes (their
-numbers are not checked: benchmarks are not tests).
+"""bench/overhead.py, bench/startup.py, bench/checkpoint.py and bench/prepare.py run end to end at their tiny
+--quick sizes (their numbers are not checked: benchmarks are not tests).
 
 `make test` runs the one-rank overhead check of the GPT (the benchmark that leans most on shardrun's internals;
 the transformers Llama's path through both loops is bench/gpu.py's llama-tiny check in test_bench_gpu.py); the
@@ -70,3 +70,14 @@ def test_checkpoint_saves_and_loads_zero_3_on_two_ranks():
     [row] = table_rows(out, "3")[:1]
     assert row[1] == "2" and float(row[2].split()[0]) > 0
     assert "ZeRO 3, 2 ranks: save = " in out and "an asynchronous save would keep the loop waiting" in out
+
+
+@pytest.mark.bench
+def test_prepare_writes_the_same_rows_as_datasets():
+    pytest.importorskip("datasets")  # the anchor: pip install 'shardrun[bench]'
+    out = run([sys.executable, "bench/prepare.py", "--quick"], timeout=120, cwd=REPO).stdout
+    speeds = {r[0]: float(r[1]) for r in (*table_rows(out, "shardrun"), *table_rows(out, "datasets"))}
+    assert set(speeds) == {"shardrun", "datasets"} and all(s > 0 for s in speeds.values()), out
+    # the bench itself stops if the two ways' rows differ; this is its line saying they matched
+    assert re.search(r"same rows: both ways wrote [\d,]+ rows of 1025 .* identical tokens and loss_mask", out), out
+    assert "shardrun / datasets = " in out

@@ -376,7 +376,7 @@ def test_both_folders_have_the_same_metadata(tmp_path, tokenizers_dir):
 
 
 def test_the_held_out_split_is_byte_identical_for_any_number_of_workers(tmp_path, monkeypatch, tokenizers_dir):
-    monkeypatch.setattr(finetune, "MIN_BYTES_PER_WORKER", 1)
+    monkeypatch.setattr(finetune, "MIN_BYTES_PER_BATCHED_WORKER", 1)  # text: batches, in a pool of 2 too
     monkeypatch.setattr(finetune, "MAX_PART_BYTES", 500)  # parts and tasks differ with the workers
     src = _write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in HELD_OUT_TEXTS])
     outs = []
