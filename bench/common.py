@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import glob
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -346,3 +349,85 @@ def on_startup(message: str, action: Callable[[logging.LogRecord], None]) -> Non
     logger = logging.getLogger("shardrun.trainer.startup")
     logger.setLevel(logging.INFO)  # shardrun leaves it unset: the root's WARNING would drop its records
     logger.addHandler(Hook())
+
+
+SAY = "bench-child: "
+"""Marks a bench child's lines to its parent among whatever its libraries print."""
+MEMORY_FIELDS = ("Pss_Anon:", "Pss_Shmem:")
+SAMPLE_SECONDS = 0.02  # memory sampling period
+
+
+def measured_child(cmd: list[str], env: dict[str, str], what: str) -> tuple[dict, float, float]:
+    """Run a bench child that says `ready` (imports done), waits for `go` on stdin, works and says its result as
+    JSON (SAY marks both): its result, the seconds to ready, and the peak growth of its memory (MB, its
+    processes and theirs) while it worked. Exits with the child's stderr if it fails."""
+    with tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        with running(cmd, env, stdin=subprocess.PIPE, stderr=err) as (proc, _):
+            if heard(proc) is None:
+                fail(what, proc, err)
+            start_s = time.perf_counter() - started
+            with memory_sampler(proc.pid) as memory:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                line = heard(proc)
+            proc.stdin.close()
+            if proc.wait() != 0 or line is None:
+                fail(what, proc, err)
+    return json.loads(line), start_s, memory["peak_mb"]
+
+
+def heard(proc: subprocess.Popen) -> str | None:
+    """The child's next message (None if it ended first)."""
+    for line in proc.stdout:
+        if line.startswith(SAY):
+            return line[len(SAY):]
+    return None
+
+
+def fail(what: str, proc: subprocess.Popen, err) -> None:
+    """Exit with the tail of the child's stderr, once it has ended."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    err.seek(0)
+    tail = "".join(err.readlines()[-30:])
+    sys.exit(f"bench: {what} failed (exit {proc.returncode}):\n{tail}")
+
+
+@contextlib.contextmanager
+def memory_sampler(pid: int) -> Iterator[dict]:
+    """Peak growth (MB) of the memory held by pid and every process below it (Ray's workers too)."""
+    result = {"peak_mb": 0.0}
+    base = tree_pss_kb(pid)
+    done = threading.Event()
+
+    def sample():
+        peak = base
+        while not done.is_set():
+            peak = max(peak, tree_pss_kb(pid))
+            done.wait(SAMPLE_SECONDS)
+        result["peak_mb"] = (peak - base) / 1024
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+
+
+def tree_pss_kb(pid: int) -> int:
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) for line in f if line.startswith(MEMORY_FIELDS))
+            for children in glob.glob(f"/proc/{p}/task/*/children"):
+                with open(children) as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue  # the process ended between listing and reading
+    return total

@@ -24,10 +24,7 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -37,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from common import Parser, fresh_ray_env, in_turns, positive, report, running, spread, table
+from common import SAY, Parser, fresh_ray_env, in_turns, measured_child, positive, report, spread, table
 
 from shardrun.config import DataSpec
 from shardrun.datasets import Stream, build_index
@@ -51,11 +48,8 @@ PRELOAD = {"ray": ("ray", "ray.data"), "hf": ("datasets",)}
 """Optional packages, imported in the child that needs them (not in the parent) before the clock starts."""
 COLUMN = "tokens"
 RAY_CPUS = 2  # as many as shardrun's default read_threads
-SAMPLE_SECONDS = 0.02  # memory sampling period
 # Memory a reader holds: anonymous pages and shared memory (Ray's object store), each process's
 # proportional share; not the library code that pages in as it runs.
-MEMORY_FIELDS = ("Pss_Anon:", "Pss_Shmem:")
-SAY = "bench-child: "  # marks the child's lines to the parent among whatever libraries print
 VERSIONS = ("torch", "pyarrow", "numpy", "ray", "datasets")
 
 
@@ -168,32 +162,11 @@ def run_rep(reader: str, data_dir: str, seq_len: int, micro_batch: int, n_batche
     """Start a child for this reader, let it read n_batches, and sample its memory meanwhile."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", reader, "--data", data_dir,
            "--seq-len", str(seq_len), "--micro-batch", str(micro_batch), "--batches", str(n_batches)]
-    with tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        with running(cmd, child_env(reader), stdin=subprocess.PIPE, stderr=err) as (proc, _):
-            if heard(proc) is None:
-                fail(reader, proc, err)
-            start_s = time.perf_counter() - started
-            with memory_sampler(proc.pid) as memory:
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-                line = heard(proc)
-            proc.stdin.close()
-            if proc.wait() != 0 or line is None:
-                fail(reader, proc, err)
-    res = json.loads(line)
+    res, start_s, peak_mb = measured_child(cmd, child_env(reader), f"the {reader} reader")
     tokens = micro_batch * seq_len
-    res.update(start_s=start_s, peak_mb=memory["peak_mb"], tokens_per_s=res["batches"] * tokens / res["seconds"],
+    res.update(start_s=start_s, peak_mb=peak_mb, tokens_per_s=res["batches"] * tokens / res["seconds"],
                after_first_per_s=(res["batches"] - 1) * tokens / max(res["seconds"] - res["first_batch_s"], 1e-9))
     return res
-
-
-def heard(proc: subprocess.Popen) -> str | None:
-    """The child's next message (None if it ended first)."""
-    for line in proc.stdout:
-        if line.startswith(SAY):
-            return line[len(SAY):]
-    return None
 
 
 def child_env(reader: str) -> dict[str, str]:
@@ -201,54 +174,6 @@ def child_env(reader: str) -> dict[str, str]:
     if reader == "hf":
         env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
-
-
-def fail(reader: str, proc: subprocess.Popen, err) -> None:
-    """Exit with the tail of the reader's stderr, once it has ended."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    err.seek(0)
-    tail = "".join(err.readlines()[-30:])
-    sys.exit(f"bench: the {reader} reader failed (exit {proc.returncode}):\n{tail}")
-
-
-@contextmanager
-def memory_sampler(pid: int):
-    """Peak growth (MB) of the memory held by pid and every process below it (Ray's workers too)."""
-    result = {"peak_mb": 0.0}
-    base = tree_pss_kb(pid)
-    done = threading.Event()
-
-    def sample():
-        peak = base
-        while not done.is_set():
-            peak = max(peak, tree_pss_kb(pid))
-            done.wait(SAMPLE_SECONDS)
-        result["peak_mb"] = (peak - base) / 1024
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        thread.join()
-
-
-def tree_pss_kb(pid: int) -> int:
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += sum(int(line.split()[1]) for line in f if line.startswith(MEMORY_FIELDS))
-            for children in glob.glob(f"/proc/{p}/task/*/children"):
-                with open(children) as f:
-                    todo.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
-            continue  # the process ended between listing and reading
-    return total
 
 
 def run_child(args: argparse.Namespace) -> int:

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from common import Parser, in_turns, positive, report, running, spread, table
+from common import SAY, Parser, in_turns, measured_child, positive, report, spread, table
 
 from shardrun.datasets.prepare import stdlib_sources
 
@@ -47,7 +46,6 @@ WORKERS = 2
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 ROW_GROUP_ROWS = 512  # shardrun's default, given to to_parquet too
 TRAIN_BYTES = 4_000_000  # of the corpus the tokenizer is trained on
-SAY = "bench-child: "  # marks the child's lines to the parent among whatever libraries print
 VERSIONS = ("transformers", "tokenizers", "datasets", "pyarrow", "numpy")
 
 
@@ -185,46 +183,16 @@ def shardrun_split(corpus: dict) -> str:
 def run_rep(way: str, work: Path, corpus: Path, tokenizer: Path, seq_len: int) -> dict:
     """Start a child for this way, let it write its rows, sample its memory meanwhile, then read the rows back."""
     # data.py imports torch, which the children need not pay for at their start
-    from data import memory_sampler
 
     out = work / f"out-{way}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", way, "--corpus", str(corpus),
            "--tokenizer", str(tokenizer), "--out", str(out), "--seq-len", str(seq_len)]
     env = dict(os.environ, HF_HOME=str(work / "hf-home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    with tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
-        with running(cmd, env, stdin=subprocess.PIPE, stderr=err) as (proc, _):
-            if heard(proc) is None:
-                fail(way, proc, err)
-            start_s = time.perf_counter() - started
-            with memory_sampler(proc.pid) as memory:
-                proc.stdin.write("go\n")
-                proc.stdin.flush()
-                line = heard(proc)
-            proc.stdin.close()
-            if proc.wait() != 0 or line is None:
-                fail(way, proc, err)
-    res = {**json.loads(line), "start_s": start_s, "peak_mb": memory["peak_mb"], **read_rows(out, seq_len + 1)}
+    result, start_s, peak_mb = measured_child(cmd, env, way)
+    res = {**result, "start_s": start_s, "peak_mb": peak_mb, **read_rows(out, seq_len + 1)}
     for done in (out, work / "hf-cache"):
         shutil.rmtree(done, ignore_errors=True)
     return res
-
-
-def heard(proc: subprocess.Popen) -> str | None:
-    """The child's next message (None if it ended first)."""
-    for line in proc.stdout:
-        if line.startswith(SAY):
-            return line[len(SAY):]
-    return None
-
-
-def fail(way: str, proc: subprocess.Popen, err) -> None:
-    """Exit with the tail of the child's stderr, once it has ended."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    err.seek(0)
-    sys.exit(f"bench: {way} failed (exit {proc.returncode}):\n{''.join(err.readlines()[-30:])}")
 
 
 def read_rows(out: Path, row_len: int) -> dict:

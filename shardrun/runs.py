@@ -194,8 +194,8 @@ def _summary(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict:
 
 
 def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
-    """The last step record, read from the file's end (a last line still being written is left out);
-    None for a file with no lines yet."""
+    """The last step record, read from the file's end (a last line still being written is left out, and so are
+    evaluations' records); None for a file with no lines yet."""
     with fs.open_input_file(info.path) as f:
         size = f.size()
         f.seek(max(0, size - TAIL_BYTES))
@@ -210,6 +210,8 @@ def _last_record(fs: pafs.FileSystem, info: pafs.FileInfo) -> dict | None:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise Unreadable(f"the last line is not JSON ({e})") from None
+        if isinstance(rec, dict) and "eval_loss" in rec and "loss" not in rec:
+            continue  # an evaluation's record: the step record is before it
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or "loss" not in rec:
             raise Unreadable("the last line is no step record (it needs step and loss)")
         return rec

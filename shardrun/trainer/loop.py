@@ -186,4 +186,3 @@ class Trainer:
         self.stream.close()
         if self.metrics is not None:
             self.metrics.close()
-

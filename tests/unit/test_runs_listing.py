@@ -138,6 +138,16 @@ def test_a_long_metrics_file_is_read_from_its_end(tmp_path):
     assert (run["state"], run["step"], run["loss"]) == ("finished", 5000, 10 / 5000)
 
 
+def test_a_run_whose_last_records_are_evaluations_shows_its_last_step_record(tmp_path):
+    run = _run(tmp_path, "evaluated", steps=(10, 20), age=3600, summary={"final_step": 20, "finished": True})
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"time": 0, "step": 20, "eval_loss": 1.5, "eval_tokens": 100}) + "\n")
+    at = (run / "summary.json").stat().st_mtime - 1  # written before the summary, as a run writes them
+    os.utime(run / "metrics.jsonl", (at, at))
+    listed = _by_name(tmp_path)["evaluated"]
+    assert (listed["state"], listed["step"], listed["loss"]) == ("finished", 20, 10 / 20)
+
+
 def test_prune_replaced_keeps_the_newest_n_moved_aside_runs_of_each_name(tmp_path, capsys):
     stamps = [f"2025010{d}-000000" for d in range(1, 6)]
     for stamp in stamps:
