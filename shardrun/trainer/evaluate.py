@@ -89,7 +89,7 @@ class Evaluator:
             batch = decode_rows(torch.from_numpy(part.astype(np.int64)), positions=self._reader.positions)
             return {k: v.to(device) for k, v in batch.items()}
         label = self.data.label
-        cols = {("label" if k == label else k): torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        cols = {("label" if k == label else k): torch.from_numpy(np.array(v)).to(device)  # a writable copy
                 for k, v in part.items()}
         if self.float_dtype is not None:
             cols = {k: v.to(self.float_dtype) if v.is_floating_point() else v for k, v in cols.items()}
@@ -122,7 +122,7 @@ class Evaluator:
                     loss = engine(**batch)
                 if b is not None:
                     count = int((batch["targets"] != IGNORE_INDEX).sum()) if "targets" in batch else \
-                        int(batch["label"].shape[0])
+                        int(next(iter(batch.values())).shape[0])  # a table: its rows
                     mine.append((b, float(loss.double()) * count, count))
                     last = batch
         finally:

@@ -151,3 +151,23 @@ def test_under_ray_keep_best_is_ray_trains_own_retention_by_eval_loss(tmp_path):
     # Ray keeps its record as JSON, where infinity would come back as null and fail its ranking on resume
     record = _TrainingResultState(checkpoint_dir_name="c", metrics={"eval_loss": UNRANKED})
     assert _TrainingResultState.model_validate_json(record.model_dump_json()).metrics["eval_loss"] == UNRANKED
+
+
+def test_a_table_is_evaluated_by_its_rows(tmp_path):
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO))
+    from examples.tabular_model import build, make_data
+
+    make_data(tmp_path / "table", rows=2000)
+    raw = {"name": "tab", "model": {"entrypoint": "examples.tabular_model:build"},
+           "data": {"paths": [str(tmp_path / "table")], "format": "table", "label": "label"},
+           "deepspeed": {"micro_batch_size": 32}, "run": {"max_steps": 1},
+           "eval": {"paths": [str(tmp_path / "table")], "max_batches": 3}}
+    spec = config.parse(raw)
+    torch.manual_seed(0)
+    evaluator = Evaluator(spec, Topology(rank=0, local_rank=0, world_size=1, device="cpu"))
+    result = evaluator.evaluate(_Engine(build()), _Alone())
+    assert result["eval_rows"] == 96 and result["eval_loss"] > 0 and "eval_tokens" not in result
