@@ -168,33 +168,23 @@ def _hf_tokenizer(path: Path):
 
 def encode_record(tok: DocumentTokenizer, fmt: RecordFormat, record) -> tuple[list[int], list[int]]:
     """One record's token ids and loss mask (a text file's record is its text); BadRecord says why not."""
-    if fmt.kind == "text":
-        text = record if isinstance(record, str) else _field(record, fmt.text_field)
-        if not text:
-            raise BadRecord("empty text")
-        ids = _head(tok) + tok.hf.encode(text, add_special_tokens=False) + _tail(tok)
-        return ids, [1] * len(ids)
-    if fmt.kind == "prompt-completion":
-        prompt, completion = _field(record, fmt.prompt_field), _field(record, fmt.completion_field)
-        if not completion.strip():
-            raise BadRecord(f"empty {fmt.completion_field!r}")
-        head = _head(tok) + tok.hf.encode(prompt, add_special_tokens=False)
-        body = tok.hf.encode(completion, add_special_tokens=False) + _tail(tok)
-        return head + body, [0] * len(head) + [1] * len(body)
-    return chat_tokens(tok.hf, _messages(record, fmt.messages_field))
+    [result] = encode_records(tok, fmt, [record])
+    if isinstance(result, BadRecord):
+        raise result
+    return result
 
 
 ENCODE_BATCH = 256
-"""Records tokenized together: text and prompt/completion records go through the fast tokenizer's encode_batch
-(its Rust loop, not one Python call per text), with the same ids encode_record gives one by one."""
+"""Records tokenized together: text and prompt/completion records go through a fast tokenizer's encode_batch (its
+Rust loop over the batch, on every core, not one Python call per text)."""
 
 
 def encode_records(tok: DocumentTokenizer, fmt: RecordFormat, records: list) -> list:
-    """Each record's (ids, mask), or the BadRecord it is, in order: encode_record's results, the texts of a batch
-    encoded together where the tokenizer is a fast one."""
-    backend = getattr(tok.hf, "backend_tokenizer", None)
-    if backend is None or fmt.kind == "chat":
-        return [_one(tok, fmt, record) for record in records]
+    """Each record's (ids, mask), or the BadRecord it is (a record may be one already: a line that is no JSON),
+    in order. A text document: BOS (if any), its text, EOS (if any), all in the loss; a prompt and completion: the
+    completion and the EOS after it in the loss; a chat: the assistant's turns (chat_tokens)."""
+    if fmt.kind == "chat":
+        return [_chat(tok, fmt, record) for record in records]
     texts, out = [], []
     for record in records:
         try:
@@ -214,7 +204,7 @@ def encode_records(tok: DocumentTokenizer, fmt: RecordFormat, records: list) -> 
                 texts += [prompt, completion]
         except BadRecord as e:
             out.append(e)
-    encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] if texts else []
+    encoded = _encode_texts(tok.hf, texts)
     head, tail = _head(tok), _tail(tok)
     results = []
     for item in out:
@@ -229,11 +219,21 @@ def encode_records(tok: DocumentTokenizer, fmt: RecordFormat, records: list) -> 
     return results
 
 
-def _one(tok: DocumentTokenizer, fmt: RecordFormat, record):
+def _encode_texts(hf, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, no special tokens: a fast tokenizer's encode_batch, else its encode one by one."""
+    if not texts:
+        return []
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is not None:
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    return [hf.encode(text, add_special_tokens=False) for text in texts]
+
+
+def _chat(tok: DocumentTokenizer, fmt: RecordFormat, record):
     try:
         if isinstance(record, BadRecord):
             raise record
-        return encode_record(tok, fmt, record)
+        return chat_tokens(tok.hf, _messages(record, fmt.messages_field))
     except BadRecord as e:
         return e
 
