@@ -267,11 +267,12 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
         args.overrides = [*args.overrides, *overrides_from(args.overrides_from)]
     spec = config.load(args.spec, args.overrides)
     if spec.model.entrypoint:
-        from shardrun.trainer.models import resolve_entrypoint
+        from shardrun.trainer.models import check_checkpointing_hook, resolve_entrypoint
 
         # Like `python -m`: the user's own modules in the working directory are importable.
         sys.path.insert(0, os.getcwd())
         resolve_entrypoint(spec.model.entrypoint)
+        check_checkpointing_hook(spec.model)
     return spec
 
 

@@ -119,6 +119,23 @@ class ModelSpec(_Section):
     vocab_size: int = Field(256, ge=2, description="GPT: vocabulary size (256: raw bytes).")
     dropout: float = Field(0.0, ge=0, lt=1, description="GPT: dropout probability.")
     bias: bool = Field(False, description="GPT: biases in linear and norm layers.")
+    activation_checkpointing: bool | int = Field(
+        False, description="Recompute blocks' activations in the backward pass instead of keeping them: true for "
+        "every block, N for every N-th, false for none. The built-in GPT and model.hf models do it themselves; an "
+        "entrypoint model's module provides enable_activation_checkpointing(every) (docs/models.md).",
+    )
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _every_nth(cls, value: bool | int) -> bool | int:
+        if not isinstance(value, bool) and value < 0:
+            raise ValueError("activation_checkpointing is true, false, or N >= 1 (every N-th block)")
+        return value
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are recomputed (0: none)."""
+        return int(self.activation_checkpointing)
 
     @property
     def byte_level(self) -> bool:
@@ -155,7 +172,7 @@ class ModelSpec(_Section):
         """The GPT's size fields, set to other than their defaults, would be ignored by another kind of model
         (defaults may be present: a resolved spec carries them)."""
         gpt_fields = {
-            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf"}
+            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf", "activation_checkpointing"}
             if getattr(self, name) != type(self).model_fields[name].default
         }
         if gpt_fields:

@@ -65,6 +65,7 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     torch.manual_seed(spec.run.seed)  # every rank builds the same initial weights
     if spec.model.hf is None:
         model = models.build(spec.model)
+        models.enable_checkpointing(model, spec.model)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
         return Restored(engine=engine.build(model, spec, topology, load_universal=load_universal),
                         flops_per_token=per_token)
@@ -76,6 +77,7 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     with hf.zero3_loading(engine.ds_config(spec, topology, load_universal=load_universal)) if zero3 \
             else contextlib.nullcontext():
         model = hf.build(spec.model.hf, folder)
+        models.enable_checkpointing(model, spec.model)
         fits_device(model, spec, topology)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
         built = engine.build(model, spec, topology, load_universal=load_universal)

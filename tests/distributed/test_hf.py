@@ -128,7 +128,8 @@ def test_a_bert_classifier_trains_on_a_labelled_table_and_its_loss_falls(tmp_pat
                     deepspeed={"zero_stage": 2, "micro_batch_size": 16, "optimizer": {"lr": 2e-3},
                                "schedule": {"warmup_steps": 2}},
                     run={"max_steps": 40, "log_every": 10})
-    raw["model"] = {"hf": {"path": str(tmp_path / "bert"), "task": "sequence_classification", "num_labels": 2}}
+    raw["model"] = {"hf": {"path": str(tmp_path / "bert"), "task": "sequence_classification", "num_labels": 2},
+                    "activation_checkpointing": True}  # recomputed: the same training, less memory
     out = run([sys.executable, "-m", "shardrun", "train", str(write_spec(tmp_path / "job.yaml", raw))],
               timeout=240).stdout
     assert "model: BertForSequenceClassification from" in out, out

@@ -105,3 +105,58 @@ def test_the_loss_leaves_ignored_targets_out_and_keeps_bf16_logits_in_bf16():
     low = model.to(torch.bfloat16)
     loss = low(idx, targets)
     assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 0.05
+
+
+def _grads(model, x, y):
+    torch.manual_seed(1)  # the same dropout masks for both
+    model.zero_grad()
+    model(x, y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=32, block_size=16, dropout=0.1)).train()
+    x = torch.randint(0, 256, (2, 16))
+    y = torch.roll(x, -1, dims=1)
+    plain = _grads(model, x, y)
+    model.enable_activation_checkpointing(every)
+    again = _grads(model, x, y)
+    assert plain.keys() == again.keys() and all(torch.equal(plain[n], again[n]) for n in plain)
+
+
+def test_a_hugging_face_model_checkpoints_every_nth_layer_with_the_same_gradients(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from shardrun.trainer.models.hf import CausalLM
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = CausalLM(transformers.LlamaForCausalLM(config)).train()
+    x = torch.randint(0, 64, (2, 12))
+    y = torch.roll(x, -1, dims=1)
+    plain = _grads(model, x, y)
+    model.enable_activation_checkpointing(2)
+    layers = model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False, True, False]
+    again = _grads(model, x, y)
+    assert all(torch.allclose(plain[n], again[n], atol=1e-6, rtol=0) for n in plain)
+
+
+def test_an_entrypoint_model_without_the_hook_is_refused_before_ray_and_the_setting_is_checked():
+    import sys
+
+    from helpers import REPO
+
+    from shardrun.errors import UserError
+    from shardrun.trainer.models import check_checkpointing_hook
+
+    sys.path.insert(0, str(REPO))
+    spec = ModelSpec(entrypoint="examples.user_model:build", activation_checkpointing=True)
+    with pytest.raises(UserError, match="has no enable_activation_checkpointing"):
+        check_checkpointing_hook(spec)
+    check_checkpointing_hook(ModelSpec(entrypoint="examples.user_model:build"))  # off: nothing to check
+    assert ModelSpec(activation_checkpointing=3).checkpoint_every == 3 and ModelSpec().checkpoint_every == 0
+    with pytest.raises(ValueError, match="every N-th block"):
+        ModelSpec(activation_checkpointing=-1)

@@ -73,3 +73,38 @@ def takes_positions(module: nn.Module) -> bool:
         return "position_ids" in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def enable_checkpointing(model: nn.Module, spec: ModelSpec) -> None:
+    """model.activation_checkpointing on the built model, through its enable_activation_checkpointing(every) (the
+    built-in GPT's, a model.hf model's, or an entrypoint module's own); UserError for a module without it."""
+    every = spec.checkpoint_every
+    if not every:
+        return
+    hook = getattr(model, "enable_activation_checkpointing", None)
+    if hook is None:
+        raise no_checkpointing_hook(type(model).__name__, spec)
+    hook(every)
+
+
+def no_checkpointing_hook(name: str, spec: ModelSpec) -> UserError:
+    return UserError(f"model.activation_checkpointing: {name} (from model.entrypoint {spec.entrypoint}) has no "
+                     "enable_activation_checkpointing(every) method; add one that wraps its blocks in "
+                     "torch.utils.checkpoint (docs/models.md), or set it false")
+
+
+def check_checkpointing_hook(spec: ModelSpec) -> None:
+    """Before Ray: an entrypoint model asked to checkpoint activations has the hook. The factory's module is
+    made on torch's meta device (nothing allocated); a factory that cannot run there is left to the workers."""
+    if spec.entrypoint is None or not spec.checkpoint_every:
+        return
+    import torch
+
+    factory = resolve_entrypoint(spec.entrypoint)
+    try:
+        with torch.device("meta"):
+            model = factory(**spec.args)
+    except Exception:  # noqa: BLE001 - the user's factory may need real tensors or files: the workers check
+        return
+    if not hasattr(model, "enable_activation_checkpointing"):
+        raise no_checkpointing_hook(type(model).__name__, spec)

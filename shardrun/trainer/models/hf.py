@@ -53,6 +53,10 @@ class CausalLM(nn.Module):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         return mean_token_loss(self.model(input_ids=inputs, position_ids=position_ids).logits, targets)
 
+    def enable_activation_checkpointing(self, every: int = 1) -> None:
+        """transformers' gradient checkpointing (non-reentrant) on every `every`-th decoder layer."""
+        enable_checkpointing(self.model, every)
+
     def flops_per_token(self, seq_len: int) -> float:
         """6N over the parameters that take part in a matmul (embeddings are lookups), plus attention's
         12 x layers x width x seq_len; N counts ZeRO-3's partitioned parameters whole."""
@@ -80,6 +84,23 @@ class SequenceClassifier(nn.Module):
         return F.cross_entropy(logits.float(), label.long().reshape(-1))
 
     flops_per_token = CausalLM.flops_per_token
+    enable_activation_checkpointing = CausalLM.enable_activation_checkpointing
+
+
+def enable_checkpointing(model: nn.Module, every: int) -> None:
+    """transformers' activation checkpointing, non-reentrant, on every `every`-th decoder layer (its own
+    every_n_layers; before transformers had it, gradient checkpointing turned off again on the layers between,
+    each GradientCheckpointingLayer asking its own flag)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(kwargs, every_n_layers=every)
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every == 0
 
 
 def _numel(p: torch.Tensor) -> int:
