@@ -171,3 +171,27 @@ def test_a_table_is_evaluated_by_its_rows(tmp_path):
     evaluator = Evaluator(spec, Topology(rank=0, local_rank=0, world_size=1, device="cpu"))
     result = evaluator.evaluate(_Engine(build()), _Alone())
     assert result["eval_rows"] == 96 and result["eval_loss"] > 0 and "eval_tokens" not in result
+
+
+def test_keep_best_prunes_to_the_best_evaluated_checkpoint_and_the_newest_and_lists_their_losses(tmp_path, capsys):
+    from helpers import write_checkpoint
+
+    from shardrun import checkpoint_format as layout
+    from shardrun import cli
+    from shardrun.driver.local import LocalCheckpointStore
+
+    run = tmp_path / "tiny"
+    losses = {2: 3.0, 4: 2.5, 6: None, 8: 2.7, 10: 2.9}  # step 6 saved without an evaluation
+    for step, loss in losses.items():
+        folder = write_checkpoint(run / layout.LOCAL_FOLDER / layout.local_dir_name(step), step, world=1,
+                                  ranks=(0,))
+        manifest = json.loads((folder / layout.MANIFEST).read_text())
+        (folder / layout.MANIFEST).write_text(json.dumps({**manifest, **({"eval_loss": loss} if loss else {})}))
+    store = LocalCheckpointStore(str(run), Topology(rank=0, local_rank=0, world_size=1, device="cpu"), keep=1,
+                                 keep_best=True)
+    store._prune(10)
+    assert sorted(p.name for p in (run / layout.LOCAL_FOLDER).iterdir()) == [layout.local_dir_name(4),
+                                                                             layout.local_dir_name(10)]
+    assert cli.main(["checkpoints", str(run)]) == 0
+    listed = capsys.readouterr().out
+    assert "eval loss 2.5000" in listed and "eval loss 2.9000" in listed, listed
