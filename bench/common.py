@@ -326,13 +326,14 @@ def gpt(size: dict, vocab: int = VOCAB) -> dict:
 
 
 def write_llama(folder: Path, vocab: int, **config) -> int:
-    """A transformers Llama of config (LlamaConfig's fields) with random weights (seed SEED), fp32, untied
-    embeddings, written by save_pretrained into folder as a pretrained model is; its parameter count."""
+    """A transformers Llama of config (LlamaConfig's fields; untied embeddings unless config ties them) with
+    random weights (seed SEED), fp32, written by save_pretrained into folder as a pretrained model is; its
+    parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **config))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **{"tie_word_embeddings": False, **config}))
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())
 

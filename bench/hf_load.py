@@ -57,6 +57,7 @@ from common import (
     report,
     run_to_end,
     table,
+    write_llama,
     write_tokens,
     zero_stages,
 )
@@ -115,28 +116,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def llama_config(args: argparse.Namespace):
-    from transformers import LlamaConfig
-
+def llama_config(args: argparse.Namespace) -> dict:
+    """LlamaConfig's fields of the bench's model (its vocabulary aside)."""
     heads = args.hidden // 64
-    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                       num_hidden_layers=args.layers, num_attention_heads=heads,
-                       num_key_value_heads=max(1, heads // 4), max_position_embeddings=max(2048, SEQ),
-                       tie_word_embeddings=True)
+    return {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4),
+            "max_position_embeddings": max(2048, SEQ), "tie_word_embeddings": True}
 
 
 def write_model(folder: Path, args: argparse.Namespace) -> dict:
     """A Llama with random weights (seed SEED), fp32, written as a pretrained model is; its size."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    model = LlamaForCausalLM(llama_config(args))
-    params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(folder)
-    del model
+    params = write_llama(folder, args.vocab, **llama_config(args))
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    return {"params": params, "bytes": weights, "config": llama_config(args).to_dict()}
+    return {"params": params, "bytes": weights,
+            "config": json.loads((folder / "config.json").read_text())}
 
 
 # -- the parent: one torchrun per stage and repetition ---------------------------------------------------
