@@ -192,22 +192,28 @@ def build(spec: DataSpec, emit=None) -> DataIndex:
     return index
 
 
-def column_range(index: DataIndex, column: str) -> tuple[float, float] | tuple[None, None]:
-    """The smallest and largest value of a numeric column (of a list column: of its elements) over every file,
-    from the Parquet footers' statistics; (None, None) where a row group has none."""
-    low = high = None
+def column_ranges(index: DataIndex, columns: list[str]) -> dict[str, tuple[float, float] | tuple[None, None]]:
+    """The smallest and largest value of each numeric column (of a list column: of its elements) over every file,
+    from the Parquet footers' statistics, each footer read once; (None, None) for a column where a row group has
+    none."""
+    ranges: dict[str, tuple] = {c: (None, None) for c in columns}
+    unknown: set[str] = set()
     for f in index.files:
         fs, _ = filesystem(index.paths[f.source])
         meta = pq.read_metadata(f.path, filesystem=fs)
-        leaves = [i for i in range(meta.num_columns) if meta.schema.column(i).path.split(".")[0] == column]
-        for j in range(meta.num_row_groups):
-            for i in leaves:
+        for i in range(meta.num_columns):
+            column = meta.schema.column(i).path.split(".")[0]
+            if column not in ranges or column in unknown:
+                continue
+            for j in range(meta.num_row_groups):
                 stats = meta.row_group(j).column(i).statistics
                 if stats is None or not stats.has_min_max:
-                    return None, None
-                low = stats.min if low is None else min(low, stats.min)
-                high = stats.max if high is None else max(high, stats.max)
-    return low, high
+                    unknown.add(column)
+                    break
+                low, high = ranges[column]
+                ranges[column] = (stats.min if low is None else min(low, stats.min),
+                                  stats.max if high is None else max(high, stats.max))
+    return {c: (None, None) if c in unknown else r for c, r in ranges.items()}
 
 
 def files_seq_len(spec: DataSpec, readable: list[tuple[FileEntry, pa.Schema]]) -> int | None:

@@ -72,7 +72,7 @@ def check_tokens(spec: JobSpec, index, config, tokenizer: str | None, where: str
 def check_table(spec: JobSpec, index, config, model_class, where: str) -> None:
     """A table fits a sequence classifier: the columns it takes (input_ids, and attention_mask, token_type_ids,
     position_ids), labels within num_labels, a padding id when the model reads each row's last real token."""
-    from shardrun.datasets.index import column_range
+    from shardrun.datasets.index import column_ranges
     from shardrun.trainer.models.hf import SequenceClassifier
 
     label = spec.data.label
@@ -82,12 +82,13 @@ def check_table(spec: JobSpec, index, config, model_class, where: str) -> None:
         raise UserError(f"data.paths: a sequence classifier takes the columns {', '.join(SequenceClassifier.COLUMNS)} "
                         f"and data.label; the table has {', '.join(features) or 'no other column'}"
                         + (" (set data.columns to those it takes)" if other and "input_ids" in features else ""))
-    low, high = column_range(index, label)
+    ranges = column_ranges(index, [label, "input_ids"])
+    low, high = ranges[label]
     if low is not None and (low < 0 or high >= spec.model.hf.num_labels):
         raise UserError(f"data.label {label!r}: its values run from {low:g} to {high:g}, but model.hf.num_labels is "
                         f"{spec.model.hf.num_labels} (labels 0 .. {spec.model.hf.num_labels - 1})")
     vocab = getattr(config, "vocab_size", None)
-    ids_low, ids_high = column_range(index, "input_ids")
+    _, ids_high = ranges["input_ids"]
     if vocab and ids_high is not None and ids_high >= vocab:
         raise UserError(f"data.paths: input_ids go up to {ids_high:g}, but {where} takes ids below {vocab} (its "
                         "vocab_size): tokenize the table with the model's own tokenizer")

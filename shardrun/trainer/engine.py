@@ -84,6 +84,19 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     return engine
 
 
+def module_dtype(precision: str) -> torch.dtype | None:
+    """The dtype DeepSpeed casts the module to for deepspeed.precision (None: fp32, the module as it is)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def as_module_dtype(batch: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Floating columns in the dtype DeepSpeed cast the module to (bf16, fp16; module_dtype): it casts positional
+    inputs only, and a float32 column meeting bf16 weights fails."""
+    if dtype is None:
+        return batch
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def precision_advice(device: str, precision: str, capability: tuple[int, int] | None) -> str | None:
     """A line for a run in fp32 on a GPU with bf16 tensor cores (compute capability 8.0 and up: A100, H100):
     fp32 matmuls there run at a fraction of bf16's rate (H100: 67 against 989 TFLOP/s), while the MFU,

@@ -25,6 +25,7 @@ from shardrun.config import JobSpec
 from shardrun.datasets.index import DataIndex
 from shardrun.datasets.index import build as build_index
 from shardrun.datasets.reader import IGNORE_INDEX, RowGroupReader, decode_rows
+from shardrun.trainer import engine as engines
 from shardrun.trainer import models
 
 
@@ -60,7 +61,7 @@ class Evaluator:
         self.rows = min(self.index.rows, spec.eval.max_batches * self.micro)
         self.batches = math.ceil(self.rows / self.micro)
         self.mine = assigned(self.batches, topology.world_size, topology.rank)
-        self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.deepspeed.precision)
+        self.float_dtype = engines.module_dtype(spec.deepspeed.precision)
         self._reader = RowGroupReader(self.data, self.index, vocab_size)
         self._held: dict[int, dict[str, torch.Tensor]] | None = None
 
@@ -91,9 +92,7 @@ class Evaluator:
         label = self.data.label
         cols = {("label" if k == label else k): torch.from_numpy(np.array(v)).to(device)  # a writable copy
                 for k, v in part.items()}
-        if self.float_dtype is not None:
-            cols = {k: v.to(self.float_dtype) if v.is_floating_point() else v for k, v in cols.items()}
-        return cols
+        return engines.as_module_dtype(cols, self.float_dtype)
 
     @torch.no_grad()
     def evaluate(self, engine, collectives) -> dict:
@@ -107,6 +106,7 @@ class Evaluator:
         cpu_rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         module.eval()
+        positions = models.takes_positions(module)
         mine: list[tuple[int, float, int]] = []
         try:
             last = None
@@ -115,9 +115,8 @@ class Evaluator:
                 if batch is None:
                     break  # no rows at all: nothing any rank can run
                 if "inputs" in batch:
-                    positions = {"position_ids": batch["position_ids"]} if "position_ids" in batch and \
-                        models.takes_positions(module) else {}
-                    loss = engine(batch["inputs"], batch["targets"], **positions)
+                    extra = {"position_ids": batch["position_ids"]} if positions and "position_ids" in batch else {}
+                    loss = engine(batch["inputs"], batch["targets"], **extra)
                 else:
                     loss = engine(**batch)
                 if b is not None:
@@ -166,7 +165,6 @@ def evaluate_checkpoint(spec: JobSpec, path: str, topology) -> dict:
     """`shardrun eval`: the held-out loss of the checkpoint at path (a local folder), on this process's ranks
     (one, or torchrun's), with the run's model and the spec's eval section: {step, eval_loss, eval_tokens or
     eval_rows, eval_seconds}."""
-    from shardrun.trainer import engine as engines
     from shardrun.trainer.collectives import Collectives
     from shardrun.trainer.control import FLAGS
     from shardrun.trainer.restore import restore

@@ -41,7 +41,7 @@ class Trainer:
         self.evaluator = evaluator
         self.engine, self.state = restored.engine, restored.state
         self.grad_accum = spec.grad_accum_for(topology.world_size)
-        self.float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.deepspeed.precision)
+        self.float_dtype = engines.module_dtype(spec.deepspeed.precision)
         self.global_batch = self.stream.global_batch
         self.tokens_per_step = self.global_batch * spec.data.tokens_per_sample
         peak = flops.peak_flops(spec.metrics.peak_flops, topology.device, spec.deepspeed.precision)
@@ -133,11 +133,8 @@ class Trainer:
         return {"position_ids": batch["position_ids"]} if self.takes_positions else {}
 
     def as_module_dtype(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Floating columns in the dtype DeepSpeed cast the module to (bf16, fp16): it casts positional inputs
-        only, and a float32 column meeting bf16 weights fails."""
-        if self.float_dtype is None:
-            return batch
-        return {k: v.to(self.float_dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        """Table columns as the module takes them (engine.as_module_dtype)."""
+        return engines.as_module_dtype(batch, self.float_dtype)
 
     def log_progress(self) -> None:
         """The window's loss over all ranks (one small all-reduce) in the progress record, sent by rank 0."""
