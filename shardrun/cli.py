@@ -656,16 +656,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def run_spec(run_dir: str) -> config.JobSpec:
     """The resolved spec a run dir holds (job.yaml), validated."""
-    path = fs.join(run_dir, "job.yaml")
-    try:
-        text = fs.read_text(path)
-    except OSError as e:
-        raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
-    if text is None:
-        raise UserError(f"{redact(path)} is missing: is {redact(run_dir)} a run dir?")
-    import yaml
+    from shardrun.export import job_yaml
 
-    return config.parse(yaml.safe_load(text), source=redact(path))
+    raw, where = job_yaml(run_dir)
+    return config.parse(raw, source=where)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

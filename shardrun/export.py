@@ -33,15 +33,7 @@ FORMATS = ("shardrun", "hf")
 def model_spec(run_dir: str, fmt: str = "shardrun") -> ModelSpec:
     """The model section of the run's resolved spec (job.yaml in the run dir, local or behind a URI), if `fmt`
     can export it: shardrun's format the built-in GPT; hf the built-in GPT and model.hf runs."""
-    path = fs.join(run_dir if fs.is_uri(run_dir) else local_run_dir(run_dir), "job.yaml")
-    try:
-        text = fs.read_text(path)
-    except OSError as e:
-        raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
-    if text is None:
-        raise UserError(f"{redact(str(path))} is missing: it is written when a run starts; is {redact(run_dir)} "
-                        "a run dir?")
-    spec = ModelSpec.model_validate(yaml.safe_load(text)["model"])
+    spec = ModelSpec.model_validate(job_yaml(run_dir)[0]["model"])
     if spec.entrypoint is not None:
         what = ("--format hf writes the built-in GPT (as GPT-2) and model.hf runs (as their transformers model)"
                 if fmt == "hf" else "export writes the built-in GPT")
@@ -51,6 +43,20 @@ def model_spec(run_dir: str, fmt: str = "shardrun") -> ModelSpec:
         raise UserError(f"{redact(run_dir)} trains the Hugging Face model {redact(spec.hf.path)}: export it with "
                         "--format hf (shardrun's own format holds the built-in GPT)")
     return spec
+
+
+def job_yaml(run_dir: str) -> tuple[dict, str]:
+    """The run's resolved spec as written (job.yaml in the run dir, local or behind a URI), and where it is (for
+    messages, secrets masked)."""
+    path = fs.join(run_dir if fs.is_uri(run_dir) else local_run_dir(run_dir), "job.yaml")
+    try:
+        text = fs.read_text(path)
+    except OSError as e:
+        raise UserError(f"{redact(path)}: cannot read it ({redact(str(e))})") from None
+    if text is None:
+        raise UserError(f"{redact(str(path))} is missing: it is written when a run starts; is {redact(run_dir)} "
+                        "a run dir?")
+    return yaml.safe_load(text), redact(path)
 
 
 def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
