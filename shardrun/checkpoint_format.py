@@ -70,15 +70,38 @@ def tag(step: int) -> str:
 
 
 def manifest(state: dict, *, world_size: int, zero_stage: int, precision: str, data: dict | None = None,
-             eval_loss: float | None = None) -> dict:
+             eval_loss: float | None = None, base_model: dict | None = None) -> dict:
     """What rank 0 writes last into MANIFEST: the train state, the tag, how the checkpoint was written, the
-    data position (the driver checks a resume against it before any worker starts) and the held-out loss at its
-    step, when there was an evaluation."""
+    data position (the driver checks a resume against it before any worker starts), the held-out loss at its
+    step, when there was an evaluation, and for a checkpoint of LoRA adapters alone the base model they need
+    (ModelSpec.adapter_base)."""
     out = {**state, "tag": tag(state["step"]), "world_size": world_size, "zero_stage": zero_stage,
            "precision": precision, "data": data}
     if eval_loss is not None:
         out["eval_loss"] = eval_loss
+    if base_model is not None:
+        out["base_model"] = base_model
     return out
+
+
+def base_model_mismatch(recorded: dict | None, wanted: dict | None, step: int) -> str | None:
+    """Why a checkpoint cannot resume a spec's model (recorded: its manifest's base_model; wanted: the spec's
+    ModelSpec.adapter_base), or None: adapters alone need the base they were trained on, and a whole model's
+    checkpoint holds no adapters."""
+    if recorded == wanted or (recorded and wanted and recorded["path"] == wanted["path"]
+                              and recorded.get("revision") == wanted.get("revision")):
+        return None
+    if wanted is None:
+        return (f"its checkpoint of step {step} holds LoRA adapters alone (on {recorded['path']}), and the spec trains "
+                "every weight: resume with the model.lora it was trained with, or start over with --fresh")
+    if recorded is None:
+        return (f"its checkpoint of step {step} holds every weight of the model, and the spec trains model.lora "
+                "adapters: drop model.lora to resume it, or start over with --fresh")
+    def named(base: dict) -> str:
+        return base["path"] + (f" at revision {base['revision']}" if base.get("revision") else "")
+    return (f"its checkpoint of step {step} holds LoRA adapters trained on {named(recorded)}, and the spec's base "
+            f"model is {named(wanted)}: adapters fit only the weights they were trained on; give that model.hf.path, "
+            "or start over with --fresh")
 
 
 def kept_steps(losses: dict[int, float | None], newest: int, keep: int) -> set[int]:
@@ -208,7 +231,8 @@ def _describe(fs: pafs.FileSystem, path: str, step: int, source: str, *, named_b
         info["why"] = uncommitted_because(_read_json(fs, f"{path}/{COMMIT}"), files, named_by_ray)
     if not info["why"]:
         info.update(complete=True, world_size=found["world_size"], zero_stage=found.get("zero_stage"),
-                    precision=found.get("precision"), data=found.get("data"), eval_loss=found.get("eval_loss"))
+                    precision=found.get("precision"), data=found.get("data"), eval_loss=found.get("eval_loss"),
+                    base_model=found.get("base_model"))
     return info
 
 

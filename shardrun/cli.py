@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shardrun (default; what `generate` reads) or hf: a folder that transformers' "
                    "AutoModelForCausalLM.from_pretrained loads (the built-in GPT as GPT-2, a model.hf run as its "
                    "own model, tokenizer files copied)")
+    p.add_argument("--merge", action="store_true",
+                   help="--format hf of a model.lora run: the base model with the adapters merged into its weights "
+                   "(default: the adapters alone, in peft's format)")
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="--format hf: the largest weights file, e.g. 500MB (default 5GB); above it the weights are "
                    "sharded, with an index")
@@ -338,12 +341,16 @@ def check_resume(spec: config.JobSpec, index) -> None:
     workers have built the model and loaded the checkpoint. The newest complete one is the one resumed from
     (Ray's record never names a newer one); checkpoints from before the manifest held the position are left
     to the workers' own check."""
-    from shardrun.checkpoint_format import list_checkpoints
+    from shardrun.checkpoint_format import base_model_mismatch, list_checkpoints
     from shardrun.datasets.stream import check_position
 
     if not fs.exists(spec.run_dir):
         return
     complete = [c for c in list_checkpoints(spec.run_dir) if c["complete"]]
+    if complete:
+        why = base_model_mismatch(complete[-1].get("base_model"), spec.model.adapter_base, complete[-1]["step"])
+        if why:
+            raise UserError(f"resuming {spec.name}: {why}")
     if complete and complete[-1].get("data"):
         try:
             check_position(complete[-1]["data"], spec.data, index)
@@ -586,9 +593,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     with library_output_to_stderr(verbose=args.verbose):
         done = export(resolve_run_dir(args.run, args.storage), args.out, step=args.step, dtype=args.dtype,
-                      fmt=args.fmt, max_shard_size=args.max_shard_size, emit=_emit, trust=args.trust_checkpoint)
-    as_hf = ", Hugging Face format" if done["format"] == "hf" else ""
-    _emit(f"exported step {done['step']} ({done['dtype']}{as_hf}, {done['bytes'] / 1e6:,.1f} MB) from "
+                      fmt=args.fmt, max_shard_size=args.max_shard_size, emit=_emit, trust=args.trust_checkpoint,
+                      merge=args.merge)
+    as_hf = {"adapters": ", LoRA adapters in peft's format", "merged": ", Hugging Face format, adapters merged"}.get(
+        done.get("lora"), ", Hugging Face format" if done["format"] == "hf" else "")
+    size = f"{done['bytes'] / 1e6:,.1f} MB" if done["bytes"] >= 100_000 else f"{done['bytes'] / 1e3:,.1f} kB"
+    _emit(f"exported step {done['step']} ({done['dtype']}{as_hf}, {size}) from "
           f"{done['source']} to {redact(done['out'])}")
     return 0
 
@@ -604,11 +614,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     source = resolve_run_dir(args.run, args.storage)  # an export folder here is a path: it stays as it is
     # the sampled text is all that goes to stdout (`generate ... > out.txt`); our lines and DeepSpeed's to stderr
     with tempfile.TemporaryDirectory() as tmp, library_output_to_stderr(verbose=args.verbose):
-        if not Path(source, "config.json").exists():  # a run dir: export its newest checkpoint first
-            hf = model_spec(source, "hf").hf  # a model.hf run exports as transformers reads it
-            if hf is not None and hf.classifies:
+        if not any(Path(source, name).exists() for name in ("config.json", generate.ADAPTER_CONFIG)):
+            model = model_spec(source, "hf")  # a run dir: its newest checkpoint exported first
+            if model.hf is not None and model.hf.classifies:
                 raise UserError(generate.NOT_GENERATIVE.format(what=f"{source} trains a sequence classifier"))
-            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint, fmt="hf" if hf is not None else "shardrun")
+            # a model.hf run exports as transformers reads it; a LoRA run with its adapters merged in
+            export(source, tmp, emit=fs.log, trust=args.trust_checkpoint,
+                   fmt="hf" if model.hf is not None else "shardrun", merge=model.lora is not None)
             source = tmp
         sampling = dict(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
         if generate.is_hf_folder(source):

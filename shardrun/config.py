@@ -96,6 +96,28 @@ class HFModelSpec(_Section):
         return self.task == "sequence_classification"
 
 
+class LoraSpec(_Section):
+    r: int = Field(8, ge=1, description="The adapters' rank: each adapted weight W (out x in) trains B (out x r) "
+                   "and A (r x in), and the model computes W + (alpha / r) B A.")
+    alpha: float = Field(16.0, gt=0, description="The adapters' scale numerator (alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="The modules that get adapters: names of linear layers (q_proj, v_proj, ...: "
+        "a module whose name ends with one of them), or all-linear for every linear layer but the output head.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained fully beside the adapters (e.g. embed_tokens, lm_head); "
+        "a classifier's new head (score, classifier) always is.",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("target_modules names at least one module (or is all-linear)")
+        return value
+
+
 class ModelSpec(_Section):
     type: Literal["gpt"] | None = Field(
         None, description="Built-in model. Defaults to gpt when neither an entrypoint nor hf is given."
@@ -119,6 +141,10 @@ class ModelSpec(_Section):
     vocab_size: int = Field(256, ge=2, description="GPT: vocabulary size (256: raw bytes).")
     dropout: float = Field(0.0, ge=0, lt=1, description="GPT: dropout probability.")
     bias: bool = Field(False, description="GPT: biases in linear and norm layers.")
+    lora: LoraSpec | None = Field(
+        None, description="Train LoRA adapters (peft) on a model.hf model instead of all its weights: the base "
+        "weights stay frozen, checkpoints hold the adapters alone (docs/models.md, \"Fitting a model\").",
+    )
     activation_checkpointing: bool | int = Field(
         False, description="Recompute blocks' activations in the backward pass instead of keeping them: true for "
         "every block, N for every N-th, false for none. The built-in GPT and model.hf models do it themselves; an "
@@ -138,12 +164,26 @@ class ModelSpec(_Section):
         return int(self.activation_checkpointing)
 
     @property
+    def adapter_base(self) -> dict | None:
+        """With model.lora, what its checkpoints (adapters alone) are trained on and need beside them: the base
+        model's path (secrets masked) and revision. None for a run that trains every weight."""
+        if self.lora is None or self.hf is None:
+            return None
+        from shardrun.errors import redact
+
+        return {"path": redact(self.hf.path), "revision": self.hf.revision}
+
+    @property
     def byte_level(self) -> bool:
         """The built-in GPT on raw bytes: its loss in bits is bits per byte."""
         return self.type == "gpt" and self.vocab_size == 256
 
     @model_validator(mode="after")
     def _one_kind_of_model(self) -> ModelSpec:
+        if self.lora is not None and (self.hf is None or self.hf.from_scratch):
+            raise ValueError("model.lora adapts the pretrained weights of a model.hf model" + (
+                ": with model.hf.from_scratch there are none (train all its weights: drop model.lora)"
+                if self.hf is not None else ""))
         if self.hf is not None:
             if self.entrypoint is not None or self.type is not None:
                 raise ValueError("give one of model.hf, model.entrypoint and model.type")
@@ -172,7 +212,8 @@ class ModelSpec(_Section):
         """The GPT's size fields, set to other than their defaults, would be ignored by another kind of model
         (defaults may be present: a resolved spec carries them)."""
         gpt_fields = {
-            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf", "activation_checkpointing"}
+            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf", "lora",
+                                                      "activation_checkpointing"}
             if getattr(self, name) != type(self).model_fields[name].default
         }
         if gpt_fields:

@@ -67,9 +67,10 @@ def consolidated_state(checkpoint_dir: str) -> dict[str, torch.Tensor]:
         [states] = Path(checkpoint_dir, tag).glob("mp_rank_*_model_states.pt")
         module = torch.load(states, map_location="cpu", weights_only=False)["module"]
         return {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils import zero_to_fp32
 
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    zero_to_fp32.tqdm = lambda items, **_: items  # its progress bars, redrawn lines for a few seconds' work
+    return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 
 @contextlib.contextmanager
@@ -94,11 +95,12 @@ def local_folder(run_dir: str, chosen: dict, emit: Callable[[str], None] = print
 
 def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp32", fmt: str = "shardrun",
            max_shard_size: str | int | None = None, emit: Callable[[str], None] = print,
-           trust: bool = False) -> dict:
+           trust: bool = False, merge: bool = False) -> dict:
     """Write out/model.safetensors and out/config.json from the run's newest (or a chosen) checkpoint, or with
     fmt "hf" a Hugging Face transformers folder (weights sharded above max_shard_size, default 5GB); the run
     dir may be local or behind a URI (abfs://, s3://). trust: load its files even where their pickles would
-    call more than DeepSpeed's own classes (check_pickles)."""
+    call more than DeepSpeed's own classes (check_pickles). A model.lora run exports its adapters (peft's
+    format), or with merge the base model with the adapters merged in."""
     from shardrun import hf_export
 
     if fmt not in FORMATS:
@@ -107,11 +109,13 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
         raise UserError(f"--dtype is fp32 or bf16 (got {dtype})")
     if max_shard_size is not None and fmt != "hf":
         raise UserError("--max-shard-size is for --format hf (shardrun's format is one file)")
+    if merge and fmt != "hf":
+        raise UserError("--merge is for --format hf (a model.lora run's base model with its adapters merged in)")
     shard_bytes = hf_export.parse_size(max_shard_size or "5GB")
     check_out(run_dir, out)
     spec = model_spec(run_dir, fmt)
     with contextlib.ExitStack() as stack:
-        target = hf_export.prepare(spec, dtype, stack, emit) if fmt == "hf" else None
+        target = hf_export.prepare(spec, dtype, stack, emit, merge=merge) if fmt == "hf" else None
         chosen = pick(run_dir, step)
         with local_folder(run_dir, chosen, emit) as folder:
             if not trust:
@@ -136,7 +140,8 @@ def export(run_dir: str, out: str, *, step: int | None = None, dtype: str = "fp3
             else:
                 size = hf_export.write(target, state, staging, dtype=dtype, max_shard_size=shard_bytes)
                 files = sorted(os.listdir(staging))
-                config = {**config, "format": "hf", "files": files}
+                config = {**config, "format": "hf", "files": files,
+                          **({"lora": "merged" if merge else "adapters"} if spec.lora is not None else {})}
                 Path(staging, EXPORT_RECORD).write_text(redact(json.dumps(config, indent=2)) + "\n")  # hf.path
             if fs.is_uri(out):
                 upload(staging, out, emit)
@@ -215,9 +220,9 @@ def check_out(run_dir: str, out: str) -> None:
                         "give a new or empty folder, or an earlier export to replace")
 
 
-COMPLETES = ("config.json", EXPORT_RECORD)
+COMPLETES = ("config.json", "adapter_config.json", EXPORT_RECORD)
 """Written last to storage behind a URI, and taken away first from an earlier export there: a folder without them
-is no (whole) export, and from_pretrained needs config.json."""
+is no (whole) export, and from_pretrained needs config.json (peft's, adapter_config.json)."""
 
 
 def _listing(out: str) -> tuple[pafs.FileSystem, str, dict[str, int]]:
@@ -256,7 +261,8 @@ def _check_out_uri(run_dir: str, out: str) -> None:
 def _written_by_export(name: str) -> bool:
     from shardrun.hf_export import COPIED
 
-    return name in COPIED or re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", name) is not None
+    return name in COPIED or re.fullmatch(r"(adapter_)?model(-\d+-of-\d+)?\.safetensors(\.index\.json)?",
+                                          name) is not None
 
 
 def upload(staging: str, out: str, emit: Callable[[str], None]) -> None:

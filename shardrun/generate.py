@@ -1,6 +1,6 @@
-"""`shardrun generate`: text sampled from an export folder: the built-in GPT's own format (bytes), or a Hugging
+"""`shardrun generate`: text sampled from an export folder: the built-in GPT's own format (bytes), a Hugging
 Face folder (`export --format hf`, or any from_pretrained folder) through transformers' generate, with its
-tokenizer (a byte-level model needs none)."""
+tokenizer (a byte-level model needs none), or a LoRA run's adapters in peft's format over their base model."""
 
 from __future__ import annotations
 
@@ -55,8 +55,15 @@ NOT_GENERATIVE = ("{what}, which labels text and writes none; load it with "
                   "hf` for a run)")
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+"""peft's file in a folder of adapters (a model.lora run's export)."""
+
+
 def is_hf_folder(folder: str) -> bool:
-    """A transformers folder (its config.json names a model type), not shardrun's own export format."""
+    """A transformers folder (its config.json names a model type) or peft's adapters, not shardrun's own export
+    format."""
+    if Path(folder, ADAPTER_CONFIG).is_file():
+        return True
     try:
         config = json.loads(Path(folder, "config.json").read_text())
     except (OSError, ValueError):
@@ -73,10 +80,16 @@ def generate_hf(folder: str, prompt: str, *, max_new_tokens: int = 200, temperat
 
     if temperature <= 0:
         raise UserError(f"--temperature must be positive (got {temperature})")
-    architectures = json.loads(Path(folder, "config.json").read_text()).get("architectures") or []
-    if any("ForSequenceClassification" in a for a in architectures):
-        raise UserError(NOT_GENERATIVE.format(what=f"{folder} holds a {architectures[0]}, a sequence classifier"))
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    if Path(folder, ADAPTER_CONFIG).is_file():
+        model = load_adapters(folder)
+    else:
+        architectures = json.loads(Path(folder, "config.json").read_text()).get("architectures") or []
+        if any("ForSequenceClassification" in a for a in architectures):
+            raise UserError(NOT_GENERATIVE.format(what=f"{folder} holds a {architectures[0]}, a sequence classifier"))
+        from shardrun.trainer.models.hf import no_progress_bars
+
+        with no_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
     if any(Path(folder, name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -91,6 +104,27 @@ def generate_hf(folder: str, prompt: str, *, max_new_tokens: int = 200, temperat
         raise UserError(f"{folder} has no tokenizer (tokenizer.json) for its {model.config.vocab_size} tokens: "
                         "copy the model's tokenizer files there")
     torch.manual_seed(seed)
-    out = model.generate(ids, do_sample=True, temperature=temperature, top_k=top_k or 0,
+    out = model.generate(input_ids=ids, do_sample=True, temperature=temperature, top_k=top_k or 0,
                          max_new_tokens=max_new_tokens, pad_token_id=model.config.eos_token_id or 0)
     return decode(out[0, ids.shape[1]:].tolist())
+
+
+def load_adapters(folder: str):
+    """peft's adapters in folder over the base model their config names (a folder or a Hub id), in eval mode."""
+    config = json.loads(Path(folder, ADAPTER_CONFIG).read_text())
+    if config.get("task_type") == "SEQ_CLS":
+        raise UserError(NOT_GENERATIVE.format(what=f"{folder} holds adapters of a sequence classifier"))
+    base = config.get("base_model_name_or_path") or ""
+    if "://" in base:
+        raise UserError(f"{folder}: its adapters' base model is {base}, which peft cannot load from storage: export "
+                        "the run with --merge, or set base_model_name_or_path in its adapter_config.json to a copy of "
+                        "the base model on this machine")
+    try:
+        from peft import AutoPeftModelForCausalLM
+    except ImportError:
+        raise UserError(f"{folder} holds LoRA adapters, which need peft: pip install 'shardrun[lora]'") from None
+    from shardrun.trainer.models.hf import no_progress_bars
+
+    with no_progress_bars():
+        return AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+

@@ -7,6 +7,10 @@ Conv1D layout, zero biases where the GPT has none, exact GELU). A model.hf run's
 model's (the training wrapper's `model.` taken off their names), under the config of model.hf.path with the run's
 config_overrides; its tokenizer files and generation_config.json are copied along.
 
+A model.lora run exports its adapters in peft's format (adapter_config.json naming the base model,
+adapter_model.safetensors), which peft's `AutoPeftModelForCausalLM.from_pretrained(folder)` loads over the base; with
+--merge, the base model with the adapters merged into its weights, as any other model.hf run's.
+
 The model is built on the meta device, only to check the weights against it (every name, every shape) and to let
 transformers write them (`save_pretrained`: safetensors, sharded above --max-shard-size, with their index): no
 second copy of the weights is made, nothing is initialized. transformers is imported here only (the `hf` extra).
@@ -57,10 +61,13 @@ class Target:
     config save_pretrained writes), the files to copy next to it, and how the gathered names map to its own."""
 
     def __init__(self, model, convert: Callable[[dict], dict], copy_from: str | None, what: str,
-                 tokenizer: Callable[[str], None] | None = None):
+                 tokenizer: Callable[[str], None] | None = None, save: Callable[..., None] | None = None):
         self.model, self.convert, self.copy_from, self.what = model, convert, copy_from, what
         self.tokenizer = tokenizer
         """Writes the model's tokenizer into a folder, where none is copied from a source."""
+        self.save = save or (lambda folder, state, max_shard_size: model.save_pretrained(
+            folder, state_dict=state, max_shard_size=max_shard_size))
+        """Writes the converted weights and the config into a folder (transformers' save_pretrained)."""
 
 
 def byte_tokenizer(folder: str) -> None:
@@ -189,14 +196,98 @@ def hf_state(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
     return state
 
 
-def prepare(spec: ModelSpec, dtype: str, stack: contextlib.ExitStack, emit: Callable[[str], None]) -> Target:
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+"""What peft's save_pretrained writes for a LoRA run's adapters (its model card, README.md, is left out)."""
+
+
+def peft_model(spec: ModelSpec, folder: str, dtype: str):
+    """The run's transformers model on the meta device with its LoRA adapters (peft), as it trained."""
+    from shardrun.trainer.models.hf import apply_lora
+
+    with torch.device("meta"):
+        return apply_lora(hf_target(spec.hf, folder, dtype).model, spec.lora, spec.hf)
+
+
+def adapter_names(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights (a model.lora run's: adapters alone) under the peft model's names, checked against
+    the weights that train in it."""
+    other = sorted(k for k in state if not k.startswith("model."))
+    if other:
+        raise UserError(f"the checkpoint's weights are not a model.hf run's (names without model.: "
+                        f"{', '.join(other[:8])})")
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    check_names(state, {k: p for k, p in model.named_parameters() if p.requires_grad}, tied=set(),
+                what="the run's LoRA adapters")
+    return state
+
+
+def lora_target(spec: ModelSpec, folder: str, dtype: str, base_path: str) -> Target:
+    """A model.lora run's adapters in peft's format; the adapter config names base_path as the base model."""
+    model = peft_model(spec, folder, dtype)
+    model.peft_config["default"].base_model_name_or_path = base_path
+
+    def save(out: str, state: dict[str, torch.Tensor], max_shard_size: int) -> None:
+        model.save_pretrained(out, state_dict=state, save_embedding_layers=False)
+        for name in os.listdir(out):
+            if name not in ADAPTER_FILES:
+                os.remove(os.path.join(out, name))
+
+    return Target(model, lambda state: adapter_names(state, model), folder, "LoRA adapters", save=save)
+
+
+def merged_target(spec: ModelSpec, folder: str, dtype: str, emit: Callable[[str], None]) -> Target:
+    """A model.lora run as its base model with the adapters merged into the weights (W + alpha/r B A): the base
+    weights are loaded (fp32, on this machine: model.hf.path's local folder, or its copy in the node cache)."""
+    from shardrun.errors import redact
+    from shardrun.trainer.models.hf import DTYPES as LOAD_DTYPES
+    from shardrun.trainer.models.hf import apply_lora, auto_class, load_config, local_folder, no_progress_bars
+
+    target = hf_target(spec.hf, folder, dtype)
+    meta = peft_model(spec, folder, dtype)
+
+    def convert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        adapters = adapter_names(state, meta)
+        weights = local_folder(spec.hf, emit=emit)
+        emit(f"merging the adapters into the weights of {redact(spec.hf.path)}")
+        with no_progress_bars():
+            base = auto_class(spec.hf).from_pretrained(weights, config=load_config(weights, spec.hf),
+                                                       dtype=LOAD_DTYPES["fp32"])
+        model = apply_lora(base, spec.lora, spec.hf)
+        model.load_state_dict(adapters, strict=False)
+        merged = model.merge_and_unload()
+        return hf_state(dict(merged.state_dict()), target.model)
+
+    return Target(target.model, convert, folder, target.what, save=target.save)
+
+
+def prepare(spec: ModelSpec, dtype: str, stack: contextlib.ExitStack, emit: Callable[[str], None], *,
+            merge: bool = False) -> Target:
     """What the export writes, known before the checkpoint is read (a wrong config fails first)."""
     transformers_needed()
+    if merge and spec.lora is None:
+        raise UserError("--merge is for a model.lora run (it merges the adapters into the base model's weights)")
     if spec.hf is None:
         return gpt_target(spec, dtype)
     from shardrun.trainer.models.hf import source_folder
 
-    return hf_target(spec.hf, stack.enter_context(source_folder(spec.hf, emit)), dtype)
+    folder = stack.enter_context(source_folder(spec.hf, emit))
+    if spec.lora is None:
+        return hf_target(spec.hf, folder, dtype)
+    if merge:
+        return merged_target(spec, folder, dtype, emit)
+    return lora_target(spec, folder, dtype, base_reference(spec.hf))
+
+
+def base_reference(spec) -> str:
+    """model.hf.path as an adapter config names its base: a local folder absolute, a Hub id as it is, a URI with
+    its secrets masked (peft cannot load from one: the export says so)."""
+    from shardrun.errors import redact
+    from shardrun.fs import is_uri
+
+    if is_uri(spec.path):
+        return redact(spec.path)
+    path = os.path.expanduser(spec.path)
+    return os.path.abspath(path) if os.path.isdir(path) else spec.path
 
 
 def write(target: Target, state: dict[str, torch.Tensor], folder: str, *, dtype: str, max_shard_size: int) -> int:
@@ -207,7 +298,7 @@ def write(target: Target, state: dict[str, torch.Tensor], folder: str, *, dtype:
     from shardrun.trainer.models.hf import no_progress_bars
 
     with no_progress_bars():
-        target.model.save_pretrained(folder, state_dict=state, max_shard_size=max_shard_size)
+        target.save(folder, state, max_shard_size)
     if target.tokenizer is not None:
         target.tokenizer(folder)
     if target.copy_from is not None:

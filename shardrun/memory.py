@@ -13,33 +13,39 @@ from shardrun.errors import UserError
 GIB = 1024**3
 
 
-def state_bytes_per_rank(params: int, *, stage: int, precision: str, world: int) -> float:
+def state_bytes(params: int, *, stage: int, precision: str, world: int, trained: int | None = None
+                ) -> dict[str, float]:
     """Bytes of weights, gradients and Adam's state one rank holds (ZeRO's accounting, activations aside): in
-    bf16/fp16 2 + 2 bytes of weights and gradients and 12 of fp32 master weights and moments per parameter, in
-    fp32 4 + 4 and 8; ZeRO 1 shards the optimizer state, 2 the gradients too, 3 everything."""
+    bf16/fp16 2 + 2 bytes of weights and gradients and 12 of fp32 master weights and moments per trained
+    parameter, in fp32 4 + 4 and 8; ZeRO 1 shards the optimizer state, 2 the gradients too, 3 the weights too.
+    trained: the parameters that train (LoRA: the adapters; default all); frozen ones hold weights alone."""
+    trained = params if trained is None else trained
     low = precision != "fp32"
-    weights = grads = 2 if low else 4
-    optimizer = 12 if low else 8
-    if stage == 0:
-        return params * (weights + grads + optimizer)
-    if stage == 1:
-        return params * (weights + grads) + params * optimizer / world
-    if stage == 2:
-        return params * weights + params * (grads + optimizer) / world
-    return params * (weights + grads + optimizer) / world
+    return {"weights": params * (2 if low else 4) / (world if stage == 3 else 1),
+            "gradients": trained * (2 if low else 4) / (world if stage >= 2 else 1),
+            "optimizer": trained * (12 if low else 8) / (world if stage >= 1 else 1)}
 
 
-def check_fits(params: int, device_bytes: int | None, *, spec: JobSpec, world: int, where: str) -> None:
+def state_bytes_per_rank(params: int, *, stage: int, precision: str, world: int, trained: int | None = None
+                         ) -> float:
+    """The sum of state_bytes."""
+    return sum(state_bytes(params, stage=stage, precision=precision, world=world, trained=trained).values())
+
+
+def check_fits(params: int, device_bytes: int | None, *, spec: JobSpec, world: int, where: str,
+               trained: int | None = None) -> None:
     """UserError when one rank's share of weights, gradients and optimizer state alone is more than its GPU holds
     (activations and the framework's own buffers come on top, so such a run fails for certain), with the levers
     that shrink the share."""
     d = spec.deepspeed
-    need = state_bytes_per_rank(params, stage=d.zero_stage, precision=d.precision, world=world)
+    need = state_bytes_per_rank(params, stage=d.zero_stage, precision=d.precision, world=world, trained=trained)
     if device_bytes is None or need <= device_bytes:
         return
     levers = [f"deepspeed.zero_stage: {d.zero_stage + 1}" if d.zero_stage < 3 else None,
               "deepspeed.precision: bf16" if d.precision == "fp32" else None,
-              "more workers" if d.zero_stage else None]
+              "more workers" if d.zero_stage else None,
+              "model.lora (adapters train, the base weights stay frozen)"
+              if spec.model.hf is not None and spec.model.lora is None else None]
     raise UserError(f"model: {count_text(params)} parameters need about {bytes_text(need)} per rank for weights, "
                     f"gradients and optimizer state at ZeRO {d.zero_stage} in {d.precision} on {world} "
                     f"{'worker' if world == 1 else 'workers'}, more than {where} holds ({bytes_text(device_bytes)}); "

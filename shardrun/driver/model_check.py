@@ -35,16 +35,19 @@ def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> None:
         check_table(spec, index, config, model_class, where)
     else:
         check_tokens(spec, index, config, tokenizer, where)
-    params = count_parameters(config, hf_spec)
+    params, trained = count_parameters(config, hf_spec, spec.model.lora)
     world = spec.scaling.max_workers
     need = state_bytes_per_rank(params, stage=spec.deepspeed.zero_stage, precision=spec.deepspeed.precision,
-                                world=world)
+                                world=world, trained=trained)
     kind = model_class.__name__ if model_class else (getattr(config, "architectures", None) or [config.model_type])[0]
-    emit(f"model: {kind} from {where}, {count_text(params)} parameters; weights, gradients and optimizer state "
-         f"take about {bytes_text(need)} per rank at ZeRO {spec.deepspeed.zero_stage} in "
+    lora = spec.model.lora
+    adapters = (f", LoRA r={lora.r} on {lora_targets(lora)}: {count_text(trained)} of them train "
+                f"({trained / params:.2%})" if lora else "")
+    emit(f"model: {kind} from {where}, {count_text(params)} parameters{adapters}; weights, gradients and optimizer "
+         f"state take about {bytes_text(need)} per rank at ZeRO {spec.deepspeed.zero_stage} in "
          f"{spec.deepspeed.precision} on {world} {'worker' if world == 1 else 'workers'} (activations come on top)")
     if spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local run: its GPUs are this machine's
-        check_fits(params, gpu_memory(), spec=spec, world=world, where="this machine's GPU")
+        check_fits(params, gpu_memory(), spec=spec, world=world, where="this machine's GPU", trained=trained)
         if hf_spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise UserError("model.hf.attn_implementation flash_attention_2 needs the flash-attn package, which "
                             "is not installed here (pip install flash-attn, or use sdpa)")
@@ -118,13 +121,25 @@ def tokenizer_name(folder: str) -> str | None:
     return name(path) if path.is_file() else None
 
 
-def count_parameters(config, spec) -> int:
-    """The model's parameters (spec: its HFModelSpec), counted on torch's meta device (nothing allocated); tied
-    weights once."""
+def count_parameters(config, spec, lora=None) -> tuple[int, int]:
+    """The model's parameters and those that train (spec: its HFModelSpec; lora: model.lora, whose adapters are
+    put on the model: UserError when it has no such modules), counted on torch's meta device (nothing allocated);
+    tied weights once."""
     import torch
 
-    from shardrun.trainer.models.hf import auto_class
+    from shardrun.trainer.models.hf import apply_lora, auto_class
 
     with torch.device("meta"):
         model = auto_class(spec).from_config(config, trust_remote_code=spec.trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+        if lora is not None:
+            model = apply_lora(model, lora, spec)
+    params = trained = 0
+    for p in model.parameters():
+        params += p.numel()
+        trained += p.numel() if p.requires_grad else 0
+    return params, trained
+
+
+def lora_targets(lora) -> str:
+    """`q_proj, v_proj`, or `every linear layer`."""
+    return "every linear layer" if lora.target_modules == "all-linear" else ", ".join(lora.target_modules)

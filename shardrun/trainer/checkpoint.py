@@ -81,9 +81,13 @@ def seed_rank(seed: int, rank: int, step: int = 0) -> None:
 
 
 def save(engine, directory: str, state: TrainState, data_position: dict, topology: Topology, *,
-         zero_stage: int, precision: str, faults: FaultInjector | None = None, eval_loss: float | None = None) -> None:
-    """Write this rank's part of a checkpoint into directory (every rank calls it)."""
-    engine.save_checkpoint(directory, tag=layout.tag(state.step), client_state={"shardrun": asdict(state)})
+         zero_stage: int, precision: str, faults: FaultInjector | None = None, eval_loss: float | None = None,
+         base_model: dict | None = None) -> None:
+    """Write this rank's part of a checkpoint into directory (every rank calls it). base_model: the model's
+    frozen weights are a base model's (model.lora; ModelSpec.adapter_base), left out of the checkpoint, which
+    records where they come from."""
+    engine.save_checkpoint(directory, tag=layout.tag(state.step), client_state={"shardrun": asdict(state)},
+                           exclude_frozen_parameters=base_model is not None)
     if faults is not None:
         faults.after_engine_save(step=state.step, rank=topology.rank)
     torch.save(
@@ -92,7 +96,8 @@ def save(engine, directory: str, state: TrainState, data_position: dict, topolog
     )
     if topology.is_main:
         manifest = layout.manifest(asdict(state), world_size=topology.world_size, zero_stage=zero_stage,
-                                   precision=precision, data=data_position, eval_loss=eval_loss)
+                                   precision=precision, data=data_position, eval_loss=eval_loss,
+                                   base_model=base_model)
         fs.write_json(os.path.join(directory, layout.MANIFEST), manifest)
 
 
@@ -154,8 +159,10 @@ def load(engine, directory: str, topology: Topology, manifest: dict, *, universa
 
     universal: the converted copy (to_universal) when the checkpoint's world size differs. Counters
     and data position are global, so any rank's file gives them; with another world size every rank
-    is reseeded from (seed, rank, step), as ranks have no counterpart there."""
-    path, _ = engine.load_checkpoint(universal or directory, tag=manifest["tag"])
+    is reseeded from (seed, rank, step), as ranks have no counterpart there. A checkpoint of adapters alone
+    (its manifest names a base_model) loads into a model whose base weights came from that model."""
+    path, _ = engine.load_checkpoint(universal or directory, tag=manifest["tag"],
+                                     load_module_strict="base_model" not in manifest)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint {manifest['tag']} in {universal or directory}")
     same_world = manifest["world_size"] == topology.world_size

@@ -36,6 +36,7 @@ class Checkpointer:
         """The step of the last checkpoint (or the step the run resumed from)."""
         self.metrics, self.faults, self.clock = metrics, faults, clock
         self.keep_best = spec.checkpoint.keep_best
+        self.base_model = spec.model.adapter_base
         self.evaluated: tuple[int, float] | None = None
         """(step, held-out loss) of the last evaluation: a checkpoint of that step records it."""
 
@@ -60,7 +61,8 @@ class Checkpointer:
             reported["eval_loss"] = UNRANKED if eval_loss is None else eval_loss
         with self.collectives.long_timeout(), self.store.checkpoint_dir(state.step, reported) as directory:
             checkpoint.save(self.engine, directory, state, self.position(), self.topology, zero_stage=self.zero_stage,
-                            precision=self.precision, faults=self.faults, eval_loss=eval_loss)
+                            precision=self.precision, faults=self.faults, eval_loss=eval_loss,
+                            base_model=self.base_model)
         seconds = self.clock() - t0
         if self.metrics is not None:
             self.metrics.checkpoint_saved(seconds)

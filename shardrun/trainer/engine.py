@@ -76,11 +76,10 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     if accelerator != torch.device(topology.device).type:
         raise RuntimeError(f"DeepSpeed's accelerator is {accelerator} but this rank trains on {topology.device}: "
                            "set DS_ACCELERATOR to match scaling.use_gpu (or unset it)")
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen weights (LoRA's base) get no optimizer state
     config = ds_config(spec, topology, load_universal=load_universal,
-                       model_params=sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters()))
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=model.parameters(), config=config
-    )
+                       model_params=sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in trained))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=config)
     return engine
 
 

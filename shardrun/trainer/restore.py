@@ -11,6 +11,7 @@ import torch
 from shardrun import checkpoint_format as layout
 from shardrun import memory
 from shardrun.config import JobSpec
+from shardrun.errors import UserError
 from shardrun.metrics import WorkerMetrics, flops
 from shardrun.trainer import checkpoint, engine, models
 from shardrun.trainer.checkpoint import TrainState
@@ -42,6 +43,9 @@ def restore(spec: JobSpec, store: CheckpointStore, topology: Topology,
             return restored
         t0 = time.perf_counter()
         manifest = layout.read_manifest(path)
+        why = layout.base_model_mismatch(manifest.get("base_model"), spec.model.adapter_base, manifest["step"])
+        if why:
+            raise UserError(f"resuming {spec.name}: {why}")
         universal = None
         if checkpoint.needs_universal(manifest, topology):
             universal = checkpoint.to_universal(path, manifest, topology, spec.name,
@@ -76,7 +80,7 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     zero3 = spec.deepspeed.zero_stage == 3
     with hf.zero3_loading(engine.ds_config(spec, topology, load_universal=load_universal)) if zero3 \
             else contextlib.nullcontext():
-        model = hf.build(spec.model.hf, folder)
+        model = hf.build(spec.model.hf, folder, spec.model.lora)
         models.enable_checkpointing(model, spec.model)
         fits_device(model, spec, topology)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
@@ -89,6 +93,11 @@ def fits_device(model: torch.nn.Module, spec: JobSpec, topology: Topology) -> No
     its GPU holds: checked before DeepSpeed makes the optimizer state, where it would run out of memory."""
     if not topology.device.startswith("cuda"):
         return
-    params = sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in model.parameters())
+    params = trained = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", 0) or p.numel())
+        params += n
+        trained += n if p.requires_grad else 0
     memory.check_fits(params, torch.cuda.mem_get_info(topology.device)[1], spec=spec, world=topology.world_size,
-                      where=f"rank {topology.rank}'s GPU ({torch.cuda.get_device_name(topology.device)})")
+                      where=f"rank {topology.rank}'s GPU ({torch.cuda.get_device_name(topology.device)})",
+                      trained=trained)

@@ -67,30 +67,102 @@ def torchrun(spec_path, *args, nproc=2):
                 f"--master-port={free_port()}", "-m", "shardrun", "train", str(spec_path), *args], timeout=240).stdout
 
 
-def _weights(run_dir, step):
-    [states] = (run_dir / f"checkpoints/step_{step:08d}").glob("global_step*/mp_rank_00_model_states.pt")
-    return torch.load(states, weights_only=False)["module"]
+def _states(run_dir, step):
+    """Every tensor in a checkpoint's DeepSpeed files (weights and optimizer state), by file and key path."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(v, f"{key}.{i}")
+
+    for path in sorted((run_dir / f"checkpoints/step_{step:08d}").glob("global_step*/*.pt")):
+        walk(torch.load(path, weights_only=False), path.name)
+    return out
 
 
-def test_an_hf_run_resumed_ends_bitwise_equal_and_resumes_on_another_world_size(tmp_path, corpus, tiny_llama):
-    sections = dict(deepspeed={"zero_stage": 2, "grad_accum_steps": 2, "micro_batch_size": 2,
+def test_lora_adapters_alone_are_checkpointed_resume_bitwise_and_on_another_world_size(tmp_path, corpus, tiny_llama):
+    """LoRA under ZeRO-3 (the combination users find hardest), AdamW with weight decay and adapter dropout: the
+    checkpoints hold the adapters alone, a run stopped and resumed ends bitwise where an unbroken one does, and
+    the 2 ranks' shards resume on 1."""
+    sections = dict(deepspeed={"zero_stage": 3, "grad_accum_steps": 2, "micro_batch_size": 2,
+                               "optimizer": {"type": "adamw", "weight_decay": 0.1, "lr": 3e-3},
                                "schedule": {"decay": "constant", "warmup_steps": 2}},
                     run={"max_steps": 6, "log_every": 3}, checkpoint={"every_steps": 3})
     whole = hf_spec(corpus, tmp_path / "a", tiny_llama, **sections)
     whole["scaling"] = {"num_workers": 2}
+    whole["model"]["lora"] = {"r": 4, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     torchrun(write_spec(tmp_path / "whole.yaml", whole))
     split = {**whole, "checkpoint": {**whole["checkpoint"], "storage": str(tmp_path / "b")}}
     path = write_spec(tmp_path / "split.yaml", split)
     torchrun(path, "--set", "run.max_steps=3")
     assert "resuming from step 3 with 2 workers" in torchrun(path)
-    a, b = _weights(tmp_path / "a/tiny", 6), _weights(tmp_path / "b/tiny", 6)
+    a, b = _states(tmp_path / "a/tiny", 6), _states(tmp_path / "b/tiny", 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.startswith("model.model.layers.") for k in a)  # the transformers module's own names
 
-    out = torchrun(path, "--set", "run.max_steps=8", nproc=1)  # 2 ranks' ZeRO-2 shards, on 1
+    [module] = (tmp_path / "a/tiny/checkpoints/step_00000006").glob("global_step6/zero_pp_rank_0_*model_states.pt")
+    names = torch.load(module, weights_only=False)["module"].keys()
+    assert names and all(".lora_" in name for name in names), names  # no base weight in the checkpoint
+    adapters = 2 * (4 * 32 + 32 * 4) + 2 * (4 * 32 + 16 * 4)  # A and B of q_proj (32 -> 32), v_proj (32 -> 16)
+    assert sum(t.numel() for t in a.values()) < 10 * adapters  # weights, Adam's moments: of 35 k, the adapters'
+    manifest = json.loads(next((tmp_path / "a/tiny/checkpoints/step_00000006").glob("*.json")).read_text())
+    assert manifest["base_model"] == {"path": str(tiny_llama), "revision": None}
+
+    out = torchrun(path, "--set", "run.max_steps=8", nproc=1)  # 2 ranks' ZeRO-3 shards, on 1
     assert ("resuming from step 6 with 1 worker; the checkpoint was written by 2 workers, converted to DeepSpeed's "
             "universal format") in out, out
     assert "[shardrun] finished: steps 6-8" in out
+
+
+# One rank: the engine as the worker loop builds it for a model.lora run, three AdamW steps with weight decay, then
+# every base weight compared with the pretrained file's.
+BASE_AFTER_TRAINING = """
+import contextlib, sys, torch, yaml
+from transformers import AutoModelForCausalLM
+from shardrun.config import JobSpec
+from shardrun.trainer import engine
+from shardrun.trainer.restore import restore
+from shardrun.trainer.topology import Topology
+
+
+class Store:
+    @contextlib.contextmanager
+    def latest_checkpoint(self):
+        yield None
+
+
+spec = JobSpec.model_validate(yaml.safe_load(open(sys.argv[1])))
+topology = Topology(rank=0, world_size=1, local_rank=0, device="cpu")
+engine.init_distributed(topology)
+built = restore(spec, Store(), topology).engine
+rows = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+for _ in range(3):
+    built.backward(built(rows[:, :-1], rows[:, 1:]))
+    built.step()
+trained = built.module.model.get_base_model().state_dict()
+base = {k.replace(".base_layer", ""): v for k, v in trained.items() if ".lora_" not in k}
+pretrained = AutoModelForCausalLM.from_pretrained(sys.argv[2]).state_dict()
+assert base.keys() == pretrained.keys(), sorted(base.keys() ^ pretrained.keys())
+changed = [k for k in base if not torch.equal(base[k], pretrained[k])]
+assert not changed, changed
+moved = [k for k, v in trained.items() if ".lora_B." in k and v.abs().sum() > 0]
+assert moved, "the adapters did not train"
+print("base unchanged;", len(moved), "adapters trained")
+"""
+
+
+def test_lora_leaves_every_base_weight_bitwise_unchanged(tmp_path, corpus, tiny_llama):
+    raw = hf_spec(corpus, tmp_path / "runs", tiny_llama, deepspeed={
+        "zero_stage": 2, "optimizer": {"type": "adamw", "weight_decay": 0.1, "lr": 1e-2}})
+    raw["model"]["lora"] = {"r": 4, "target_modules": "all-linear"}
+    out = run([sys.executable, "-c", BASE_AFTER_TRAINING, str(write_spec(tmp_path / "job.yaml", raw)),
+               str(tiny_llama)], timeout=240).stdout
+    assert "base unchanged; 14 adapters trained" in out, out
 
 
 def labelled_table(folder, rows=2048, length=16):

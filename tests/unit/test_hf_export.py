@@ -240,3 +240,71 @@ def test_an_export_to_a_uri_is_uploaded_whole_and_replaces_an_earlier_one(tmp_pa
     (out / "shardrun-export.json").unlink()
     assert _export(tmp_path / "runs", f"file://{out}") == 0
     assert (out / "config.json").is_file()
+
+
+def _lora_run(tmp_path, path, lora: dict):
+    """A model.lora run whose checkpoint holds trained adapters alone (lora_B away from its zero init), and the
+    peft model that holds them."""
+    from peft import LoraConfig, get_peft_model
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    torch.manual_seed(2)
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], target_modules=lora["target_modules"],
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    adapters = {"model." + k: v.clone() for k, v in model.named_parameters() if v.requires_grad}
+    _run(tmp_path / "runs", {"hf": {"path": str(path)}, "lora": lora}, adapters)
+    return model
+
+
+def test_a_lora_run_exports_its_adapters_for_peft_and_merged_for_transformers_with_the_trained_logits(
+        tmp_path, llama, capsys):
+    from peft import AutoPeftModelForCausalLM
+
+    _, path = llama
+    lora = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    trained = _lora_run(tmp_path, path, lora)
+    idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    expected = _logits(trained, idx)
+
+    adapters = tmp_path / "adapters"
+    assert _export(tmp_path / "runs", adapters) == 0
+    assert "LoRA adapters in peft's format" in capsys.readouterr().out
+    written = {p.name for p in adapters.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= written
+    assert not (adapters / "config.json").exists() and not (adapters / "README.md").exists()
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["r"], config["lora_alpha"]) == (str(path), 4, 8)
+    torch.testing.assert_close(_logits(AutoPeftModelForCausalLM.from_pretrained(adapters).eval(), idx), expected,
+                               atol=1e-5, rtol=0)
+
+    merged = tmp_path / "merged"
+    assert _export(tmp_path / "runs", merged, "--merge") == 0
+    assert "adapters merged" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()
+    assert not any("lora" in k for k in loaded.state_dict())
+    torch.testing.assert_close(_logits(loaded, idx), expected, atol=1e-5, rtol=0)
+
+    assert cli.main(["generate", str(adapters), "--prompt", "w1 w2", "--tokens", "4"]) == 0  # peft's, over the base
+    from_adapters = capsys.readouterr().out
+    assert cli.main(["generate", str(tmp_path / "runs/tiny"), "--prompt", "w1 w2", "--tokens", "4"]) == 0  # merged
+    assert capsys.readouterr().out == from_adapters and from_adapters.startswith("w1 w2")
+
+
+def test_adapters_that_do_not_fit_the_spec_or_a_merge_of_no_lora_run_are_refused(tmp_path, llama, capsys):
+    _, path = llama
+    _lora_run(tmp_path, path, {"r": 4, "alpha": 8, "target_modules": ["q_proj"]})
+    job = tmp_path / "runs/tiny/job.yaml"
+    raw = yaml.safe_load(job.read_text())
+    raw["model"]["lora"]["r"] = 8  # the adapters were trained at rank 4
+    job.write_text(yaml.safe_dump(raw))
+    assert _export(tmp_path / "runs", tmp_path / "out") == 2
+    assert "do not fit the run's LoRA adapters" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    del raw["model"]["lora"]
+    job.write_text(yaml.safe_dump(raw))
+    assert _export(tmp_path / "runs", tmp_path / "out", "--merge") == 2
+    assert "--merge is for a model.lora run" in capsys.readouterr().err

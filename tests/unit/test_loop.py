@@ -65,7 +65,7 @@ class FakeEngine:
     def get_lr(self):
         return [1e-3]
 
-    def save_checkpoint(self, directory, tag, client_state):
+    def save_checkpoint(self, directory, tag, client_state, exclude_frozen_parameters=False):
         os.makedirs(os.path.join(directory, tag))
         torch.save(client_state, os.path.join(directory, tag, "model_states.pt"))
 

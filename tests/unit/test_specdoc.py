@@ -42,8 +42,8 @@ def test_every_field_of_every_section_has_a_row_and_every_section_a_table():
         assert _row(doc, path), path
     for path, _ in specdoc.sections(JobSpec)[1:]:
         assert f"\n## `{path}`\n" in doc
-    assert [p for p, _ in specdoc.sections(JobSpec)][:6] == ["", "model", "model.hf", "data", "data.prepare",
-                                                             "deepspeed"]
+    assert [p for p, _ in specdoc.sections(JobSpec)][:6] == ["", "model", "model.hf", "model.lora", "data",
+                                                             "data.prepare"]
 
 
 def test_types_defaults_and_constraints():

@@ -20,6 +20,7 @@ import hashlib
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shardrun import fs
-from shardrun.config import HFModelSpec
+from shardrun.config import HFModelSpec, LoraSpec
 from shardrun.errors import UserError, redact
 from shardrun.trainer.models.loss import mean_token_loss
 
@@ -38,6 +39,8 @@ SMALL_FILES = ("*.json", "*.txt", "*.model", "*.tiktoken", "*.jinja", "*.py")
 """What is fetched of a model.hf.path behind a URI or on the Hub: its config, tokenizer and code, no weights."""
 COPY_PROGRESS_EVERY_S = 10.0
 """A line on how far a model's copy from storage has come, this often."""
+# peft asks transformers whether checkpointing is on under a name transformers deprecates, at every build and merge
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 
@@ -58,14 +61,19 @@ class CausalLM(nn.Module):
         enable_checkpointing(self.model, every)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6N over the parameters that take part in a matmul (embeddings are lookups), plus attention's
-        12 x layers x width x seq_len; N counts ZeRO-3's partitioned parameters whole."""
+        """6 per trained parameter that takes part in a matmul (embeddings are lookups), 4 per frozen one (LoRA's
+        base weights: no weight gradient), plus attention's 12 x layers x width x seq_len; ZeRO-3's partitioned
+        parameters count whole."""
         config = self.model.config
-        params = sum(_numel(p) for name, p in self.model.named_parameters() if "embed" not in name)
-        if getattr(config, "tie_word_embeddings", False):
-            params += config.vocab_size * config.hidden_size  # the tied head is a matmul
+        flops = 0.0
+        for name, p in self.model.named_parameters():
+            if "embed" not in name:
+                flops += (6.0 if p.requires_grad else 4.0) * _numel(p)
+        if getattr(config, "tie_word_embeddings", False):  # the tied head is a matmul
+            trained = self.model.get_input_embeddings().weight.requires_grad
+            flops += (6.0 if trained else 4.0) * config.vocab_size * config.hidden_size
         layers = getattr(config, "num_hidden_layers", 0)
-        return 6.0 * params + 12.0 * layers * getattr(config, "hidden_size", 0) * seq_len
+        return flops + 12.0 * layers * getattr(config, "hidden_size", 0) * seq_len
 
 
 class SequenceClassifier(nn.Module):
@@ -101,6 +109,30 @@ def enable_checkpointing(model: nn.Module, every: int) -> None:
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % every == 0
+
+
+def apply_lora(model: nn.Module, lora: LoraSpec, spec: HFModelSpec) -> nn.Module:
+    """model (a transformers model) with peft's LoRA adapters on lora.target_modules, its own weights frozen: a
+    peft PeftModel. UserError when peft is missing or the model has no such modules."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("model.lora needs peft: pip install 'shardrun[lora]'") from None
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, modules_to_save=list(lora.modules_to_save) or None,
+                        task_type="SEQ_CLS" if spec.classifies else "CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        names = ", ".join(sorted(linear_names(model))[:12]) or "none"
+        raise UserError(f"model.lora: {' '.join(str(e).split())[:300]} ({type(model).__name__}'s linear layers are "
+                        f"named {names})") from None
+
+
+def linear_names(model: nn.Module) -> set[str]:
+    """The last name of each linear layer of model (q_proj, v_proj, ...): what lora.target_modules names."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"}
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -171,9 +203,10 @@ def no_progress_bars() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def build(spec: HFModelSpec, folder: str) -> CausalLM | SequenceClassifier:
+def build(spec: HFModelSpec, folder: str, lora: LoraSpec | None = None) -> CausalLM | SequenceClassifier:
     """The model from folder (local_folder's): pretrained weights, or random ones with from_scratch (seed torch
-    first: every rank must build the same; so is a classifier's new head over a pretrained body)."""
+    first: every rank must build the same; so is a classifier's new head over a pretrained body, and so are LoRA
+    adapters, which lora puts on it, its weights frozen)."""
     config = load_config(folder, spec)
     model_class(config, spec)
     auto = auto_class(spec)
@@ -193,6 +226,8 @@ def build(spec: HFModelSpec, folder: str) -> CausalLM | SequenceClassifier:
             raise
         raise UserError(f"model.hf.attn_implementation flash_attention_2 on this node: {' '.join(str(e).split())}"
                         [:500]) from None
+    if lora is not None:
+        model = apply_lora(model, lora, spec)
     return SequenceClassifier(model) if spec.classifies else CausalLM(model)
 
 
