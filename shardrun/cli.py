@@ -276,7 +276,19 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
         sys.path.insert(0, os.getcwd())
         resolve_entrypoint(spec.model.entrypoint)
         check_checkpointing_hook(spec.model)
+    if spec.model.compile and not spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        check_compiler()
     return spec
+
+
+def check_compiler() -> None:
+    """model.compile on a local CPU run: inductor writes C++ and builds it with the machine's compiler."""
+    import shutil
+
+    if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+        raise UserError("model.compile on CPU needs a C++ compiler (torch.compile's inductor builds C++ kernels), and "
+                        "this machine has none on PATH (c++, g++, clang++): install one (apt install g++), or set "
+                        "model.compile: false")
 
 
 def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = True, emit=None) -> dict:

@@ -145,6 +145,11 @@ class ModelSpec(_Section):
         None, description="Train LoRA adapters (peft) on a model.hf model instead of all its weights: the base "
         "weights stay frozen, checkpoints hold the adapters alone (docs/models.md, \"Fitting a model\").",
     )
+    compile: bool = Field(
+        False, description="Compile the model with torch.compile through DeepSpeed's engine.compile() (inductor): "
+        "the first steps take longer while it compiles, the rest run faster on a GPU. On a CPU it needs a C++ "
+        "compiler.",
+    )
     activation_checkpointing: bool | int = Field(
         False, description="Recompute blocks' activations in the backward pass instead of keeping them: true for "
         "every block, N for every N-th, false for none. The built-in GPT and model.hf models do it themselves; an "
@@ -212,7 +217,7 @@ class ModelSpec(_Section):
         """The GPT's size fields, set to other than their defaults, would be ignored by another kind of model
         (defaults may be present: a resolved spec carries them)."""
         gpt_fields = {
-            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf", "lora",
+            name for name in self.model_fields_set - {"entrypoint", "args", "type", "hf", "lora", "compile",
                                                       "activation_checkpointing"}
             if getattr(self, name) != type(self).model_fields[name].default
         }
@@ -326,6 +331,29 @@ class ScheduleSpec(_Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a share of lr.")
 
 
+class OffloadSpec(_Section):
+    optimizer: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where the optimizer state (fp32 master weights, Adam's moments) and its step live: on "
+        "the device, in host memory (ZeRO 1-3), or on local NVMe under nvme_path (ZeRO 3: ZeRO-Infinity).",
+    )
+    params: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where the weights live between their uses (ZeRO 3): on the device, in host memory, or "
+        "on local NVMe under nvme_path; each layer's are fetched to the GPU as it runs.",
+    )
+    nvme_path: str | None = Field(
+        None, description="A folder on a local NVMe disk of every node (e.g. the NC-series' /mnt resource disk, or "
+        "/local_nvme), for offload to nvme.",
+    )
+    pin_memory: bool = Field(
+        True, description="Page-locked host buffers for the offloaded state (faster copies to and from the GPU; "
+        "they cannot be swapped out). GPU runs only.",
+    )
+
+    @property
+    def on(self) -> bool:
+        return self.optimizer != "none" or self.params != "none"
+
+
 class DeepSpeedSpec(_Section):
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0-3.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
@@ -345,12 +373,38 @@ class DeepSpeedSpec(_Section):
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    offload: OffloadSpec = Field(
+        default_factory=OffloadSpec, description="ZeRO-Offload and ZeRO-Infinity: optimizer state and weights in "
+        "host memory or on NVMe instead of GPU memory, for a model whose training state does not fit the GPUs "
+        "(each step then moves them over PCIe: slower).",
+    )
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Raw DeepSpeed config merged last over what shardrun builds "
         "(an existing ds_config.json keeps working); the batch keys are shardrun's (micro_batch_size, "
         "grad_accum_steps).",
     )
+
+    @model_validator(mode="after")
+    def _offload_fits_the_stage(self) -> DeepSpeedSpec:
+        off = self.offload
+        if off.optimizer != "none" and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload.optimizer needs ZeRO 1, 2 or 3 (deepspeed.zero_stage is 0): ZeRO's "
+                             "optimizer is what offloads")
+        if off.params != "none" and self.zero_stage != 3:
+            raise ValueError(f"deepspeed.offload.params needs ZeRO 3 (deepspeed.zero_stage is {self.zero_stage}): "
+                             "only stage 3 partitions the weights; offload.optimizer works at 1 and 2")
+        if off.optimizer == "nvme" and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload.optimizer: nvme needs ZeRO 3 (ZeRO-Infinity); at ZeRO 1 and 2 "
+                             "offload it to cpu")
+        if "nvme" in (off.optimizer, off.params) and not off.nvme_path:
+            raise ValueError("deepspeed.offload to nvme needs deepspeed.offload.nvme_path (a folder on a local NVMe "
+                             "disk of every node)")
+        if off.optimizer == "nvme" and self.optimizer.implementation != "deepspeed":
+            raise ValueError("deepspeed.offload.optimizer: nvme swaps the optimizer state through DeepSpeed's CPU "
+                             "Adam: set deepspeed.optimizer.implementation: deepspeed (it is built with a C++ "
+                             "compiler on first use)")
+        return self
 
     @field_validator("config")
     @classmethod

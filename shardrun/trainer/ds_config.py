@@ -45,6 +45,9 @@ def build_ds_config(spec: DeepSpeedSpec, *, max_steps: int, on_gpu: bool, grad_a
         "steps_per_print": 10**9,  # shardrun prints progress itself
         "wall_clock_breakdown": False,
     }
+    config["zero_optimization"].update(offload(spec, on_gpu))
+    if spec.offload.on and opt.implementation == "torch":
+        config["zero_force_ds_cpu_optimizer"] = False  # torch's AdamW steps the offloaded state on the host
     if reduce_in_fp32(spec, accum):
         config["communication_data_type"] = "fp32"
     if load_universal:
@@ -57,6 +60,17 @@ def reduce_in_fp32(spec: DeepSpeedSpec, grad_accum_steps: int) -> bool:
     if spec.precision == "fp32" or spec.reduce_dtype == "model":
         return False
     return spec.reduce_dtype == "fp32" or grad_accum_steps > 1
+
+
+def offload(spec: DeepSpeedSpec, on_gpu: bool) -> dict[str, Any]:
+    """ZeRO's offload_optimizer and offload_param for deepspeed.offload (page-locked host buffers on GPUs only)."""
+    off = spec.offload
+    out: dict[str, Any] = {}
+    for key, device in (("offload_optimizer", off.optimizer), ("offload_param", off.params)):
+        if device != "none":
+            out[key] = {"device": device, "pin_memory": off.pin_memory and on_gpu,
+                        **({"nvme_path": off.nvme_path} if device == "nvme" else {})}
+    return out
 
 
 def _overlap(spec: DeepSpeedSpec, on_gpu: bool, model_params: int | None) -> dict[str, Any]:

@@ -70,7 +70,9 @@ def ds_config(spec: JobSpec, topology: Topology, *, load_universal: bool = False
 def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
           load_universal: bool = False) -> DeepSpeedEngine:
     """deepspeed.initialize with the spec's ZeRO stage, precision, optimizer and LR schedule, and the
-    gradient accumulation of this world size."""
+    gradient accumulation of this world size; with model.compile, the engine compiles its module
+    (engine.compile(): torch.compile's default backend, inductor, on the module in place, so that checkpoints keep
+    the module's own names)."""
     init_distributed(topology)
     accelerator = deepspeed.accelerator.get_accelerator().device_name()
     if accelerator != torch.device(topology.device).type:
@@ -80,6 +82,8 @@ def build(model: torch.nn.Module, spec: JobSpec, topology: Topology, *,
     config = ds_config(spec, topology, load_universal=load_universal,
                        model_params=sum(int(getattr(p, "ds_numel", 0) or p.numel()) for p in trained))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trained, config=config)
+    if spec.model.compile:
+        engine.compile()
     return engine
 
 
