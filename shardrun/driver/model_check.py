@@ -10,16 +10,17 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import re
 from collections.abc import Callable
 
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
-from shardrun.memory import bytes_text, check_fits, count_text, gpu_memory, state_bytes_per_rank
+from shardrun.memory import ModelShape, check_fits, count_text, estimate_line, gpu_memory, model_states
 
 
-def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> None:
+def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> ModelShape:
     """UserError, naming what and where, for a model the run cannot train on the data of index (a DataIndex); else
-    a line with its size."""
+    a line with its size, and its shape for the memory estimate."""
     from shardrun.trainer.models import hf
 
     hf_spec = spec.model.hf
@@ -35,22 +36,49 @@ def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> None:
         check_table(spec, index, config, model_class, where)
     else:
         check_tokens(spec, index, config, tokenizer, where)
-    params, trained = count_parameters(config, hf_spec, spec.model.lora)
-    world = spec.scaling.max_workers
-    need = state_bytes_per_rank(params, stage=spec.deepspeed.zero_stage, precision=spec.deepspeed.precision,
-                                world=world, trained=trained)
+    shape = model_shape(config, hf_spec, spec.model.lora)
     kind = model_class.__name__ if model_class else (getattr(config, "architectures", None) or [config.model_type])[0]
     lora = spec.model.lora
-    adapters = (f", LoRA r={lora.r} on {lora_targets(lora)}: {count_text(trained)} of them train "
-                f"({trained / params:.2%})" if lora else "")
-    emit(f"model: {kind} from {where}, {count_text(params)} parameters{adapters}; weights, gradients and optimizer "
-         f"state take about {bytes_text(need)} per rank at ZeRO {spec.deepspeed.zero_stage} in "
-         f"{spec.deepspeed.precision} on {world} {'worker' if world == 1 else 'workers'} (activations come on top)")
-    if spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):  # a local run: its GPUs are this machine's
-        check_fits(params, gpu_memory(), spec=spec, world=world, where="this machine's GPU", trained=trained)
+    adapters = (f", LoRA r={lora.r} on {lora_targets(lora)}: {count_text(shape.trained)} of them train "
+                f"({shape.trained / shape.params:.2%})" if lora else "")
+    emit(f"model: {kind} from {where}, {count_text(shape.params)} parameters{adapters}")
+    if local_gpus(spec):
         if hf_spec.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise UserError("model.hf.attn_implementation flash_attention_2 needs the flash-attn package, which "
                             "is not installed here (pip install flash-attn, or use sdpa)")
+    return shape
+
+
+def local_gpus(spec: JobSpec) -> bool:
+    """A run on this machine's GPUs (not submitted to a Ray cluster)."""
+    return spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS")
+
+
+def check_memory(spec: JobSpec, shape: ModelShape, index, emit: Callable[[str], None]) -> None:
+    """The memory estimate per rank (memory.estimate_line; a table's rows as long as its input_ids); a local GPU
+    run whose weights, gradients and optimizer state alone are more than the GPU holds is refused (UserError)."""
+    world = spec.scaling.max_workers
+    device = gpu_memory() if local_gpus(spec) else None
+    width = re.search(r"\[(\d+)\]$", index.schema.get("input_ids", ""))  # fixed_size_list<item: int32>[16]
+    emit(estimate_line(shape, spec, world, device, seq_len=spec.data.seq_len or (int(width[1]) if width else None)))
+    if device is not None:
+        d = spec.deepspeed
+        states = model_states(shape, stage=d.zero_stage, precision=d.precision, world=world,
+                              offload_optimizer=d.offload.optimizer != "none",
+                              offload_params=d.offload.params != "none")
+        check_fits(shape.params, device, spec=spec, world=world, where="this machine's GPU", trained=shape.trained,
+                   need=states["weights"] + states["gradients"] + states["optimizer"])
+
+
+def gpt_shape(model) -> ModelShape:
+    """The built-in GPT's shape (model: its ModelSpec): its token embedding is its output head."""
+    from shardrun.driver.run_log import gpt_parameters
+
+    params = gpt_parameters(model.n_layer, model.n_embd, model.block_size, model.vocab_size, model.bias)
+    largest = max(model.vocab_size, 4 * model.n_embd) * model.n_embd  # the embedding, or an MLP matrix
+    return ModelShape(params=params, trained=params, largest_layer=largest,
+                      layers=model.n_layer, hidden=model.n_embd, intermediate=4 * model.n_embd, heads=model.n_head,
+                      vocab=model.vocab_size)
 
 
 def check_tokens(spec: JobSpec, index, config, tokenizer: str | None, where: str) -> None:
@@ -121,10 +149,10 @@ def tokenizer_name(folder: str) -> str | None:
     return name(path) if path.is_file() else None
 
 
-def count_parameters(config, spec, lora=None) -> tuple[int, int]:
-    """The model's parameters and those that train (spec: its HFModelSpec; lora: model.lora, whose adapters are
-    put on the model: UserError when it has no such modules), counted on torch's meta device (nothing allocated);
-    tied weights once."""
+def model_shape(config, spec, lora=None) -> ModelShape:
+    """The model's parameters, those that train (spec: its HFModelSpec; lora: model.lora, whose adapters are put on
+    the model: UserError when it has no such modules) and its largest module's, counted on torch's meta device
+    (nothing allocated; tied weights once), with its config's sizes."""
     import torch
 
     from shardrun.trainer.models.hf import apply_lora, auto_class
@@ -137,7 +165,14 @@ def count_parameters(config, spec, lora=None) -> tuple[int, int]:
     for p in model.parameters():
         params += p.numel()
         trained += p.numel() if p.requires_grad else 0
-    return params, trained
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
+    hidden = getattr(config, "hidden_size", 0) or 0
+    return ModelShape(params=params, trained=trained, largest_layer=largest,
+                      layers=getattr(config, "num_hidden_layers", 0) or 0, hidden=hidden,
+                      intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+                      heads=getattr(config, "num_attention_heads", 0) or 0,
+                      vocab=spec.num_labels if spec.classifies else getattr(config, "vocab_size", 0) or 0,
+                      eager_attention=spec.attn_implementation == "eager")
 
 
 def lora_targets(lora) -> str:

@@ -67,15 +67,17 @@ def test_a_classifier_trains_its_new_head_beside_the_adapters():
     from transformers import BertConfig
 
     from shardrun.config import HFModelSpec, LoraSpec
-    from shardrun.driver.model_check import count_parameters
+    from shardrun.driver.model_check import model_shape
 
     spec = HFModelSpec(path="bert", task="sequence_classification", num_labels=3)
     config = BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_labels=3)
-    params, trained = count_parameters(config, spec, LoraSpec(r=2, target_modules=["query", "value"]))
+    shape = model_shape(config, spec, LoraSpec(r=2, target_modules=["query", "value"]))
     adapters = 2 * (2 * 16 + 16 * 2)
     head = 16 * 3 + 3
-    assert trained == adapters + head, (params, trained)
+    assert shape.trained == adapters + head, shape
+    assert shape.vocab == 3  # the logits are the labels'
+
 
 
 def test_mfu_counts_frozen_weights_without_their_weight_gradients(tmp_path):
