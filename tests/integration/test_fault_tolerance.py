@@ -61,7 +61,9 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize(("stage", "precision"), [(0, "bf16"), (2, "fp32")])
+# One stage and precision: Ray's restart is the same for all; every stage and precision resumes bitwise in
+# tests/distributed/test_torchrun.py, below Ray.
+@pytest.mark.parametrize(("stage", "precision"), [(2, "fp32")])
 def test_a_killed_worker_resumes_by_itself_and_ends_bitwise_equal(tmp_path, corpus, uninterrupted, stage, precision):
     kill_at = random.Random(stage).randint(EVERY + 1, STEPS - 2)  # between checkpoints, after the first
     spec = write_spec(tmp_path / "ray.yaml", tiny_spec(corpus, tmp_path / "b", **sections(stage, precision)))
