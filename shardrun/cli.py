@@ -330,14 +330,14 @@ def ensure_data(spec: config.JobSpec, *, resume: bool = True, prepare: bool = Tr
 
     shape = model_check.check_hf_model(spec, index, emit) if spec.model.hf is not None else \
         model_check.gpt_shape(spec.model) if spec.model.type == "gpt" else None
+    if shape is not None:  # an entrypoint model's shape is its own
+        model_check.check_memory(spec, shape, index, emit)
     if not steps_per_epoch(index, spec.global_batch, spec.partitions, seed=spec.data.seed,
                            window=spec.data.shuffle_window):
         raise UserError(f"data.paths: {index.rows:,} rows make no whole step of a global batch of {spec.global_batch} "
                         f"samples over {spec.partitions} partitions (deepspeed.micro_batch_size x grad_accum_steps x "
                         "workers); add data, or lower the batch or data.partitions")
     emit(summary(index, spec.global_batch, spec.partitions, seq_len_from_files=spec.data.seq_len if taken else None))
-    if shape is not None:  # an entrypoint model's shape is its own
-        model_check.check_memory(spec, shape, index, emit)
     if spec.eval is not None:
         held = build_index(spec.eval_data())
         rows = min(held.rows, spec.eval.max_batches * spec.deepspeed.micro_batch_size)
