@@ -341,8 +341,8 @@ class OffloadSpec(_Section):
         "on local NVMe under nvme_path; each layer's are fetched to the GPU as it runs.",
     )
     nvme_path: str | None = Field(
-        None, description="A folder on a local NVMe disk of every node (e.g. the NC-series' /mnt resource disk, or "
-        "/local_nvme), for offload to nvme.",
+        None, description="A folder on a local NVMe disk of every node (NC A100 v4 and ND VMs have local NVMe "
+        "disks, to be mounted by the image), for offload to nvme.",
     )
     pin_memory: bool = Field(
         True, description="Page-locked host buffers for the offloaded state (faster copies to and from the GPU; "

@@ -120,7 +120,9 @@ def apply_lora(model: nn.Module, lora: LoraSpec, spec: HFModelSpec) -> nn.Module
         raise UserError("model.lora needs peft: pip install 'shardrun[lora]'") from None
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=lora.target_modules, modules_to_save=list(lora.modules_to_save) or None,
-                        task_type="SEQ_CLS" if spec.classifies else "CAUSAL_LM")
+                        task_type="SEQ_CLS" if spec.classifies else "CAUSAL_LM",
+                        # GPT-2's Conv1D layers store their weights transposed
+                        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in model.modules()))
     try:
         return get_peft_model(model, config)
     except ValueError as e:
