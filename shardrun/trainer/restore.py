@@ -69,6 +69,7 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     torch.manual_seed(spec.run.seed)  # every rank builds the same initial weights
     if spec.model.hf is None:
         model = models.build(spec.model)
+        model.train()  # whatever mode a factory left it in: dropout and checkpointing act in training mode
         models.enable_checkpointing(model, spec.model)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)
         return Restored(engine=engine.build(model, spec, topology, load_universal=load_universal),
@@ -81,6 +82,7 @@ def _build(spec: JobSpec, topology: Topology, *, load_universal: bool = False) -
     with hf.zero3_loading(engine.ds_config(spec, topology, load_universal=load_universal)) if zero3 \
             else contextlib.nullcontext():
         model = hf.build(spec.model.hf, folder, spec.model.lora)
+        model.train()  # from_pretrained leaves the model in eval mode: no dropout, and no activation checkpointing
         models.enable_checkpointing(model, spec.model)
         fits_device(model, spec, topology)
         per_token = flops.flops_per_token(model, spec.data.seq_len or 1)

@@ -119,8 +119,8 @@ def test_lora_adapters_alone_are_checkpointed_resume_bitwise_and_on_another_worl
     assert "[shardrun] finished: steps 6-8" in out
 
 
-# One rank: the engine as the worker loop builds it for a model.lora run, three AdamW steps with weight decay, then
-# every base weight compared with the pretrained file's.
+# One rank: the engine as the worker loop builds it for a model.lora run with activation checkpointing, in training
+# mode, three AdamW steps with weight decay, then every base weight compared with the pretrained file's.
 BASE_AFTER_TRAINING = """
 import contextlib, sys, torch, yaml
 from transformers import AutoModelForCausalLM
@@ -140,10 +140,17 @@ spec = JobSpec.model_validate(yaml.safe_load(open(sys.argv[1])))
 topology = Topology(rank=0, world_size=1, local_rank=0, device="cpu")
 engine.init_distributed(topology)
 built = restore(spec, Store(), topology).engine
+evaluating = [name for name, m in built.module.named_modules() if not m.training]
+assert not evaluating, evaluating  # from_pretrained leaves eval mode: no dropout, no activation checkpointing
+calls = []
+for m in built.module.modules():
+    if type(m).__name__.endswith("Attention"):
+        m.register_forward_hook(lambda *_: calls.append(1))
 rows = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
 for _ in range(3):
     built.backward(built(rows[:, :-1], rows[:, 1:]))
     built.step()
+print("attention forwards per step:", len(calls) // 3)
 trained = built.module.model.get_base_model().state_dict()
 base = {k.replace(".base_layer", ""): v for k, v in trained.items() if ".lora_" not in k}
 pretrained = AutoModelForCausalLM.from_pretrained(sys.argv[2]).state_dict()
@@ -156,12 +163,14 @@ print("base unchanged;", len(moved), "adapters trained")
 """
 
 
-def test_lora_leaves_every_base_weight_bitwise_unchanged(tmp_path, corpus, tiny_llama):
+def test_lora_trains_in_training_mode_with_checkpointing_and_leaves_every_base_weight_bitwise_unchanged(
+        tmp_path, corpus, tiny_llama):
     raw = hf_spec(corpus, tmp_path / "runs", tiny_llama, deepspeed={
         "zero_stage": 2, "optimizer": {"type": "adamw", "weight_decay": 0.1, "lr": 1e-2}})
-    raw["model"]["lora"] = {"r": 4, "target_modules": "all-linear"}
+    raw["model"].update(lora={"r": 4, "target_modules": "all-linear"}, activation_checkpointing=True)
     out = run([sys.executable, "-c", BASE_AFTER_TRAINING, str(write_spec(tmp_path / "job.yaml", raw)),
                str(tiny_llama)], timeout=240).stdout
+    assert "attention forwards per step: 4" in out, out  # 2 layers, each recomputed in the backward
     assert "base unchanged; 14 adapters trained" in out, out
 
 
