@@ -325,6 +325,16 @@ def gpt(size: dict, vocab: int = VOCAB) -> dict:
             "block_size": size["seq_len"], "vocab_size": vocab}
 
 
+def status_kb() -> dict[str, int]:
+    """/proc/self/status's memory lines, in kB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("Vm", "Rss")):
+            key, value = line.split(":", 1)
+            out[key] = int(value.split()[0])
+    return out
+
+
 def write_llama(folder: Path, vocab: int, **config) -> int:
     """A transformers Llama of config (LlamaConfig's fields; untied embeddings unless config ties them) with
     random weights (seed SEED), fp32, written by save_pretrained into folder as a pretrained model is; its

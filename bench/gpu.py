@@ -24,6 +24,8 @@ AdamW on fp32 master weights, so what shardrun's optimizer step costs beyond the
 DeepSpeed's own (its bf16 optimizer wrapper, ZeRO's bookkeeping), not shardrun's loop. With ZeRO
 stages 0 and 1 both run, a second table sets them side by side (bf16 at ZeRO 0 goes through
 DeepSpeed's FP16 optimizer wrapper, at ZeRO 1 through ZeRO's) and one line says which is faster.
+`--compile on` compiles the model in both loops: the bare loop's model.compile(), shardrun's spec field
+model.compile (DeepSpeed's engine.compile(), which calls it).
 
     python bench/gpu.py                                  # GPT-2 small (124M), bf16, on this GPU
     python bench/gpu.py --compile both --record          # eager and torch.compile; into docs/benchmarks.md
@@ -57,6 +59,29 @@ one checkpoint after the last step, about 12 GB at ZeRO 1, counts against --dead
 
 `--size llama-tiny` is its CPU check (seconds): `python bench/gpu.py --size llama-tiny --steps 6
 --warmup-steps 2`.
+
+Memory levers, on shardrun's rows only (the bare loop keeps every activation and trains every weight):
+`--activation-checkpointing off|on|both|N[,...]` (model.activation_checkpointing: every layer, or every
+N-th, recomputed in the backward) and `--lora off|on|both|R[,...]` (model.lora: adapters of rank R, alpha
+2R, on every linear layer but the head, the base weights frozen; --size llama-* only; on is rank 16). Each
+combination is a row of its own, per ZeRO stage, optimizer and compile setting, the row without levers
+first. Rows with levers are not set against the bare loop (they do other work); a second table, "Levers",
+sets each against shardrun's row without levers: its trained parameters, tokens/s and what it loses, peak
+device memory over the timed steps (torch.cuda.max_memory_allocated) and what it saves, and its first
+step's attention forwards, one per layer and two where checkpointing recomputes the layer (eager rows
+only). A row that asked for checkpointing and recomputed nothing says so in a finding, with how many of
+its modules were in eval mode, where transformers never checkpoints. The levers of llama-1b on an H100,
+one call of the device tool's `run`, with carry [".gpu-wheels"] and timeout_s 450 (7 processes: the
+model's writing, peak, bare, and shardrun at ZeRO 1 with none, checkpointing, LoRA r16 and both; the
+full fine-tuning rows' checkpoints, about 12 GB each, count against --deadline, the LoRA rows' hold the
+adapters alone; peft is in the image):
+
+    set -o pipefail; nvidia-smi; PYTHONUNBUFFERED=1 python3 bench/gpu.py --wheels .gpu-wheels
+    --size llama-1b --zero-stage 1 --activation-checkpointing both --lora both --steps 30
+    --deadline 400 --out $OUT/gpu-levers.json 2>&1 | tee $OUT/gpu-levers.log
+
+Its CPU check (a minute): `python bench/gpu.py --size llama-tiny --steps 6 --warmup-steps 2
+--activation-checkpointing both --lora both`.
 """
 
 from __future__ import annotations
@@ -129,6 +154,8 @@ SAY = "bench-result: "  # marks a child's result line among whatever DeepSpeed p
 OPTIMIZERS = {"torch": "torch AdamW", "deepspeed": "FusedAdam"}
 """deepspeed.optimizer.implementation -> the name a row shows."""
 GIB = 2**30
+LORA_RANK = 16
+"""--lora on's rank."""
 CHILD_KINDS = ("peak", "bare", "shardrun", "fused-adam", "hf-model")
 
 
@@ -163,8 +190,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=positive, help="sequences per step (default: the size's, 32 for gpt2-small)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda if there is one, else cpu")
     p.add_argument("--compile", choices=("off", "on", "both"), default="off",
-                   help="torch.compile the model in both loops (DeepSpeed's engine.compile() in shardrun's): "
-                        "off, on, or both one after the other (default off)")
+                   help="torch.compile the model in both loops (shardrun's model.compile: DeepSpeed's "
+                        "engine.compile()): off, on, or both one after the other (default off)")
+    p.add_argument("--activation-checkpointing", type=lever("every how many layers", 1),
+                   default=[0], metavar="off|on|both|N[,...]",
+                   help="shardrun's model.activation_checkpointing, a row each: off, on (every layer), N (every "
+                        "N-th), or both (off and on); e.g. off,1,2 (default off; the bare loop never checkpoints)")
+    p.add_argument("--lora", type=lever("LoRA ranks", LORA_RANK), default=[0], metavar="off|on|both|R[,...]",
+                   help=f"shardrun's model.lora (--size llama-* only), a row each: off (full fine-tuning), R (rank R, "
+                        f"alpha 2R, all-linear), on (rank {LORA_RANK}), or both (off and on) (default off)")
     p.add_argument("--zero-stage", type=zero_stages, default=[0], metavar="N[,N...]",
                    help="shardrun's deepspeed.zero_stage, or several to run one after the other "
                         "(default 0: one GPU shards nothing)")
@@ -203,7 +237,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--ds-config must be a JSON object")
     if "optimizer" in ds_config:  # every row runs the implementation it names, nothing else
         p.error("--ds-config may not set DeepSpeed's optimizer: --optimizers torch,deepspeed chooses it")
+    if any(args.lora) and "hf" not in SIZES[args.size]:
+        p.error(f"--lora adapts a pretrained transformers model: --size {args.size} is the built-in GPT (use "
+                "llama-1b or llama-tiny)")
+    if any(args.lora) and importlib.util.find_spec("peft") is None:
+        p.error("--lora needs peft: install shardrun's lora extra")
     return args
+
+
+def lever(what: str, on: int):
+    """An argparse type: comma-separated settings of a lever, each once: off (0), on (`on`), both (off and on),
+    or a whole number of at least 1; what says which numbers, on an error."""
+    def parse(text: str) -> list[int]:
+        out: list[int] = []
+        for x in (x.strip() for x in text.split(",") if x.strip()):
+            if x in ("off", "on", "both"):
+                out += {"off": [0], "on": [on], "both": [0, on]}[x]
+            elif x.isdigit() and int(x) >= 1:
+                out.append(int(x))
+            else:
+                raise argparse.ArgumentTypeError(f"{text!r}: off, on, both, or {what} (at least 1), e.g. off,on")
+        return list(dict.fromkeys(out))
+
+    return parse
 
 
 def optimizers(text: str) -> list[str]:
@@ -293,6 +349,7 @@ def run_all(args: argparse.Namespace, started: float) -> dict:
         "machine": machine(), "versions": versions(VERSIONS), "device": device, "size": args.size,
         "model": size, "steps": args.steps, "warmup_steps": args.warmup_steps, "window": window(args),
         "zero_stages": args.zero_stage, "optimizers": args.optimizers, "ds_config": json.loads(args.ds_config),
+        "activation_checkpointing": args.activation_checkpointing, "lora": args.lora,
         "fused_adam": {"requested": "deepspeed" in args.optimizers}, "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="shardrun-gpu-bench-") as work:
@@ -309,17 +366,40 @@ def run_all(args: argparse.Namespace, started: float) -> dict:
             result["runs"].append(child(args, "bare", device, data, started, compiled=compiled))
             for optimizer in args.optimizers:  # torch first: the default, and it compiles nothing
                 for stage in args.zero_stage:
-                    what = {"loop": "shardrun", "compile": compiled, "zero_stage": stage, "optimizer": optimizer}
-                    if optimizer == "deepspeed":
-                        if "ready" not in result["fused_adam"]:  # once, before the first FusedAdam row
-                            result["fused_adam"].update(prepare_fused_adam(args, device, data, started))
-                        if not result["fused_adam"]["ready"]:
-                            result["runs"].append({**what, "skipped": result["fused_adam"]["reason"]})
-                            continue
-                    result["runs"].append(child(args, "shardrun", device, data, started, compiled=compiled,
-                                                stage=stage, optimizer=optimizer))
+                    for levers in lever_rows(args):  # none first: what the others are set against
+                        what = {"loop": "shardrun", "compile": compiled, "zero_stage": stage, "optimizer": optimizer,
+                                **levers}
+                        if optimizer == "deepspeed":
+                            if "ready" not in result["fused_adam"]:  # once, before the first FusedAdam row
+                                result["fused_adam"].update(prepare_fused_adam(args, device, data, started))
+                            if not result["fused_adam"]["ready"]:
+                                result["runs"].append({**what, "skipped": result["fused_adam"]["reason"]})
+                                continue
+                        result["runs"].append(child(args, "shardrun", device, data, started, compiled=compiled,
+                                                    stage=stage, optimizer=optimizer, levers=levers))
     summarize(result)
     return result
+
+
+def lever_rows(args: argparse.Namespace) -> list[dict]:
+    """The levers of each shardrun row, in order: every LoRA setting (full fine-tuning first), each with every
+    activation checkpointing setting (off first, where asked)."""
+    return [{"activation_checkpointing": every, "lora": rank} for rank in args.lora
+            for every in args.activation_checkpointing]
+
+
+def levers_of(r: dict) -> tuple[int, int]:
+    """A row's levers: (every how many layers it checkpoints, its LoRA rank), 0 for off (also in JSON written
+    before the levers were)."""
+    return r.get("activation_checkpointing") or 0, r.get("lora") or 0
+
+
+def lever_name(r: dict) -> str:
+    """A row's levers in words: none, checkpointing, checkpointing every 2, LoRA r16, LoRA r16 + checkpointing."""
+    every, rank = levers_of(r)
+    parts = ([f"LoRA r{rank}"] if rank else []) + (
+        ["checkpointing" + (f" every {every}" if every > 1 else "")] if every else [])
+    return " + ".join(parts) or "none"
 
 
 def prepare_fused_adam(args: argparse.Namespace, device: str, data: str, started: float) -> dict:
@@ -346,30 +426,34 @@ def window(args: argparse.Namespace) -> int:
     return math.gcd(args.warmup_steps, args.steps)
 
 
-def row_name(kind: str, compiled: bool = False, stage: int | None = None, optimizer: str | None = None) -> str:
+def row_name(kind: str, compiled: bool = False, stage: int | None = None, optimizer: str | None = None,
+             levers: dict | None = None) -> str:
     if kind == "fused-adam":
         return "DeepSpeed FusedAdam: build before the clock"
     if kind == "hf-model":
         return "Llama: random weights on the device, written by save_pretrained before any clock"
     opt = f" {OPTIMIZERS[optimizer]}" if kind == "shardrun" and optimizer else ""
-    return f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{opt}{' compiled' if compiled else ''}"
+    on = f", {lever_name(levers)}" if levers and any(levers_of(levers)) else ""
+    return f"{kind}{f' ZeRO {stage}' if stage is not None else ''}{opt}{' compiled' if compiled else ''}{on}"
 
 
 def child(args: argparse.Namespace, kind: str, device: str, data: str, started: float, *,
-          compiled: bool = False, stage: int | None = None, optimizer: str = "torch") -> dict:
+          compiled: bool = False, stage: int | None = None, optimizer: str = "torch",
+          levers: dict | None = None) -> dict:
     """One measurement in a fresh process (its own CUDA context and allocator); its result or its error."""
+    every, rank = levers_of(levers or {})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--data", data, "--device", device,
            "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
            "--zero-stage", str(stage or 0), "--ds-config", args.ds_config, "--compile", "on" if compiled else "off",
-           "--optimizers", optimizer]
+           "--optimizers", optimizer, "--activation-checkpointing", str(every or "off"), "--lora", str(rank or "off")]
     if args.micro_batch:
         cmd += ["--micro-batch", str(args.micro_batch)]
     if args.hf_model:
         cmd += ["--hf-model", args.hf_model]
     what = {"loop": kind, "compile": compiled, "zero_stage": stage}
     if kind in ("bare", "shardrun"):
-        what["optimizer"] = optimizer
-    name = row_name(kind, compiled, stage, optimizer)
+        what.update(optimizer=optimizer, activation_checkpointing=every, lora=rank)
+    name = row_name(kind, compiled, stage, optimizer, levers)
     left = None if args.deadline is None else args.deadline - (time.monotonic() - started)
     if left is not None and left < 10:
         print(f"bench: no time left for {name} (--deadline {args.deadline:g})")
@@ -518,6 +602,18 @@ def model_fields(args: argparse.Namespace) -> dict:
     if "hf" in size:
         return {"hf": {"path": args.hf_model, "dtype": "bf16", "attn_implementation": "sdpa"}}
     return {"type": "gpt", **gpt(size, size["vocab_size"])}
+
+
+def lever_fields(args: argparse.Namespace) -> dict:
+    """The spec's model fields for a shardrun row's compile setting and levers (its child gets one of each)."""
+    every, rank = args.activation_checkpointing[0], args.lora[0]
+    return {"compile": args.compile == "on", "activation_checkpointing": True if every == 1 else every,
+            **({"lora": lora_fields(rank)} if rank else {})}
+
+
+def lora_fields(rank: int) -> dict:
+    """model.lora at this rank: alpha twice the rank, no dropout, every linear layer but the head."""
+    return {"r": rank, "alpha": 2.0 * rank, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def write_hf_model(args: argparse.Namespace) -> dict:
@@ -733,8 +829,6 @@ def run_shardrun(args: argparse.Namespace) -> dict:
     from shardrun.metrics import flops
     from shardrun.trainer import models
 
-    if args.compile == "on":  # shardrun has no knob for DeepSpeed's engine.compile() yet
-        on_startup("engine ready", lambda record: record.engine.compile())
     size = SIZES[args.size]
     mb = args.micro_batch or size["micro_batch"]
     device = torch.device(args.device)
@@ -762,7 +856,9 @@ def run_shardrun(args: argparse.Namespace) -> dict:
                         "data_wait_fraction": r["data_wait_fraction"]})
         prev = r
     out = {"windows": windows, "flops_per_token": per_token, "params": params, "optimizer_ms": seen["clock"].ms(),
-           "peak_memory_bytes": seen.get("peak_memory_bytes"), **seen["optimizer"]}
+           "peak_memory_bytes": seen.get("peak_memory_bytes"), "trained_params": seen["trained_params"],
+           **{k: seen[k] for k in ("attention_forwards", "layers", "eval_modules") if k in seen},
+           **seen["optimizer"]}
     if "hf" in size:
         out["load"] = {k: seen[k] for k in ("from_pretrained_s", "to_engine_ready_s")}
     return out
@@ -791,8 +887,10 @@ def time_hf_load(seen: dict) -> None:
 
 
 def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
-    """At "engine ready": check that DeepSpeed runs the optimizer this row asks for, and wrap engine.step() (the
-    optimizer step, once a step) in a StepClock; peak memory from the last warm-up step's end to the last step's."""
+    """At "engine ready": check that DeepSpeed runs the optimizer this row asks for and compiled the model as asked
+    (model.compile), count the trained parameters, and wrap engine.step() (the optimizer step, once a step) in a
+    StepClock; peak memory from the last warm-up step's end to the last step's; the first step's attention
+    forwards (eager rows)."""
     import torch
 
     from shardrun.metrics import flops
@@ -806,11 +904,19 @@ def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
     if not (built.__name__ == "FusedAdam" if wanted == "deepspeed" else issubclass(built, torch.optim.AdamW)):
         # said after the run: an exception here, in a logging handler, would be the worker's failure
         seen["mismatch"] = f"implementation={wanted}, yet DeepSpeed built {seen['optimizer']['optimizer_class']}"
+    if bool(getattr(engine, "is_compiled", False)) != (args.compile == "on"):  # model.compile, as asked
+        seen["mismatch"] = f"model.compile={args.compile == 'on'}, yet engine.is_compiled is {engine.is_compiled}"
+    seen["trained_params"] = sum(int(getattr(p, "ds_numel", 0) or p.numel())
+                                 for p in engine.module.parameters() if p.requires_grad)
     clock, memory = StepClock(device, skip=args.warmup_steps), DeviceMemory(device)
     seen["clock"], total, step, calls = clock, args.warmup_steps + args.steps, engine.step, 0
+    # not in a compiled module: hooks added and then removed would make torch.compile compile it twice more
+    counter = AttentionCounter(engine.module) if args.compile == "off" else None
 
     def timed_step(*a, **kw):
         nonlocal calls
+        if calls == 0 and counter is not None:  # the first forward and backward have run
+            seen.update(counter.done(engine.module))
         clock.start()
         out = step(*a, **kw)
         clock.stop()
@@ -824,12 +930,33 @@ def instrument(engine, args: argparse.Namespace, device, seen: dict) -> None:
     engine.step = timed_step
 
 
+class AttentionCounter:
+    """Counts the attention modules' forwards until done(): one per layer in a forward and backward, two where
+    activation checkpointing recomputes the layer in the backward."""
+
+    def __init__(self, module):
+        self.forwards = 0
+        self.hooks = [m.register_forward_hook(self.count) for m in module.modules()
+                      if type(m).__name__.endswith("Attention")]
+
+    def count(self, *_) -> None:
+        self.forwards += 1
+
+    def done(self, module) -> dict:
+        """The count, the layers, and how many modules were in eval mode (transformers checkpoints only in
+        training mode); the hooks removed."""
+        for hook in self.hooks:
+            hook.remove()
+        return {"attention_forwards": self.forwards, "layers": len(self.hooks),
+                "eval_modules": sum(not m.training for m in module.modules())}
+
+
 def job_spec(args: argparse.Namespace, size: dict, mb: int, runs: str, *, use_gpu: bool) -> dict:
     """The bench's job: the model at this size, bf16, one worker; no checkpoint until after the last step."""
     total = args.warmup_steps + args.steps
     return {
         "name": "gpu-bench",
-        "model": model_fields(args),
+        "model": {**model_fields(args), **lever_fields(args)},
         "data": {"paths": [args.data], "seq_len": size["seq_len"], "seed": SEED},
         "deepspeed": {"zero_stage": args.zero_stage[0], "precision": "bf16", "micro_batch_size": mb,
                       "grad_clip": GRAD_CLIP,
@@ -870,15 +997,33 @@ def summarize(result: dict) -> None:
         r["mfu_datasheet"] = achieved / datasheet if datasheet else None
         r["mfu_measured"] = achieved / measured_peak if measured_peak else None
     bare = {r["compile"]: r for r in result["runs"] if r["loop"] == "bare" and measured(r)}
-    for r in result["runs"]:
-        if r["loop"] == "shardrun" and measured(r) and r["compile"] in bare:
+    for r in result["runs"]:  # the bare loop has no levers: only rows without any are set against it
+        if r["loop"] == "shardrun" and measured(r) and r["compile"] in bare and not any(levers_of(r)):
             b = bare[r["compile"]]
             r["vs_bare"] = r["tokens_per_s"] / b["tokens_per_s"]
             if r.get("optimizer_ms") is not None and b.get("optimizer_ms") is not None:
                 r["optimizer_ms_vs_bare"] = r["optimizer_ms"] - b["optimizer_ms"]
+    compare_levers(result)
     result["zero_comparison"] = compare_zero(result)
     result["zero_conclusion"] = zero_conclusion(result["zero_comparison"], result["device"])
     result["findings"] = findings(result)
+
+
+def compare_levers(result: dict) -> None:
+    """Each shardrun row with levers against the row without any of the same ZeRO stage, optimizer and compile
+    setting: its tokens/s over that row's, and the peak memory it saves (GiB; None without CUDA); in place."""
+    plain = {(r["compile"], r["optimizer"], r["zero_stage"]): r for r in result["runs"]
+             if r["loop"] == "shardrun" and measured(r) and not any(levers_of(r))}
+    for r in result["runs"]:
+        base = plain.get((r["compile"], r["optimizer"], r["zero_stage"]))
+        if r["loop"] != "shardrun" or not measured(r) or not any(levers_of(r)) or base is None:
+            continue
+        saved = None
+        if r.get("peak_memory_bytes") is not None and base.get("peak_memory_bytes") is not None:
+            saved = base["peak_memory_bytes"] - r["peak_memory_bytes"]
+        ratio = None if saved is None else r["peak_memory_bytes"] / base["peak_memory_bytes"]
+        r["vs_no_levers"] = {"tokens_per_s": r["tokens_per_s"] / base["tokens_per_s"], "memory_saved_bytes": saved,
+                             "memory_ratio": ratio}
 
 
 ZERO_FIELDS = ("tokens_per_s", "mfu_datasheet", "mfu_measured", "step_ms", "optimizer_ms", "peak_memory_bytes",
@@ -890,12 +1035,12 @@ def compare_zero(result: dict) -> list[dict]:
     by: dict = {}
     for r in result["runs"]:
         if r["loop"] == "shardrun" and measured(r):
-            by.setdefault((r["compile"], r["optimizer"]), {})[r["zero_stage"]] = r
+            by.setdefault((r["compile"], r["optimizer"], levers_of(r)), {})[r["zero_stage"]] = r
     out = []
-    for (compiled, optimizer), stages in by.items():
+    for (compiled, optimizer, _), stages in by.items():
         if 0 in stages and 1 in stages:
             z0, z1 = stages[0], stages[1]
-            out.append({"compile": compiled, "optimizer": optimizer,
+            out.append({"compile": compiled, "optimizer": optimizer, "levers": lever_name(z0),
                         "zero0": {k: z0.get(k) for k in ZERO_FIELDS}, "zero1": {k: z1.get(k) for k in ZERO_FIELDS},
                         "zero1_vs_zero0": z1["tokens_per_s"] / z0["tokens_per_s"]})
     return out
@@ -906,8 +1051,8 @@ def zero_conclusion(comparisons: list[dict], device: str = "cuda") -> str | None
     if not comparisons:
         return None
     ratios = [c["zero1_vs_zero0"] for c in comparisons]
-    pairs = ", ".join(f"{'compiled' if c['compile'] else 'eager'} {OPTIMIZERS[c['optimizer']]} "
-                      f"{c['zero1_vs_zero0']:.3f}" for c in comparisons)
+    pairs = ", ".join(f"{'compiled' if c['compile'] else 'eager'} {OPTIMIZERS[c['optimizer']]}"
+                      f"{levers_words(c.get('levers'))} {c['zero1_vs_zero0']:.3f}" for c in comparisons)
     where = "one GPU" if device == "cuda" else "the CPU"
     head = f"ZeRO 0 vs ZeRO 1 (bf16, {where}; ZeRO 1 / ZeRO 0 tokens/s: {pairs}): "
     if all(x > 1.01 for x in ratios):
@@ -917,6 +1062,11 @@ def zero_conclusion(comparisons: list[dict], device: str = "cuda") -> str | None
     if all(0.99 <= x <= 1.01 for x in ratios):
         return head + "within 1% of each other, neither is faster"
     return head + "neither is faster in every pair"
+
+
+def levers_words(name: str | None) -> str:
+    """ ", with LoRA r16" for a comparison's levers; nothing for none."""
+    return f", with {name}" if name and name != "none" else ""
 
 
 def timing(windows: list[dict], warmup_steps: int) -> dict:
@@ -936,7 +1086,8 @@ def timing(windows: list[dict], warmup_steps: int) -> dict:
 
 
 def how(r: dict) -> str:
-    return f"ZeRO {r['zero_stage']}, {'compiled' if r['compile'] else 'eager'}, {OPTIMIZERS[r['optimizer']]}"
+    return (f"ZeRO {r['zero_stage']}, {'compiled' if r['compile'] else 'eager'}, {OPTIMIZERS[r['optimizer']]}"
+            f"{levers_words(lever_name(r))}")
 
 
 def findings(result: dict) -> list[str]:
@@ -945,6 +1096,9 @@ def findings(result: dict) -> list[str]:
     out = []
     for r in result["runs"]:
         if r["loop"] != "shardrun" or not measured(r):
+            continue
+        if any(levers_of(r)):
+            out += lever_findings(r)
             continue
         if r["mfu_datasheet"] is not None:
             verdict = "meets" if r["mfu_datasheet"] >= GOAL_MFU else "misses"
@@ -961,6 +1115,26 @@ def findings(result: dict) -> list[str]:
                        "bookkeeping), not shardrun's loop")
     if result.get("zero_conclusion"):
         out.append(result["zero_conclusion"])
+    return out
+
+
+def lever_findings(r: dict) -> list[str]:
+    """A row with levers: the memory it saved and the tokens/s it lost against the same row without levers, and
+    whether activation checkpointing, if asked for, recomputed anything."""
+    out = []
+    every, _ = levers_of(r)
+    if every and r.get("attention_forwards") is not None and r["attention_forwards"] <= r["layers"]:
+        out.append(f"shardrun ({how(r)}): no layer was recomputed ({r['attention_forwards']} attention "
+                   f"forwards in the first step for {r['layers']} layers; {r['eval_modules']} modules in eval "
+                   "mode, where transformers does not checkpoint): the row ran without activation checkpointing")
+    v = r.get("vs_no_levers")
+    if v is None:
+        return out
+    memory = "peak memory not measured (no CUDA)" if v["memory_saved_bytes"] is None else (
+        f"{'saves' if v['memory_saved_bytes'] >= 0 else 'adds'} {abs(v['memory_saved_bytes']) / GIB:.2f} GiB of "
+        f"peak memory ({v['memory_ratio'] - 1:+.0%})")
+    out.append(f"shardrun ({how(r)}) against the same row without levers: {memory}, tokens/s "
+               f"{v['tokens_per_s'] - 1:+.1%}")
     return out
 
 
@@ -1001,16 +1175,46 @@ def format_table(result: dict) -> str:
                 "yes" if r["compile"] else "no"]
         if not measured(r):
             why = r["error"] if "error" in r else "skipped (see below)"
-            rows.append([*head, why, *[""] * 9])
+            rows.append([*head, why, *[""] * 9, lever_name(r)])
             continue
         w = r["window_tokens_per_s"]
         rows.append([*head, f"{r['tokens_per_s']:,.0f}", f"{w['min']:,.0f} - {w['max']:,.0f}", f"{r['step_ms']:.1f}",
                      ms(r.get("optimizer_ms")), pct(r.get("data_wait_fraction")), pct(r["mfu_datasheet"]),
                      pct(r["mfu_measured"]), gib(r.get("peak_memory_bytes")),
-                     f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-", f"{r['first_loss']:.2f} → {r['last_loss']:.2f}"])
+                     f"{r['vs_bare']:.3f}" if "vs_bare" in r else "-", f"{r['first_loss']:.2f} → {r['last_loss']:.2f}",
+                     lever_name(r)])
     return table(["loop", "ZeRO", "optimizer", "compile", "tokens/s", "windows min - max", "step (ms)",
                   "optimizer step (ms)", "data wait", "MFU (datasheet)", "MFU (measured peak)", "peak memory (GiB)",
-                  "vs bare", "loss first → last"], rows, align="lrllr")
+                  "vs bare", "loss first → last", "levers"], rows, align="lrllrrrrrrrrrrl")
+
+
+def format_levers_table(result: dict) -> str | None:
+    """shardrun's rows side by side per ZeRO stage, optimizer and compile setting, when any has levers: peak memory
+    and what each lever saves, tokens/s and what it loses, against the row without levers."""
+    rows = [r for r in result["runs"] if r["loop"] == "shardrun" and measured(r)]
+    if not any(any(levers_of(r)) for r in rows):
+        return None
+    body = []
+    for r in rows:
+        v = r.get("vs_no_levers")
+        saved = v and v["memory_saved_bytes"]
+        counted = "-" if r.get("attention_forwards") is None else f"{r['attention_forwards']} ({r['layers']} layers)"
+        body.append([str(r["zero_stage"]), OPTIMIZERS[r["optimizer"]], "yes" if r["compile"] else "no", lever_name(r),
+                     trained_cell(r), f"{r['tokens_per_s']:,.0f}",
+                     f"{v['tokens_per_s'] - 1:+.1%}" if v else "-", f"{r['step_ms']:.1f}",
+                     gib(r.get("peak_memory_bytes")), "-" if saved is None else f"{saved / GIB:.2f}",
+                     f"{v['memory_ratio'] - 1:+.0%}" if v and v["memory_ratio"] is not None else "-",
+                     pct(r["mfu_datasheet"] if r["mfu_datasheet"] is not None else r["mfu_measured"]), counted])
+    mfu = "MFU (datasheet)" if result["peak"].get("device", {}).get("datasheet_flops") else "MFU (measured peak)"
+    return table(["ZeRO", "optimizer", "compile", "levers", "trained parameters", "tokens/s", "tokens/s vs no levers",
+                  "step (ms)", "peak memory (GiB)", "memory saved (GiB)", "peak memory vs no levers", mfu,
+                  "attention forwards in the first step"], body, align="lllllr")
+
+
+def trained_cell(r: dict) -> str:
+    if r.get("trained_params") is None:
+        return "-"
+    return f"{r['trained_params'] / 1e6:.3g}M ({r['trained_params'] / r['params']:.1%})"
 
 
 def format_zero_table(result: dict) -> str | None:
@@ -1027,11 +1231,12 @@ def format_zero_table(result: dict) -> str | None:
                      f"{z0['tokens_per_s']:,.0f}", f"{z1['tokens_per_s']:,.0f}", f"{c['zero1_vs_zero0']:.3f}",
                      pct(z0[mfu_key]), pct(z1[mfu_key]), f"{z0['step_ms']:.1f}", f"{z1['step_ms']:.1f}",
                      ms(z0["optimizer_ms"]), ms(z1["optimizer_ms"]), gib(z0["peak_memory_bytes"]),
-                     gib(z1["peak_memory_bytes"]), z0["wrapper"] or "-", z1["wrapper"] or "-"])
+                     gib(z1["peak_memory_bytes"]), z0["wrapper"] or "-", z1["wrapper"] or "-", c.get("levers", "none")])
     return table(["compile", "optimizer", "tokens/s ZeRO 0", "tokens/s ZeRO 1", "ZeRO 1 / ZeRO 0",
                   f"{mfu_name} ZeRO 0", f"{mfu_name} ZeRO 1", "step (ms) ZeRO 0", "step (ms) ZeRO 1",
                   "optimizer step (ms) ZeRO 0", "optimizer step (ms) ZeRO 1", "peak memory (GiB) ZeRO 0",
-                  "peak memory (GiB) ZeRO 1", "wrapper ZeRO 0", "wrapper ZeRO 1"], rows, align="llr")
+                  "peak memory (GiB) ZeRO 1", "wrapper ZeRO 0", "wrapper ZeRO 1", "levers"], rows,
+                 align="llrrrrrrrrrrrlll")
 
 
 def describe_setup(result: dict) -> str:
@@ -1049,8 +1254,18 @@ def describe_setup(result: dict) -> str:
     else:
         model = (f"GPT {result['size']} ({m['n_layer']} layers x {m['n_embd']}, {m['n_head']} heads, vocab "
                  f"{m['vocab_size']}, seq {m['seq_len']}{counts})")
-    return (f"{model}, micro-batch {m['micro_batch']}, bf16; shardrun on DeepSpeed{config}; "
+    return (f"{model}, micro-batch {m['micro_batch']}, bf16; shardrun on DeepSpeed{config}{levers_setup(result)}; "
             f"{result['warmup_steps']} warm-up steps, {result['steps']} timed, a device sync every {result['window']}")
+
+
+def levers_setup(result: dict) -> str:
+    """The setup's words on the levers shardrun's rows ran with, if any."""
+    every = [n for n in result.get("activation_checkpointing", [0]) if n]
+    ranks = [n for n in result.get("lora", [0]) if n]
+    parts = ([f"model.activation_checkpointing {' and '.join('true' if n == 1 else f'every {n}' for n in every)}"]
+             if every else []) + ([f"model.lora rank {' and '.join(map(str, ranks))} (alpha twice the rank, "
+                                   "all-linear, no dropout)"] if ranks else [])
+    return f"; levers on shardrun's rows: {', '.join(parts)}" if parts else ""
 
 
 def format_load_table(result: dict) -> str | None:
@@ -1062,11 +1277,11 @@ def format_load_table(result: dict) -> str | None:
             load = r["load"]
             rows.append([r["loop"], "-" if r["zero_stage"] is None else str(r["zero_stage"]),
                          "yes" if r["compile"] else "no", f"{load['from_pretrained_s']:.2f}",
-                         ms(load.get("to_device_s")), ms(load.get("to_engine_ready_s"))])
+                         ms(load.get("to_device_s")), ms(load.get("to_engine_ready_s")), lever_name(r)])
     if not rows:
         return None
     return table(["loop", "ZeRO", "compile", "from_pretrained (s)", "then .to(device) (s)",
-                  "from_pretrained to engine ready (s)"], rows, align="llr")
+                  "from_pretrained to engine ready (s)", "levers"], rows, align="llrrrrl")
 
 
 def hf_model_line(result: dict) -> str | None:
@@ -1119,6 +1334,9 @@ def print_report(result: dict) -> None:
         print(hf_model_line(result))
     print()
     print(format_table(result))
+    if format_levers_table(result):
+        print("\nLevers (shardrun's rows against the row without levers):\n")
+        print(format_levers_table(result))
     if format_load_table(result):
         print("\nModel load:\n")
         print(format_load_table(result))
@@ -1147,7 +1365,8 @@ def record(result: dict, *, local: bool) -> None:
     append_entry(SECTION, date=result["date"], revision=revision, command=result["command"],
                  card=describe_card(result), machine=result["machine"], versions=result["versions"],
                  details=details,
-                 tables=[t for t in (format_table(result), format_load_table(result), format_zero_table(result)) if t],
+                 tables=[t for t in (format_table(result), format_levers_table(result), format_load_table(result),
+                                     format_zero_table(result)) if t],
                  found=result["findings"])
 
 

@@ -56,6 +56,7 @@ from common import (
     positive,
     report,
     run_to_end,
+    status_kb,
     table,
     write_llama,
     write_tokens,
@@ -170,16 +171,6 @@ def launch(args: argparse.Namespace, stage: int, rep: int, work: Path, data: str
 
 
 # -- the child: one rank of `shardrun train` ---------------------------------------------------------------
-
-
-def status_kb() -> dict[str, int]:
-    """/proc/self/status's memory lines, in kB."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("Vm", "Rss")):
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0])
-    return out
 
 
 class Meter:
