@@ -278,6 +278,9 @@ def load_spec(args: argparse.Namespace) -> config.JobSpec:
         check_checkpointing_hook(spec.model)
     if spec.model.compile and not spec.scaling.use_gpu and not os.environ.get("RAY_ADDRESS"):
         check_compiler()
+    from shardrun.driver import trackers
+
+    trackers.check(spec)
     return spec
 
 

@@ -511,6 +511,20 @@ class MetricsSpec(_Section):
     jsonl: bool = Field(True, description="Append every progress record to <run dir>/metrics.jsonl.")
 
 
+class TensorBoardSpec(_Section):
+    dir: str | None = Field(
+        None, description="The folder TensorBoard's event files go to (`tensorboard --logdir` it); null: "
+        "<run dir>/tensorboard. A local folder: on a cluster, one on the driver's node (the head).",
+    )
+
+
+class TrackingSpec(_Section):
+    tensorboard: TensorBoardSpec | None = Field(
+        None, description="Log every metrics.jsonl record to TensorBoard event files (the `tensorboard` extra), "
+        "with the step as TensorBoard's step, restarts and resumes as text, the resolved spec as text.",
+    )
+
+
 class FailureSpec(_Section):
     max_failures: int = Field(
         0, ge=-1, description="Worker group restarts from the latest checkpoint (-1: no limit)."
@@ -609,6 +623,10 @@ class JobSpec(_Section):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers the driver logs the run to, off the training "
+        "path: one tracked run however often it restarts (docs/tracking.md).",
+    )
     eval: EvalSpec | None = Field(
         None, description="A validation loop on held-out data: the token-weighted mean loss over every rank's "
         "share, in metrics.jsonl (eval_loss), Prometheus (shardrun_eval_loss) and summary.json; training's "

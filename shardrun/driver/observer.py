@@ -1,5 +1,6 @@
 """The run's driver-side bookkeeping, for both launchers: printed lines, metrics.jsonl, the job's
-Prometheus series and the file_sd target file that lets Prometheus find every rank."""
+Prometheus series, the file_sd target file that lets Prometheus find every rank, and the experiment trackers
+(shardrun.driver.tracking)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,22 @@ class RunObserver:
             from shardrun.metrics import JobMetrics
 
             self.job = JobMetrics(spec.metrics, run=spec.name)
+        self.tracking = None
+        if serve:
+            from shardrun.driver.trackers import trackers
+
+            chosen = trackers(spec)
+            if chosen:
+                from shardrun.driver.tracking import Tracking, flatten, run_tags
+
+                self.tracking = Tracking(chosen, spec.run_dir, self.emit)
+                self.tracking.start(flatten(spec.model_dump(mode="json")), run_tags(spec))
 
     def started(self, info: dict, line: str) -> None:
         self.emit(line)
         self.groups += 1
+        if self.tracking is not None:  # a start, a restart, a resume, a resize: in the tracker at its step
+            self.tracking.event(int(info.get("step", 0)), line)
         if self.job is not None:
             self.job.group_started(info["world_size"], restart=self.groups > 1)
         if self.spec.metrics.enabled:
@@ -58,6 +71,8 @@ class RunObserver:
         if self.spec.metrics.jsonl:
             self._unwritten.append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
             self._append_rows()
+        if self.tracking is not None:
+            self.tracking.record(record)
 
     def _append_rows(self) -> bool:
         """Append the rows not yet written; a storage error keeps them for the next try and is said once per
@@ -88,8 +103,14 @@ class RunObserver:
         fs.write_json(self.targets_path, groups)
 
     def close(self, state: str) -> None:
-        """The run ended (succeeded or failed): the bar ends, its targets leave Prometheus's discovery."""
+        """The run ended (succeeded or failed): the bar ends, its targets leave Prometheus's discovery, the trackers
+        get summary.json and close their run."""
         self.console.close()
+        if self.tracking is not None:
+            summary = fs.join(self.spec.run_dir, "summary.json")
+            if not fs.is_uri(summary) and os.path.isfile(summary):
+                self.tracking.artifact(summary)
+            self.tracking.close(state)
         if self._unwritten and not self._append_rows():
             self.emit(f"metrics.jsonl: {len(self._unwritten)} records could not be written to {self.jsonl_path}")
         if self.job is not None:

@@ -1,0 +1,254 @@
+"""Experiment tracking from the driver, off the training path: the records rank 0 sends the driver (the rows of
+metrics.jsonl) go to the run's trackers (MLflow, TensorBoard, Weights & Biases: shardrun.driver.trackers) through
+a bounded queue and one thread, so that a tracker that is slow or down costs training nothing: what does not fit
+the queue is dropped and counted, a tracker's first error is said once, and what could not be sent is said at the
+end.
+
+One tracked run however often the run restarts: each tracker's run id is kept in <run dir>/tracking.json with the
+last step it was sent, and a worker-group restart, an elastic resize or a resubmission of the same name continues
+that run; records of steps already sent (a resume from an earlier checkpoint trains them again) are not sent
+twice, so a tracker's steps never go backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from shardrun import fs
+from shardrun.errors import redact
+
+RECORD_FILE = "tracking.json"
+"""In the run dir: each tracker's run id and the last step sent to it."""
+QUEUE_SIZE = 10_000
+"""Records waiting for the trackers at most; beyond it a record is dropped (a tracker that has stopped answering)."""
+RECORD_EVERY_S = 30.0
+"""How often tracking.json is written while the run goes (the last step sent to each tracker)."""
+CLOSE_TIMEOUT_S = 30.0
+"""At the end of the run, how long the driver waits for the trackers to take what is queued."""
+NOT_METRICS = frozenset({"time", "step", "samples", "tokens", "eval_tokens", "eval_batches", "eval_seconds"})
+"""Record keys that are no metric of their own (the step is the trackers' step; counters are in summary.json)."""
+
+
+class Tracker(Protocol):
+    """One experiment tracker (shardrun.driver.trackers): every call may block or raise; Tracking calls them from its
+    own thread, one at a time."""
+
+    name: str
+    """`mlflow`, `tensorboard`, `wandb`: the key of its entry in tracking.json and of its lines."""
+
+    def open(self, run_id: str | None) -> str | None:
+        """Start its run, or continue the one of run_id; returns its run id (None where it has none)."""
+
+    def params(self, params: dict[str, str]) -> None: ...
+
+    def tags(self, tags: dict[str, str]) -> None: ...
+
+    def metrics(self, step: int, values: dict[str, float]) -> None: ...
+
+    def event(self, step: int, text: str) -> None: ...
+
+    def artifact(self, path: str) -> None: ...
+
+    def close(self, state: str) -> None: ...
+
+
+def metric_values(record: dict) -> dict[str, float]:
+    """A record's metrics under metrics.jsonl's names: its finite numbers, bookkeeping left out."""
+    return {k: float(v) for k, v in record.items() if k not in NOT_METRICS and isinstance(v, int | float)
+            and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def run_tags(spec) -> dict[str, str]:
+    """The run's name, shardrun's and its libraries' versions, and the git revision of the working directory (where
+    the job was launched from), as tracker tags."""
+    import importlib.metadata
+    import subprocess
+
+    tags = {"shardrun.run": spec.name}
+    for package in ("shardrun", "torch", "deepspeed", "ray", "transformers", "peft"):
+        try:
+            tags[f"version.{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if revision.returncode == 0:
+            tags["git.revision"] = revision.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
+    """The resolved spec as tracker parameters: `deepspeed.zero_stage: 2`, lists as JSON, None as `null` (secrets
+    masked: errors.redact)."""
+    out: dict[str, str] = {}
+    for key, value in spec.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = redact(value if isinstance(value, str) else json.dumps(value))
+    return out
+
+
+@dataclass
+class _State:
+    """One tracker, its queue and its thread."""
+
+    tracker: Tracker
+    queue: queue.Queue
+    run_id: str | None = None
+    last_step: int = -1
+    """The highest step sent (a record at or below it is not sent again)."""
+    failed: str | None = None
+    """The first error, said once."""
+    unsent: int = 0
+    """Records it raised on, or that came before it opened."""
+    dropped: int = 0
+    """Records that found its queue full."""
+    opened: bool = False
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class _Item:
+    kind: str
+    args: tuple
+    step: int | None = None
+
+
+class Tracking:
+    """The run's trackers, each behind a bounded queue and a thread of its own (one that stops answering holds up
+    no other). Every method but close returns at once."""
+
+    def __init__(self, trackers: list[Tracker], run_dir: str, emit: Callable[[str], None], *,
+                 queue_size: int = QUEUE_SIZE):
+        self.run_dir, self.emit, self.queue_size = run_dir, emit, queue_size
+        self._states = [_State(t, queue.Queue(queue_size)) for t in trackers]
+        self._lock = threading.Lock()
+        self._written_at = time.monotonic()
+
+    def start(self, params: dict[str, str], tags: dict[str, str]) -> None:
+        """Open (or continue) each tracker's run with the spec's parameters and the run's tags, on its thread."""
+        kept = self._read_record()
+        for state in self._states:
+            state.run_id = kept.get(state.tracker.name, {}).get("run_id")
+            state.last_step = kept.get(state.tracker.name, {}).get("last_step", -1)
+            state.thread = threading.Thread(target=self._work, args=(state,), daemon=True,
+                                            name=f"shardrun-tracking-{state.tracker.name}")
+            state.thread.start()
+        self._put(_Item("open", ()))
+        self._put(_Item("params", (params,)))
+        self._put(_Item("tags", (tags,)))
+
+    def record(self, record: dict) -> None:
+        """A metrics.jsonl record: its metrics at its step."""
+        values = metric_values(record)
+        if values and "step" in record:
+            self._put(_Item("metrics", (values,), step=int(record["step"])))
+
+    def event(self, step: int, text: str) -> None:
+        """A restart, a resize, a resume: text at a step."""
+        self._put(_Item("event", (text,), step=step))
+
+    def artifact(self, path: str) -> None:
+        """A file (summary.json, the report, an export) uploaded as it is now."""
+        self._put(_Item("artifact", (path,)))
+
+    def close(self, state: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Close each tracker's run after what is queued, waiting timeout_s at most in all; say what was not sent."""
+        deadline = time.monotonic() + timeout_s
+        markers = {}
+        for s in self._states:  # the close and the end are never dropped: they wait for room, to the deadline
+            markers[s.tracker.name] = 0
+            try:
+                for item in (_Item("close", (state,)), None):
+                    s.queue.put(item, timeout=max(0.001, deadline - time.monotonic()))
+                    markers[s.tracker.name] += 1
+            except queue.Full:
+                pass
+        for s in self._states:
+            if s.thread is not None:
+                s.thread.join(max(0.0, deadline - time.monotonic()))
+        for s in self._states:
+            left = s.queue.qsize() if s.thread is not None and s.thread.is_alive() else 0
+            lost = s.unsent + s.dropped + max(0, left - markers[s.tracker.name])  # the markers are no records
+            if lost or s.failed:
+                why = s.failed or "it did not answer"
+                self.emit(f"tracking: {lost} of the run's records did not reach {s.tracker.name} ({why}); "
+                          "metrics.jsonl in the run dir has them all")
+        self._write_record()
+
+    def _put(self, item: _Item) -> None:
+        for s in self._states:
+            try:
+                s.queue.put_nowait(item)
+            except queue.Full:
+                s.dropped += 1
+                if s.dropped == 1:
+                    self.emit(f"tracking: {s.tracker.name} is {self.queue_size:,} records behind; its records are "
+                              "dropped until it catches up (training goes on)")
+
+    def _work(self, state: _State) -> None:
+        while True:
+            item = state.queue.get()
+            if item is None:
+                return
+            self._send(state, item)
+
+    def _send(self, state: _State, item: _Item) -> None:
+        tracker = state.tracker
+        if item.kind != "open" and not state.opened:
+            state.unsent += item.kind not in ("close", "params", "tags")
+            return
+        if item.kind == "metrics" and item.step is not None and item.step <= state.last_step:
+            return  # sent before a resume from an earlier checkpoint: a tracker's steps never go backwards
+        try:
+            if item.kind == "open":
+                state.run_id = tracker.open(state.run_id)
+                state.opened = True
+                self._write_record()
+            elif item.kind in ("metrics", "event"):
+                getattr(tracker, item.kind)(item.step, *item.args)
+                if item.kind == "metrics":
+                    state.last_step = max(state.last_step, item.step)
+                    if time.monotonic() - self._written_at > RECORD_EVERY_S:
+                        self._write_record()
+            else:
+                getattr(tracker, item.kind)(*item.args)
+        except Exception as e:  # noqa: BLE001 - a tracker's client raises anything; training never hears of it
+            state.unsent += item.kind in ("metrics", "event", "artifact")
+            if state.failed is None:
+                state.failed = f"{type(e).__name__}: {redact(' '.join(str(e).split()))[:300]}"
+                self.emit(f"tracking: {tracker.name} failed ({state.failed}); training goes on, and what it does "
+                          "not take is counted")
+
+    def _read_record(self) -> dict[str, Any]:
+        try:
+            text = fs.read_text(fs.join(self.run_dir, RECORD_FILE))
+            return json.loads(text) if text else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_record(self) -> None:
+        """tracking.json: each opened tracker's run id and last step (from any tracker's thread, or close)."""
+        with self._lock:
+            self._written_at = time.monotonic()
+            record = {s.tracker.name: {"run_id": s.run_id, "last_step": s.last_step, "time": round(time.time(), 3)}
+                      for s in self._states if s.opened or s.run_id}
+            self._write(record)
+
+    def _write(self, record: dict) -> None:
+        try:
+            fs.write_json(fs.join(self.run_dir, RECORD_FILE), record)
+        except OSError as e:
+            self.emit(f"tracking: cannot write {RECORD_FILE} in the run dir ({redact(str(e))}); a restart starts "
+                      "new tracked runs")

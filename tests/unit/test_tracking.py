@@ -1,0 +1,151 @@
+"""Experiment tracking from the driver: a tracker that stops answering or fails never holds training up (records
+are queued, dropped past the queue, and what did not reach it is said at the end); one tracked run across
+invocations, whose steps are never sent twice; TensorBoard's event files, read back with TensorBoard's own reader."""
+
+import json
+import threading
+
+import pytest
+from helpers import tiny_spec
+
+from shardrun.config import parse
+from shardrun.driver import trackers
+from shardrun.driver.tracking import RECORD_FILE, Tracking, flatten, metric_values
+from shardrun.errors import UserError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recorder:
+    """A tracker that keeps what it is sent; `answer` unset: it stops answering (every call waits for it)."""
+
+    def __init__(self, name="recorder", *, fail: Exception | None = None):
+        self.name, self.fail = name, fail
+        self.answer = threading.Event()
+        self.answer.set()
+        self.sent: list[tuple] = []
+        self.opened_with = "never"
+
+    def _call(self, *what):
+        self.answer.wait()
+        if self.fail is not None and what[0] == "metrics":
+            raise self.fail
+        self.sent.append(what)
+
+    def open(self, run_id):
+        self.opened_with = run_id
+        return run_id or "run-1"
+
+    def params(self, params):
+        self._call("params", params)
+
+    def tags(self, tags):
+        self._call("tags", tags)
+
+    def metrics(self, step, values):
+        self._call("metrics", step, values)
+
+    def event(self, step, text):
+        self._call("event", step, text)
+
+    def artifact(self, path):
+        self._call("artifact", path)
+
+    def close(self, state):
+        self._call("close", state)
+
+
+def test_records_go_to_the_trackers_with_their_step_and_a_resumed_run_continues_without_sending_a_step_twice(
+        tmp_path):
+    lines = []
+    first = Recorder()
+    tracking = Tracking([first], str(tmp_path), lines.append)
+    tracking.start({"deepspeed.zero_stage": "2"}, {"shardrun.run": "tiny"})
+    tracking.event(0, "starting with 2 workers")
+    for step in range(1, 5):
+        tracking.record({"time": 1.0, "step": step, "tokens": 64 * step, "loss": 5.0 - step / 10, "mfu": None})
+    tracking.close("stopped")
+    assert first.opened_with is None and ("params", {"deepspeed.zero_stage": "2"}) in first.sent
+    assert [s[1] for s in first.sent if s[0] == "metrics"] == [1, 2, 3, 4]
+    assert ("metrics", 4, {"loss": 4.6}) in first.sent  # metrics.jsonl's names; no bookkeeping, no None
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["recorder"]["run_id"] == "run-1"
+    assert not lines
+
+    second = Recorder()  # resumed from the checkpoint of step 2: steps 3 and 4 are trained again
+    tracking = Tracking([second], str(tmp_path), lines.append)
+    tracking.start({}, {})
+    tracking.event(2, "resuming from step 2 with 2 workers")
+    for step in range(3, 7):
+        tracking.record({"step": step, "loss": 1.0})
+    tracking.close("succeeded")
+    assert second.opened_with == "run-1"  # the same tracked run
+    assert [s[1] for s in second.sent if s[0] == "metrics"] == [5, 6]
+    assert ("event", 2, "resuming from step 2 with 2 workers") in second.sent
+    assert json.loads((tmp_path / RECORD_FILE).read_text())["recorder"]["last_step"] == 6
+
+
+def test_a_tracker_that_stops_answering_never_holds_the_run_up_and_what_it_missed_is_said(tmp_path):
+    lines = []
+    stuck, healthy = Recorder("stuck"), Recorder("healthy")
+    tracking = Tracking([stuck, healthy], str(tmp_path), lines.append, queue_size=5)
+    tracking.start({}, {})
+    stuck.answer.clear()  # from here on every call to it waits
+    for step in range(1, 101):  # each returns at once: the test would time out otherwise
+        tracking.record({"step": step, "loss": 1.0})
+    tracking.close("succeeded", timeout_s=0.5)
+    said = [line for line in lines if "stuck is 5 records behind; its records are dropped until it catches up" in line]
+    assert len(said) == 1 and "(training goes on)" in said[0], lines
+    assert any(line.startswith("tracking: ") and "did not reach stuck (it did not answer)" in line for line in lines)
+    assert ("close", "succeeded") in healthy.sent  # the other tracker was held up by none of it
+    stuck.answer.set()
+
+
+def test_a_tracker_that_fails_is_said_once_and_training_goes_on(tmp_path):
+    lines = []
+    failing = Recorder("mlflow", fail=ConnectionError("http://127.0.0.1:5000 refused the connection"))
+    tracking = Tracking([failing], str(tmp_path), lines.append)
+    tracking.start({}, {})
+    for step in range(1, 4):
+        tracking.record({"step": step, "loss": 1.0})
+    tracking.close("succeeded")
+    said = [line for line in lines if "failed (ConnectionError: http://127.0.0.1:5000 refused" in line]
+    assert len(said) == 1 and "training goes on" in said[0], lines
+    assert lines[-1].startswith("tracking: 3 of the run's records did not reach mlflow (ConnectionError: "), lines
+
+
+def test_the_spec_becomes_dotted_parameters_with_secrets_masked():
+    params = flatten({"deepspeed": {"zero_stage": 2, "optimizer": {"betas": [0.9, 0.95]}}, "eval": None,
+                      "data": {"paths": ["abfs://c@a.dfs.core.windows.net/d?sig=SECRET"]}})
+    assert params["deepspeed.zero_stage"] == "2" and params["deepspeed.optimizer.betas"] == "[0.9, 0.95]"
+    assert params["eval"] == "null" and "SECRET" not in params["data.paths"]
+    assert metric_values({"step": 3, "loss": 2.5, "eval_loss": float("nan"), "mfu": None, "ok": True}) == {"loss": 2.5}
+
+
+def test_tensorboard_event_files_hold_each_metric_at_its_step_across_invocations(tmp_path, corpus):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    from shardrun.driver.observer import RunObserver
+
+    spec = parse(tiny_spec(corpus, tmp_path / "runs", tracking={"tensorboard": {}}, metrics={"enabled": False}))
+    for steps, start in ((range(1, 5), 0), (range(3, 7), 2)):  # the second resumes from step 2's checkpoint
+        observer = RunObserver(spec, lambda line: None, stream=open("/dev/null", "w"))
+        observer.started({"step": start, "world_size": 2}, f"starting at step {start}")
+        for step in steps:
+            observer.record({"step": step, "loss": 10.0 - step, "lr": 1e-3}, "line")
+        observer.close("succeeded")
+    events = event_accumulator.EventAccumulator(str(tmp_path / "runs/tiny/tensorboard"),
+                                                size_guidance={event_accumulator.SCALARS: 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 10.0 - s) for s in range(1, 7)]
+    assert {"lr", "loss"} <= set(events.Tags()["scalars"])
+    assert {"spec/text_summary", "tags/text_summary", "events/text_summary"} <= set(events.Tags()["tensors"])
+
+
+def test_a_tracker_without_its_client_or_with_a_folder_it_cannot_write_exits_2(tmp_path, corpus, monkeypatch):
+    spec = parse(tiny_spec(corpus, tmp_path, tracking={"tensorboard": {"dir": "abfs://c@a.dfs.core.windows.net/tb"}}))
+    with pytest.raises(UserError, match="a folder on the driver's machine is needed"):
+        trackers.check(spec)
+    monkeypatch.setitem(trackers.EXTRAS, "tensorboard", ("shardrun_no_such_module", "tensorboard"))
+    with pytest.raises(UserError, match=r"tracking.tensorboard needs the shardrun_no_such_module package: pip install "
+                                        r"'shardrun\[tensorboard\]'"):
+        trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"tensorboard": {}})))
