@@ -97,11 +97,13 @@ def base_model_mismatch(recorded: dict | None, wanted: dict | None, step: int) -
     if recorded is None:
         return (f"its checkpoint of step {step} holds every weight of the model, and the spec trains model.lora "
                 "adapters: drop model.lora to resume it, or start over with --fresh")
-    def named(base: dict) -> str:
-        return base["path"] + (f" at revision {base['revision']}" if base.get("revision") else "")
-    return (f"its checkpoint of step {step} holds LoRA adapters trained on {named(recorded)}, and the spec's base "
-            f"model is {named(wanted)}: adapters fit only the weights they were trained on; give that model.hf.path, "
+    return (f"its checkpoint of step {step} holds LoRA adapters trained on {_named(recorded)}, and the spec's base "
+            f"model is {_named(wanted)}: adapters fit only the weights they were trained on; give that model.hf.path, "
             "or start over with --fresh")
+
+
+def _named(base: dict) -> str:
+    return base["path"] + (f" at revision {base['revision']}" if base.get("revision") else "")
 
 
 def kept_steps(losses: dict[int, float | None], newest: int, keep: int) -> set[int]:
