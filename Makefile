@@ -27,7 +27,7 @@ setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP) $(CHECKOV_STAMP) $(CLOUD_INIT_STA
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard,wandb]'
 	touch $(STAMP)
 
 $(AZURITE):
@@ -75,7 +75,7 @@ test: setup
 # quick end-to-end checks. `make bench GPU=1` adds bench/gpu.py on this machine's GPU (on a lent GPU
 # machine, see bench/gpu.py's docstring). Each prints its table; run one alone with --help for its options.
 bench: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard,wandb,bench]'
 	$(BIN)/pytest -q -m bench tests/integration/test_bench_cpu.py
 	$(BIN)/python bench/overhead.py --record
 	$(BIN)/python bench/overhead.py --size llama --record

@@ -518,10 +518,23 @@ class TensorBoardSpec(_Section):
     )
 
 
+class WandbSpec(_Section):
+    project: str = Field(description="The W&B project the run goes to.")
+    entity: str | None = Field(None, description="The W&B team or user (default: the API key's own).")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online: sent to W&B as the run goes (WANDB_API_KEY or `wandb login` on the "
+        "driver's machine); offline: written to the run dir only (`wandb sync` uploads it later).",
+    )
+
+
 class TrackingSpec(_Section):
     tensorboard: TensorBoardSpec | None = Field(
         None, description="Log every metrics.jsonl record to TensorBoard event files (the `tensorboard` extra), "
         "with the step as TensorBoard's step, restarts and resumes as text, the resolved spec as text.",
+    )
+    wandb: WandbSpec | None = Field(
+        None, description="Log the run to Weights & Biases (the `wandb` extra): metrics.jsonl's records at their "
+        "step, the resolved spec as its config, summary.json as a file; one W&B run across restarts.",
     )
 
 

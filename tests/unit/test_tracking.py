@@ -149,3 +149,63 @@ def test_a_tracker_without_its_client_or_with_a_folder_it_cannot_write_exits_2(t
     with pytest.raises(UserError, match=r"tracking.tensorboard needs the shardrun_no_such_module package: pip install "
                                         r"'shardrun\[tensorboard\]'"):
         trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"tensorboard": {}})))
+
+
+def wandb_records(run_dir) -> list:
+    """Every record of the W&B offline runs under run_dir, oldest run first: their run files (`run-<id>.wandb`) read
+    as W&B writes them (LevelDB's log format: 32 KiB blocks of records with a 7-byte header, after a 7-byte file
+    header), each record a wandb_internal_pb2.Record."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns):
+        data, pos, block, pending = path.read_bytes(), 7, 32768, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:
+                pos += block - pos % block  # a block's tail too short for a header is padding
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if kind == 0:
+                pos += block - pos % block
+                continue
+            pending += data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # a whole record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+                pending = b""
+    return records
+
+
+def test_wandb_offline_holds_one_run_with_each_step_once_across_invocations(tmp_path, corpus):
+    from shardrun.driver.observer import RunObserver
+
+    spec = parse(tiny_spec(corpus, tmp_path / "runs", metrics={"enabled": False},
+                           tracking={"wandb": {"project": "shardrun-tests", "mode": "offline"}}))
+    trackers.check(spec)  # offline needs no key
+    for steps, start in ((range(1, 5), 0), (range(3, 7), 2)):  # the second resumes from step 2's checkpoint
+        observer = RunObserver(spec, lambda line: None, stream=open("/dev/null", "w"))
+        observer.started({"step": start, "world_size": 2}, f"starting at step {start}")
+        for step in steps:
+            observer.record({"step": step, "loss": 10.0 - step}, "line")
+        observer.close("succeeded")
+    runs = sorted((tmp_path / "runs/tiny/wandb").glob("offline-run-*"))
+    ids = {f.stem for run in runs for f in run.glob("run-*.wandb")}
+    assert len(runs) == 2 and len(ids) == 1, (runs, ids)  # one W&B run id, continued
+    records = wandb_records(tmp_path / "runs/tiny")
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
+            if r.WhichOneof("record_type") == "history"]
+    assert [(row["_step"], row["loss"]) for row in rows if "loss" in row] == [(s, 10.0 - s) for s in range(1, 7)]
+    config = {u.key for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    assert {"deepspeed.zero_stage", "shardrun"} <= config
+
+
+def test_wandb_online_without_a_key_exits_2(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    with pytest.raises(UserError, match="tracking.wandb mode online needs W&B's key on this machine"):
+        trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"wandb": {"project": "p"}})))
