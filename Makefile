@@ -18,16 +18,20 @@ CHECKOV := $(TOOLS)/checkov
 CHECKOV_STAMP := $(CHECKOV)/.installed-$(CHECKOV_VERSION)
 CLOUD_INIT := $(TOOLS)/cloud-init
 CLOUD_INIT_STAMP := $(TOOLS)/.cloud-init
+# The MLflow tracking server the tracking tests start, in its own venv (mlflow's pyarrow pin conflicts with
+# constraints.txt's; the client, mlflow-skinny, is in .venv).
+MLFLOW := $(TOOLS)/mlflow
+MLFLOW_STAMP := $(MLFLOW)/.installed
 # DeepSpeed's compiled ops (CPU shared-memory comm) are kept between runs in
 # ~/.cache/shardrun/torch_extensions/<this environment> (shardrun/trainer/extensions.py); bench/ uses it too.
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP) $(CHECKOV_STAMP) $(CLOUD_INIT_STAMP)
+setup: $(STAMP) $(AZURITE) $(PROMETHEUS_STAMP) $(CHECKOV_STAMP) $(CLOUD_INIT_STAMP) $(MLFLOW_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard,wandb]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,mlflow,tensorboard,wandb]'
 	touch $(STAMP)
 
 $(AZURITE):
@@ -53,6 +57,13 @@ $(CHECKOV_STAMP): deploy/azure/checkov-constraints.txt
 	$(CHECKOV)/bin/checkov --version
 	touch $@
 
+$(MLFLOW_STAMP): tests/mlflow-server-constraints.txt
+	rm -rf $(MLFLOW)
+	$(PYTHON) -m venv $(MLFLOW)
+	$(MLFLOW)/bin/pip install --quiet --disable-pip-version-check -c tests/mlflow-server-constraints.txt mlflow
+	$(MLFLOW)/bin/mlflow --version
+	touch $@
+
 $(CLOUD_INIT_STAMP): | $(STAMP)
 	@command -v apt-get >/dev/null && command -v dpkg >/dev/null || { echo "make: apt-get and dpkg (Debian or Ubuntu) are needed to fetch cloud-init for the tests; elsewhere unpack Debian's cloud-init and python3-configobj packages into $(CLOUD_INIT) and touch $@" >&2; exit 1; }
 	rm -rf $(CLOUD_INIT) $(TOOLS)/deb-cloud-init && mkdir -p $(TOOLS)/deb-cloud-init
@@ -75,7 +86,7 @@ test: setup
 # quick end-to-end checks. `make bench GPU=1` adds bench/gpu.py on this machine's GPU (on a lent GPU
 # machine, see bench/gpu.py's docstring). Each prints its table; run one alone with --help for its options.
 bench: setup
-	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,tensorboard,wandb,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,hf,lora,mlflow,tensorboard,wandb,bench]'
 	$(BIN)/pytest -q -m bench tests/integration/test_bench_cpu.py
 	$(BIN)/python bench/overhead.py --record
 	$(BIN)/python bench/overhead.py --size llama --record

@@ -518,6 +518,16 @@ class TensorBoardSpec(_Section):
     )
 
 
+class MlflowSpec(_Section):
+    tracking_uri: str | None = Field(
+        None, description="The MLflow tracking server (http://host:5000, an Azure ML workspace's azureml://... "
+        "URI, databricks); null: MLFLOW_TRACKING_URI from the environment, which Azure ML compute sets.",
+    )
+    experiment: str | None = Field(None, description="The MLflow experiment (null: the run's name).")
+    run_name: str | None = Field(None, description="The MLflow run's name (null: the run's name).")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags of your own on the MLflow run.")
+
+
 class WandbSpec(_Section):
     project: str = Field(description="The W&B project the run goes to.")
     entity: str | None = Field(None, description="The W&B team or user (default: the API key's own).")
@@ -528,6 +538,11 @@ class WandbSpec(_Section):
 
 
 class TrackingSpec(_Section):
+    mlflow: MlflowSpec | None = Field(
+        None, description="Log the run to MLflow (the `mlflow` extra): metrics.jsonl's records at their step, the "
+        "resolved spec as parameters, summary.json as an artifact; one MLflow run across restarts. On by itself "
+        "when MLFLOW_TRACKING_URI is set (Azure ML compute sets it); `mlflow: {tracking_uri: none}` keeps it off.",
+    )
     tensorboard: TensorBoardSpec | None = Field(
         None, description="Log every metrics.jsonl record to TensorBoard event files (the `tensorboard` extra), "
         "with the step as TensorBoard's step, restarts and resumes as text, the resolved spec as text.",

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# A developer's or Azure ML compute's MLflow server is never the tests': with MLFLOW_TRACKING_URI set, every
+# run would log there (tracking.mlflow turns on by itself). The tracking tests start their own.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:

@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -357,3 +358,38 @@ def loopback_no_proxy(current: str | None) -> str:
     """A NO_PROXY value that also exempts the loopback addresses the servers listen on."""
     items = [x for x in (current or "").split(",") if x]
     return ",".join(items + [h for h in (HOST, "localhost") if h not in items])
+
+
+MLFLOW = REPO / ".tools" / "mlflow" / "bin" / "mlflow"
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and a local artifact root (its own venv, .tools/mlflow:
+    mlflow's pyarrow pin conflicts with the project's). `pause()`/`resume()` stop and continue it (SIGSTOP,
+    SIGCONT): a server that stops answering, its connections left open."""
+
+    def __init__(self, workdir: Path):
+        if not MLFLOW.exists():
+            raise ServerError(f"the MLflow server is not installed at {MLFLOW}; run `make setup`")
+        workdir.mkdir(parents=True, exist_ok=True)
+
+        def make(port: int) -> ServerProcess:
+            return ServerProcess("mlflow", [
+                str(MLFLOW), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                "--default-artifact-root", str(workdir / "artifacts"),
+            ], port, workdir / "mlflow.log", env=_server_env(MLFLOW_ENABLE_TELEMETRY="false",
+                                                              DO_NOT_TRACK="1"), cwd=workdir)
+
+        self.process = _start_on_free_port(make)
+        self.uri = f"http://{HOST}:{self.process.port}"
+
+    def pause(self) -> None:
+        os.killpg(self.process.proc.pid, signal.SIGSTOP)  # the whole group (its workers) stops answering
+
+    def resume(self) -> None:
+        os.killpg(self.process.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.resume()
+        self.process.stop()

@@ -10,7 +10,10 @@ import os
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
 
-EXTRAS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+EXTRAS = {"mlflow": ("mlflow", "mlflow"), "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+MLFLOW_TIMEOUT_S = "10"
+"""MLflow's HTTP timeout for shardrun's calls (its own default is 120 s with 7 retries: minutes per call to a server
+that stopped answering, spent on the tracker's thread but then at the end of the run)."""
 """tracking.<key>: (the module it needs, the shardrun extra that installs it)."""
 
 
@@ -56,6 +59,82 @@ class TensorBoard:
     def close(self, state: str) -> None:
         self.writer.add_text("events", f"the run {state}")
         self.writer.close()
+
+
+class MLflow:
+    """An MLflow run: metrics at the training step (log_batch), the spec as parameters, the tags, events as tags
+    `event.<step>`, summary.json as an artifact. Its id is the one kept in tracking.json: every invocation continues
+    it. MLflow's parameters cannot change; a resumed run's changed ones go in as tags `param_changed.<key>`."""
+
+    name = "mlflow"
+
+    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]):
+        self.uri, self.experiment, self.run_name, self.own_tags = uri, experiment, run_name, tags
+        self.client = self.run_id = None
+
+    def open(self, run_id: str | None) -> str:
+        mlflow_timeouts()
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.uri)
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            return run_id
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.run_id = self.client.create_run(experiment, run_name=self.run_name, tags=self.own_tags).info.run_id
+        return self.run_id
+
+    def params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        logged = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+        changed = [RunTag(f"param_changed.{k}", v[:5000]) for k, v in params.items() if k in logged and logged[k] != v]
+        for i in range(0, len(new), 100):  # MLflow takes 100 parameters a batch
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+        if changed:
+            self.client.log_batch(self.run_id, tags=changed)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+
+    def event(self, step: int, text: str) -> None:
+        self.client.set_tag(self.run_id, f"event.{step:08d}", text[:5000])
+
+    def artifact(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
+
+    def close(self, state: str) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if state == "succeeded" else
+                                   "KILLED" if state == "stopped" else "FAILED")
+
+
+def mlflow_timeouts() -> None:
+    """MLflow's HTTP calls from this process fail within seconds (unless the environment says otherwise)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", MLFLOW_TIMEOUT_S)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def mlflow_uri(spec: JobSpec) -> str | None:
+    """The tracking URI MLflow logging goes to: tracking.mlflow's, else MLFLOW_TRACKING_URI (which alone turns it
+    on); None: off (`tracking_uri: none` keeps it off where the environment has one)."""
+    section = spec.tracking.mlflow
+    uri = section.tracking_uri if section is not None and section.tracking_uri else os.environ.get(
+        "MLFLOW_TRACKING_URI")
+    return None if not uri or uri.lower() == "none" else uri
 
 
 class WandB:
@@ -104,6 +183,12 @@ class WandB:
 def trackers(spec: JobSpec) -> list:
     """The trackers the spec's tracking section asks for."""
     out = []
+    uri = mlflow_uri(spec)
+    if uri is not None:
+        section = spec.tracking.mlflow
+        experiment = (section and section.experiment) or spec.name
+        out.append(MLflow(uri, experiment, (section and section.run_name) or spec.name,
+                          dict(section.tags) if section else {}))
     tb = spec.tracking.tensorboard
     if tb is not None:
         out.append(TensorBoard(os.path.expanduser(tb.dir) if tb.dir else os.path.join(spec.run_dir, "tensorboard")))
@@ -116,8 +201,13 @@ def check(spec: JobSpec) -> None:
     """Before Ray: each tracker the spec asks for has its client installed, a local folder, and (W&B online) a key
     (UserError)."""
     for key, (module, extra) in EXTRAS.items():
-        if getattr(spec.tracking, key) is not None and importlib.util.find_spec(module) is None:
-            raise UserError(f"tracking.{key} needs the {module} package: pip install 'shardrun[{extra}]'")
+        wanted = mlflow_uri(spec) is not None if key == "mlflow" else getattr(spec.tracking, key) is not None
+        if wanted and importlib.util.find_spec(module) is None:
+            where = "" if spec.tracking.mlflow is not None or key != "mlflow" else " (MLFLOW_TRACKING_URI is set)"
+            raise UserError(f"tracking.{key}{where} needs the {module} package: pip install 'shardrun[{extra}]'")
+    uri = mlflow_uri(spec)
+    if uri is not None and uri.startswith(("http://", "https://")):
+        check_mlflow(uri)
     tb = spec.tracking.tensorboard
     folder = tb.dir if tb is not None and tb.dir else spec.run_dir
     if tb is not None and "://" in folder:
@@ -129,6 +219,26 @@ def check(spec: JobSpec) -> None:
     if wb is not None and wb.mode == "online" and not keyed:
         raise UserError("tracking.wandb mode online needs W&B's key on this machine: set WANDB_API_KEY or run `wandb "
                         "login`; or set tracking.wandb.mode: offline (files in the run dir, `wandb sync` later)")
+
+
+def check_mlflow(uri: str) -> None:
+    """An MLflow server that answers at uri (one request, seconds); UserError naming the URI otherwise."""
+    mlflow_timeouts()
+    from mlflow.tracking import MlflowClient
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - requests', MLflow's and the server's errors alike
+        raise UserError(f"tracking.mlflow.tracking_uri {redact(uri)}: no MLflow server answers there "
+                        f"({type(e).__name__}: {redact(' '.join(str(e).split()))[:200]})") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _netrc_has(host: str) -> bool:

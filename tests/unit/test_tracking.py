@@ -209,3 +209,78 @@ def test_wandb_online_without_a_key_exits_2(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     with pytest.raises(UserError, match="tracking.wandb mode online needs W&B's key on this machine"):
         trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"wandb": {"project": "p"}})))
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_mlflow_holds_one_run_across_invocations_with_each_step_once_the_spec_and_the_summary(
+        tmp_path, corpus, mlflow_server, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from shardrun.driver.observer import RunObserver
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = tiny_spec(corpus, tmp_path / "runs", metrics={"enabled": False},
+                    tracking={"mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "tests"}})
+    spec = parse(raw)
+    trackers.check(spec)  # the server answers
+    (tmp_path / "runs/tiny").mkdir(parents=True)
+    (tmp_path / "runs/tiny/summary.json").write_text('{"final_step": 6}')
+    for steps, start in ((range(1, 5), 0), (range(3, 7), 2)):  # the second resumes from step 2's checkpoint
+        observer = RunObserver(spec, lambda line: None, stream=open("/dev/null", "w"))
+        observer.started({"step": start, "world_size": 2}, f"starting at step {start}")
+        for step in steps:
+            observer.record({"step": step, "loss": 10.0 - step, "mfu": None}, "line")
+        observer.close("succeeded")
+        spec = parse({**raw, "run": {**raw["run"], "max_steps": 20}})  # a changed spec: a tag, not a new param
+
+    client = MlflowClient(mlflow_server.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 10.0 - s) for s in range(1, 7)]  # no step twice
+    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["run.max_steps"] == "10"
+    assert run.data.tags["param_changed.run.max_steps"] == "20" and "version.torch" in run.data.tags
+    assert run.data.tags["event.00000002"] == "starting at step 2"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
+
+
+@pytest.mark.timeout(180)
+def test_an_mlflow_server_that_stops_answering_costs_the_run_nothing_and_is_said(tmp_path, mlflow_server):
+    lines = []
+    tracker = trackers.MLflow(mlflow_server.uri, "tests", "tiny", {})
+    tracking = Tracking([tracker], str(tmp_path), lines.append, queue_size=50)
+    tracking.start({"a": "1"}, {})
+    tracking.record({"step": 1, "loss": 1.0})
+    mlflow_server.pause()  # from here on it takes connections and answers nothing
+    for step in range(2, 201):  # each returns at once: the test would time out otherwise
+        tracking.record({"step": step, "loss": 1.0})
+    tracking.close("succeeded", timeout_s=3)
+    assert sum("mlflow is 50 records behind" in line for line in lines) == 1, lines
+    assert "did not reach mlflow" in lines[-1], lines
+
+
+def test_a_bad_mlflow_uri_exits_2_before_ray_and_the_environment_alone_turns_mlflow_on(tmp_path, corpus,
+                                                                                          monkeypatch):
+    from helpers import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(UserError, match=f"tracking.mlflow.tracking_uri {nobody}: no MLflow server answers there"):
+        trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"mlflow": {"tracking_uri": nobody}})))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", nobody)  # as Azure ML compute sets it
+    plain = parse(tiny_spec(corpus, tmp_path))
+    assert [t.name for t in trackers.trackers(plain)] == ["mlflow"]
+    with pytest.raises(UserError, match="no MLflow server answers there"):
+        trackers.check(plain)
+    off = parse(tiny_spec(corpus, tmp_path, tracking={"mlflow": {"tracking_uri": "none"}}))
+    assert trackers.trackers(off) == []
