@@ -1,5 +1,6 @@
-"""The experiment trackers shardrun.driver.tracking feeds: TensorBoard event files, Weights & Biases. Each imports
-its client when it opens (an optional extra), and is made by `trackers(spec)` for the spec's tracking section."""
+"""The experiment trackers shardrun.driver.tracking feeds: MLflow, TensorBoard event files, Weights & Biases. Each
+imports its client when it opens (an optional extra), and is made by `trackers(spec)` for the spec's tracking
+section; `check(spec)` runs before Ray."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
 
 EXTRAS = {"mlflow": ("mlflow", "mlflow"), "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+"""tracking.<key>: (the module it needs, the shardrun extra that installs it)."""
 MLFLOW_TIMEOUT_S = "10"
 """MLflow's HTTP timeout for shardrun's calls (its own default is 120 s with 7 retries: minutes per call to a server
 that stopped answering, spent on the tracker's thread but then at the end of the run)."""
-"""tracking.<key>: (the module it needs, the shardrun extra that installs it)."""
 
 
 class TensorBoard:
