@@ -106,14 +106,17 @@ def launch(spec: JobSpec, *, fresh: bool = False, emit: Callable[[str], None] = 
         raise
     finally:
         summary = ray.get(actor.summary.remote(latest, time.time() - t0))
-        observer.close("failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded")
+        state = "failed" if error is not None else "stopped" if summary.get("stopped") else "succeeded"
         if isinstance(error, KeyboardInterrupt):
             summary["error"] = "interrupted: stopped at once by a second signal, without a checkpoint"
         elif error is not None:
             summary["error"] = redact(f"{type(error).__name__}: {error}")
         path = fs.join(spec.run_dir, "summary.json")
-        summary = carry_over(summary, fs.read_json(path))
-        fs.write_json(path, summary)
+        try:
+            summary = carry_over(summary, fs.read_json(path))
+            fs.write_json(path, summary)
+        finally:
+            observer.close(state)  # after summary.json: the trackers get this invocation's
     return summary
 
 
