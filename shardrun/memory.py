@@ -86,7 +86,18 @@ def state_bytes_per_rank(params: int, *, stage: int, precision: str, world: int,
     """Weights, gradients and optimizer state on one rank's device (model_states, no offload, largest module
     aside)."""
     shape = ModelShape(params=params, trained=params if trained is None else trained)
-    states = model_states(shape, stage=stage, precision=precision, world=world)
+    return on_device(model_states(shape, stage=stage, precision=precision, world=world))
+
+
+def spec_states(shape: ModelShape, spec: JobSpec, world: int) -> dict[str, float]:
+    """model_states at the spec's ZeRO stage and precision, offloaded as deepspeed.offload asks."""
+    d = spec.deepspeed
+    return model_states(shape, stage=d.zero_stage, precision=d.precision, world=world,
+                        offload_optimizer=d.offload.optimizer != "none", offload_params=d.offload.params != "none")
+
+
+def on_device(states: dict[str, float]) -> float:
+    """What of model_states a rank's device holds: its weights, gradients and optimizer state."""
     return states["weights"] + states["gradients"] + states["optimizer"]
 
 
@@ -95,12 +106,11 @@ def estimate(shape: ModelShape, spec: JobSpec, world: int, seq_len: int | None =
     (micro batch, sequence length: seq_len, else data.seq_len; activation checkpointing); "device" is what its GPU
     holds of them."""
     d = spec.deepspeed
-    out = model_states(shape, stage=d.zero_stage, precision=d.precision, world=world,
-                       offload_optimizer=d.offload.optimizer != "none", offload_params=d.offload.params != "none")
+    out = spec_states(shape, spec, world)
     out["activations"] = activation_bytes(shape, precision=d.precision, micro_batch=d.micro_batch_size,
                                           seq_len=seq_len or spec.data.seq_len or 1,
                                           checkpoint_every=spec.model.checkpoint_every)
-    out["device"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
+    out["device"] = on_device(out) + out["activations"]
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
-from shardrun.memory import ModelShape, check_fits, count_text, estimate_line, gpu_memory, model_states
+from shardrun.memory import ModelShape, check_fits, count_text, estimate_line, gpu_memory, on_device, spec_states
 
 
 def check_hf_model(spec: JobSpec, index, emit: Callable[[str], None]) -> ModelShape:
@@ -62,12 +62,8 @@ def check_memory(spec: JobSpec, shape: ModelShape, index, emit: Callable[[str], 
     width = re.search(r"\[(\d+)\]$", index.schema.get("input_ids", ""))  # fixed_size_list<item: int32>[16]
     emit(estimate_line(shape, spec, world, device, seq_len=spec.data.seq_len or (int(width[1]) if width else None)))
     if device is not None:
-        d = spec.deepspeed
-        states = model_states(shape, stage=d.zero_stage, precision=d.precision, world=world,
-                              offload_optimizer=d.offload.optimizer != "none",
-                              offload_params=d.offload.params != "none")
-        check_fits(shape.params, device, spec=spec, world=world, where="this machine's GPU", trained=shape.trained,
-                   need=states["weights"] + states["gradients"] + states["optimizer"])
+        check_fits(shape.params, device, spec=spec, world=world, where="this machine's GPU",
+                   need=on_device(spec_states(shape, spec, world)))
 
 
 def gpt_shape(model) -> ModelShape:

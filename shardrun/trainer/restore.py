@@ -100,11 +100,7 @@ def fits_device(model: torch.nn.Module, spec: JobSpec, topology: Topology) -> No
         n = int(getattr(p, "ds_numel", 0) or p.numel())
         params += n
         trained += n if p.requires_grad else 0
-    d = spec.deepspeed
-    states = memory.model_states(memory.ModelShape(params=params, trained=trained), stage=d.zero_stage,
-                                 precision=d.precision, world=topology.world_size,
-                                 offload_optimizer=d.offload.optimizer != "none",
-                                 offload_params=d.offload.params != "none")
+    states = memory.spec_states(memory.ModelShape(params=params, trained=trained), spec, topology.world_size)
     memory.check_fits(params, torch.cuda.mem_get_info(topology.device)[1], spec=spec, world=topology.world_size,
                       where=f"rank {topology.rank}'s GPU ({torch.cuda.get_device_name(topology.device)})",
-                      need=states["weights"] + states["gradients"] + states["optimizer"])
+                      need=memory.on_device(states))
