@@ -46,6 +46,12 @@ RUN_HELP = ("a run name, looked up under --storage (the NAME column of `shardrun
             "<checkpoint.storage>/<name> (a path, abfs:// or s3://)")
 
 
+def _add_tracking_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--no-tracking", action="store_true",
+                   help=f"do not upload {what} to the run's experiment trackers (default: it goes to the MLflow and "
+                   "W&B runs the run's tracking.json names, as artifacts)")
+
+
 def _add_run_args(p: argparse.ArgumentParser, *, metavar: str = "RUN", help: str = RUN_HELP) -> None:  # noqa: A002
     p.add_argument("run", metavar=metavar, help=help)
     p.add_argument("--storage", metavar="DIR", default=config.CheckpointSpec().storage,
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="--format hf: the largest weights file, e.g. 500MB (default 5GB); above it the weights are "
                    "sharded, with an index")
+    _add_tracking_arg(p, "the exported folder")
     _add_trust_arg(p)
     _add_verbose_arg(p)
 
@@ -191,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.add_argument("--out", metavar="DIR", default=None,
                    help="where report.html and its PNGs go (default: RUN/report; ./<name>-report for a URI)")
+    _add_tracking_arg(p, "the report")
 
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command",
                                                                    required=True)
@@ -604,12 +612,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from shardrun.driver import trackers
     from shardrun.driver.noise import library_output_to_stderr
     from shardrun.export import export
     from shardrun.runs import resolve_run_dir
 
+    run_dir = resolve_run_dir(args.run, args.storage)
     with library_output_to_stderr(verbose=args.verbose):
-        done = export(resolve_run_dir(args.run, args.storage), args.out, step=args.step, dtype=args.dtype,
+        done = export(run_dir, args.out, step=args.step, dtype=args.dtype,
                       fmt=args.fmt, max_shard_size=args.max_shard_size, emit=_emit, trust=args.trust_checkpoint,
                       merge=args.merge)
     as_hf = {"adapters": ", LoRA adapters in peft's format", "merged": ", Hugging Face format, adapters merged"}.get(
@@ -617,6 +627,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = f"{done['bytes'] / 1e6:,.1f} MB" if done["bytes"] >= 100_000 else f"{done['bytes'] / 1e3:,.1f} kB"
     _emit(f"exported step {done['step']} ({done['dtype']}{as_hf}, {size}) from "
           f"{done['source']} to {redact(done['out'])}")
+    if not args.no_tracking:
+        trackers.attach(run_dir, done["out"], f"exports/{os.path.basename(os.path.abspath(done['out']))}", _emit)
     return 0
 
 
@@ -695,7 +707,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from shardrun import report
     from shardrun.runs import resolve_run_dir
 
-    print(report.format_summary(report.report(resolve_run_dir(args.run, args.storage), args.out)))
+    run_dir = resolve_run_dir(args.run, args.storage)
+    made = report.report(run_dir, args.out)
+    print(report.format_summary(made))
+    if not args.no_tracking:
+        from shardrun.driver import trackers
+
+        trackers.attach(run_dir, os.path.dirname(made["report"]), "report", _emit)
     return 0
 
 

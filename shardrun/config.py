@@ -514,7 +514,9 @@ class MetricsSpec(_Section):
 class TensorBoardSpec(_Section):
     dir: str | None = Field(
         None, description="The folder TensorBoard's event files go to (`tensorboard --logdir` it); null: "
-        "<run dir>/tensorboard. A local folder: on a cluster, one on the driver's node (the head).",
+        "<run dir>/tensorboard. A local folder (on a cluster, one on the driver's node, the head) or a URI "
+        "(abfs://, s3://): the event files are written on the driver's disk and uploaded whole every minute, at each "
+        "restart and at the end.",
     )
 
 

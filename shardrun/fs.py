@@ -67,6 +67,11 @@ def is_local(fs: pafs.FileSystem) -> bool:
 
 
 def write_text(path: str, text: str) -> None:
+    """Write a whole file, creating its folder; never half a file (write_bytes)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path: str, data: bytes) -> None:
     """Write a whole file, creating its folder; never half a file: on local disk through a rename of a
     file already on the disk (fsync before, and of the folder after: a host that goes down keeps the old
     file or the new one), on object stores by their own rule (a blob or object appears only once its
@@ -75,11 +80,11 @@ def write_text(path: str, text: str) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     if not is_local(fs):
         with fs.open_output_stream(p) as f:
-            f.write(text.encode())
+            f.write(data)
         return
     tmp = f"{p}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     with open(tmp, "wb") as f:
-        f.write(text.encode())
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, p)

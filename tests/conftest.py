@@ -33,6 +33,19 @@ def _loopback_not_proxied():
         yield
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """An MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts under tmp_path), stopped at the end:
+    `.uri`, `.pause()` (it stops answering), `.resume()`."""
+    from servers import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory, _loopback_not_proxied):
     """A fresh bucket on a moto S3 server on 127.0.0.1 (one server per session, killed at the end).

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+from collections.abc import Callable
 
+from shardrun import fs
 from shardrun.config import JobSpec
 from shardrun.errors import UserError, redact
 
@@ -21,19 +24,28 @@ that stopped answering, spent on the tracker's thread but then at the end of the
 class TensorBoard:
     """Event files under a folder (`tensorboard --logdir`): each metric a scalar under its metrics.jsonl name, at
     the training step; the resolved spec, the run's tags and its restarts as text. Every invocation of the run adds
-    an event file to the folder, which TensorBoard reads as one run."""
+    an event file to the folder, which TensorBoard reads as one run. A folder behind a URI (abfs://, s3://) gets
+    the event files written on the driver's disk, uploaded whole every UPLOAD_EVERY_S, at each event and at the end
+    (object stores have no append)."""
 
     name = "tensorboard"
+    UPLOAD_EVERY_S = 60.0
 
     def __init__(self, folder: str):
         self.folder = folder
-        self.writer = None
+        self.writer = self.staging = None
+        self._uploaded = 0.0
 
     def open(self, run_id: str | None) -> None:
+        import tempfile
+
         from torch.utils.tensorboard import SummaryWriter
 
-        os.makedirs(self.folder, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=self.folder, flush_secs=10)
+        if fs.is_uri(self.folder):
+            self.staging = tempfile.mkdtemp(prefix="shardrun-tensorboard-")
+        else:
+            os.makedirs(self.folder, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=self.staging or self.folder, flush_secs=10)
         return None
 
     def params(self, params: dict[str, str]) -> None:
@@ -44,12 +56,18 @@ class TensorBoard:
         self.writer.add_text("tags", json.dumps(tags, indent=2))
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        import time
+
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
+        if self.staging and time.monotonic() - self._uploaded > self.UPLOAD_EVERY_S:
+            self.writer.flush()
+            self._upload()
 
     def event(self, step: int, text: str) -> None:
         self.writer.add_text("events", text, step)
         self.writer.flush()
+        self._upload()
 
     def artifact(self, path: str) -> None:
         """TensorBoard keeps no files: a JSON file's content is text, others are left out."""
@@ -58,8 +76,24 @@ class TensorBoard:
                 self.writer.add_text(os.path.basename(path), f"```\n{f.read()}\n```")
 
     def close(self, state: str) -> None:
+        import shutil
+
         self.writer.add_text("events", f"the run {state}")
         self.writer.close()
+        if self.staging:
+            self._upload()
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _upload(self) -> None:
+        """The staged event files, each whole, to the folder's URI (this invocation's file replaced)."""
+        import time
+
+        if not self.staging:
+            return
+        self._uploaded = time.monotonic()
+        for name in sorted(os.listdir(self.staging)):
+            with open(os.path.join(self.staging, name), "rb") as f:
+                fs.write_bytes(fs.join(self.folder, name), f.read())
 
 
 class MLflow:
@@ -116,6 +150,20 @@ class MLflow:
 
     def artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
+
+    def attach(self, run_id: str, path: str, name: str) -> str:
+        """A file or folder made after the run (a report, an export) into its run's artifacts under name; where it
+        is, for the line that says so."""
+        mlflow_timeouts()
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        client.get_run(run_id)  # a run id the server does not know fails here, not half way through the files
+        if os.path.isdir(path):
+            client.log_artifacts(run_id, path, artifact_path=name)
+        else:
+            client.log_artifact(run_id, path, artifact_path=name)
+        return f"MLflow run {run_id} at {redact(self.uri)}, artifacts {name}/"
 
     def close(self, state: str) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if state == "succeeded" else
@@ -177,8 +225,33 @@ class WandB:
 
         shutil.copyfile(path, os.path.join(self.run.dir, os.path.basename(path)))
 
+    def attach(self, run_id: str, path: str, name: str) -> str:
+        """A file or folder made after the run (a report, an export) as a W&B artifact of its run (continued for it),
+        of type `model` or `report` (name's first part)."""
+        import wandb
+
+        self.open(run_id)
+        try:
+            kind = "model" if name.startswith("exports/") else "report"
+            artifact = wandb.Artifact(re.sub(r"[^\w.-]", "-", f"{self.run_name}-{name}"), type=kind)
+            if os.path.isdir(path):
+                artifact.add_dir(path)
+            else:
+                artifact.add_file(path)
+            self.run.log_artifact(artifact)
+        finally:
+            self.run.finish()
+        return f"W&B run {run_id} ({self.spec.mode}), artifact {artifact.name}"
+
     def close(self, state: str) -> None:
         self.run.finish(exit_code=0 if state == "succeeded" else 1)
+
+
+def tensorboard_folder(spec: JobSpec) -> str:
+    """Where TensorBoard's event files go: tracking.tensorboard.dir, else <run dir>/tensorboard (either may be a
+    URI)."""
+    tb = spec.tracking.tensorboard
+    return os.path.expanduser(tb.dir) if tb is not None and tb.dir else fs.join(spec.run_dir, "tensorboard")
 
 
 def trackers(spec: JobSpec) -> list:
@@ -192,10 +265,40 @@ def trackers(spec: JobSpec) -> list:
                           dict(section.tags) if section else {}))
     tb = spec.tracking.tensorboard
     if tb is not None:
-        out.append(TensorBoard(os.path.expanduser(tb.dir) if tb.dir else os.path.join(spec.run_dir, "tensorboard")))
+        out.append(TensorBoard(tensorboard_folder(spec)))
     if spec.tracking.wandb is not None:  # its files in the run dir, where it is local
         out.append(WandB(spec.tracking.wandb, spec.name, None if "://" in spec.run_dir else spec.run_dir))
     return out
+
+
+def attach(run_dir: str, path: str, name: str, emit: Callable[[str], None]) -> None:
+    """A report or an export of the run at run_dir (a local file or folder) into the runs its trackers kept in
+    tracking.json, under name (`report`, `exports/<folder>`), each said in a line. Best effort: a tracker that fails
+    is said and the command still succeeds (the files are where they were written); TensorBoard keeps no files."""
+    from shardrun.config import parse
+    from shardrun.driver.tracking import kept_runs
+    from shardrun.export import job_yaml
+
+    kept = kept_runs(run_dir)
+    if not kept:
+        return
+    if fs.is_uri(path):
+        emit(f"tracking: {name} is at a URI ({redact(path)}); it is not uploaded to the run's trackers")
+        return
+    chosen = {t.name: t for t in trackers(parse(*job_yaml(run_dir))) if hasattr(t, "attach")}
+    for key, entry in kept.items():
+        run_id, tracker = entry.get("run_id"), chosen.get(key)
+        if run_id is None or key not in EXTRAS or key == "tensorboard":
+            continue
+        if tracker is None:  # MLflow's URI came from the run's environment and is not set here
+            emit(f"tracking: {name} is not uploaded to the run's {key} run {run_id}: this shell has no tracking URI "
+                 "for it (set MLFLOW_TRACKING_URI as the run had it)")
+            continue
+        try:
+            emit(f"tracking: {name} is in {tracker.attach(run_id, path, name)}")
+        except Exception as e:  # noqa: BLE001 - a tracker's client raises anything; the files are written
+            emit(f"tracking: {name} did not reach {tracker.name} ({type(e).__name__}: "
+                 f"{redact(' '.join(str(e).split()))[:300]}); it is at {redact(path)}")
 
 
 def check(spec: JobSpec) -> None:
@@ -210,11 +313,11 @@ def check(spec: JobSpec) -> None:
     if uri is not None and uri.startswith(("http://", "https://")):
         check_mlflow(uri)
     tb = spec.tracking.tensorboard
-    folder = tb.dir if tb is not None and tb.dir else spec.run_dir
-    if tb is not None and "://" in folder:
-        raise UserError(f"tracking.tensorboard{'.dir' if tb.dir else ' (in the run dir)'} {redact(folder)}: a folder "
-                        "on the driver's machine is needed (TensorBoard's event files are appended to as the run goes; "
-                        "a URI is not yet supported); set tracking.tensorboard.dir")
+    if tb is not None and fs.is_uri(tensorboard_folder(spec)):
+        try:
+            fs.filesystem(tensorboard_folder(spec))
+        except UserError as e:
+            raise UserError(f"tracking.tensorboard{'.dir' if tb.dir else ' (in the run dir)'}: {e}") from None
     wb = spec.tracking.wandb
     keyed = os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")
     if wb is not None and wb.mode == "online" and not keyed:

@@ -36,6 +36,15 @@ NOT_METRICS = frozenset({"time", "step", "samples", "tokens", "eval_tokens", "ev
 """Record keys that are no metric of their own (the step is the trackers' step; counters are in summary.json)."""
 
 
+def kept_runs(run_dir: str) -> dict[str, Any]:
+    """tracking.json of a run dir: {tracker name: {run_id, last_step, time}}; {} where there is none yet."""
+    try:
+        text = fs.read_text(fs.join(run_dir, RECORD_FILE))
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class Tracker(Protocol):
     """One experiment tracker (shardrun.driver.trackers): every call may block or raise; Tracking calls them from its
     own thread, one at a time."""
@@ -232,11 +241,7 @@ class Tracking:
                           "not take is counted")
 
     def _read_record(self) -> dict[str, Any]:
-        try:
-            text = fs.read_text(fs.join(self.run_dir, RECORD_FILE))
-            return json.loads(text) if text else {}
-        except (OSError, ValueError):
-            return {}
+        return kept_runs(self.run_dir)
 
     def _write_record(self) -> None:
         """tracking.json: each opened tracker's run id and last step (from any tracker's thread, or close)."""

@@ -8,7 +8,8 @@ did, so the restarted worker group runs through. Points:
   checkpoint is not written);
 - `nonfinite-loss`: the rank's loss of that step is NaN (failure.nonfinite_loss decides what follows);
 - `stall`: the rank stops itself (SIGSTOP) after the step, like a hung peer: alive, silent;
-- `crash`: the rank raises a RuntimeError after the step, as a bug in a model would.
+- `crash`: the rank raises a RuntimeError after the step, as a bug in a model would;
+- `kill`: the rank dies by SIGKILL after the step, as a worker the kernel's OOM killer or a lost VM takes.
 A step delay makes every step that much longer, so that a test can act mid-run.
 
 Launchers read them from the environment once, at the worker's entry (FaultInjector.from_env):
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-POINTS = ("checkpoint-save", "nonfinite-loss", "stall", "crash")
+POINTS = ("checkpoint-save", "nonfinite-loss", "stall", "crash", "kill")
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,10 @@ class FaultInjector:
             time.sleep(self.step_delay)
 
     def after_step(self, *, step: int, rank: int) -> None:
-        """`stall`: stop this process (SIGSTOP), alive and silent; `crash`: raise an error."""
+        """`stall`: stop this process (SIGSTOP), alive and silent; `crash`: raise an error; `kill`: die (SIGKILL)."""
         if self.fault.startswith("stall") and self.active("stall", step=step, rank=rank):
             os.kill(os.getpid(), signal.SIGSTOP)
+        if self.fault.startswith("kill") and self.active("kill", step=step, rank=rank):
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.fault.startswith("crash") and self.active("crash", step=step, rank=rank):
             raise RuntimeError(f"injected crash (SHARDRUN_FAULT) after step {step} on rank {rank}")

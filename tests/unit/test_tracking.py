@@ -5,6 +5,7 @@ invocations, whose steps are never sent twice; TensorBoard's event files, read b
 import json
 import threading
 
+import pyarrow.fs as pafs
 import pytest
 from helpers import tiny_spec
 
@@ -121,20 +122,31 @@ def test_the_spec_becomes_dotted_parameters_with_secrets_masked():
     assert metric_values({"step": 3, "loss": 2.5, "eval_loss": float("nan"), "mfu": None, "ok": True}) == {"loss": 2.5}
 
 
-def test_tensorboard_event_files_hold_each_metric_at_its_step_across_invocations(tmp_path, corpus):
+def test_tensorboard_event_files_behind_a_uri_hold_each_metric_at_its_step_across_invocations(tmp_path, corpus,
+                                                                                              s3_server):
+    """Event files for a folder on an object store (here S3), written locally and uploaded; the folder in the run
+    dir (the default) is read back by tests/integration/test_ray_run.py."""
     from tensorboard.backend.event_processing import event_accumulator
 
     from shardrun.driver.observer import RunObserver
 
-    spec = parse(tiny_spec(corpus, tmp_path / "runs", tracking={"tensorboard": {}}, metrics={"enabled": False}))
+    folder = s3_server.uri("tensorboard")
+    spec = parse(tiny_spec(corpus, tmp_path / "runs", tracking={"tensorboard": {"dir": folder}},
+                           metrics={"enabled": False}))
+    trackers.check(spec)
     for steps, start in ((range(1, 5), 0), (range(3, 7), 2)):  # the second resumes from step 2's checkpoint
         observer = RunObserver(spec, lambda line: None, stream=open("/dev/null", "w"))
         observer.started({"step": start, "world_size": 2}, f"starting at step {start}")
         for step in steps:
             observer.record({"step": step, "loss": 10.0 - step, "lr": 1e-3}, "line")
         observer.close("succeeded")
-    events = event_accumulator.EventAccumulator(str(tmp_path / "runs/tiny/tensorboard"),
-                                                size_guidance={event_accumulator.SCALARS: 0})
+    filesystem, bucket = s3_server.filesystem()
+    uploaded = filesystem.get_file_info(pafs.FileSelector(f"{bucket}/tensorboard"))
+    assert len(uploaded) == 2 and all(".tfevents." in f.base_name for f in uploaded), uploaded  # one a run
+    for info in uploaded:
+        with filesystem.open_input_stream(info.path) as f:
+            (tmp_path / info.base_name).write_bytes(f.read())
+    events = event_accumulator.EventAccumulator(str(tmp_path), size_guidance={event_accumulator.SCALARS: 0})
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(s, 10.0 - s) for s in range(1, 7)]
     assert {"lr", "loss"} <= set(events.Tags()["scalars"])
@@ -142,8 +154,8 @@ def test_tensorboard_event_files_hold_each_metric_at_its_step_across_invocations
 
 
 def test_a_tracker_without_its_client_or_with_a_folder_it_cannot_write_exits_2(tmp_path, corpus, monkeypatch):
-    spec = parse(tiny_spec(corpus, tmp_path, tracking={"tensorboard": {"dir": "abfs://c@a.dfs.core.windows.net/tb"}}))
-    with pytest.raises(UserError, match="a folder on the driver's machine is needed"):
+    spec = parse(tiny_spec(corpus, tmp_path, tracking={"tensorboard": {"dir": "nosuch://bucket/tb"}}))
+    with pytest.raises(UserError, match="tracking.tensorboard.dir: nosuch://bucket/tb: cannot open this storage"):
         trackers.check(spec)
     monkeypatch.setitem(trackers.EXTRAS, "tensorboard", ("shardrun_no_such_module", "tensorboard"))
     with pytest.raises(UserError, match=r"tracking.tensorboard needs the shardrun_no_such_module package: pip install "
@@ -203,56 +215,25 @@ def test_wandb_offline_holds_one_run_with_each_step_once_across_invocations(tmp_
     config = {u.key for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
     assert {"deepspeed.zero_stage", "shardrun"} <= config
 
+    # a report made afterwards joins the run as an artifact (`shardrun report` and `export` do this)
+    (tmp_path / "runs/tiny/job.yaml").write_text(spec.to_yaml())
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report/report.html").write_text("<html></html>")
+    lines = []
+    trackers.attach(str(tmp_path / "runs/tiny"), str(tmp_path / "report"), "report", lines.append)
+    assert lines == [f"tracking: report is in W&B run {ids.pop().removeprefix('run-')} (offline), artifact "
+                     "tiny-report"], lines
+    [artifact] = [r.artifact for r in wandb_records(tmp_path / "runs/tiny") if r.WhichOneof("record_type") ==
+                  "artifact"]
+    assert (artifact.name, artifact.type) == ("tiny-report", "report")
+    assert [f.path for f in artifact.manifest.contents] == ["report.html"]
+
 
 def test_wandb_online_without_a_key_exits_2(tmp_path, corpus, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
     with pytest.raises(UserError, match="tracking.wandb mode online needs W&B's key on this machine"):
         trackers.check(parse(tiny_spec(corpus, tmp_path, tracking={"wandb": {"project": "p"}})))
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    from servers import MlflowServer
-
-    server = MlflowServer(tmp_path / "mlflow-server")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.mark.timeout(180)
-def test_mlflow_holds_one_run_across_invocations_with_each_step_once_the_spec_and_the_summary(
-        tmp_path, corpus, mlflow_server, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    from shardrun.driver.observer import RunObserver
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    raw = tiny_spec(corpus, tmp_path / "runs", metrics={"enabled": False},
-                    tracking={"mlflow": {"tracking_uri": mlflow_server.uri, "experiment": "tests"}})
-    spec = parse(raw)
-    trackers.check(spec)  # the server answers
-    (tmp_path / "runs/tiny").mkdir(parents=True)
-    (tmp_path / "runs/tiny/summary.json").write_text('{"final_step": 6}')
-    for steps, start in ((range(1, 5), 0), (range(3, 7), 2)):  # the second resumes from step 2's checkpoint
-        observer = RunObserver(spec, lambda line: None, stream=open("/dev/null", "w"))
-        observer.started({"step": start, "world_size": 2}, f"starting at step {start}")
-        for step in steps:
-            observer.record({"step": step, "loss": 10.0 - step, "mfu": None}, "line")
-        observer.close("succeeded")
-        spec = parse({**raw, "run": {**raw["run"], "max_steps": 20}})  # a changed spec: a tag, not a new param
-
-    client = MlflowClient(mlflow_server.uri)
-    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
-    history = client.get_metric_history(run.info.run_id, "loss")
-    assert sorted((m.step, m.value) for m in history) == [(s, 10.0 - s) for s in range(1, 7)]  # no step twice
-    assert run.data.params["deepspeed.zero_stage"] == "2" and run.data.params["run.max_steps"] == "10"
-    assert run.data.tags["param_changed.run.max_steps"] == "20" and "version.torch" in run.data.tags
-    assert run.data.tags["event.00000002"] == "starting at step 2"
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["summary.json"]
 
 
 @pytest.mark.timeout(180)
