@@ -48,6 +48,11 @@ class TensorBoard:
         self.writer = SummaryWriter(log_dir=self.staging or self.folder, flush_secs=10)
         return None
 
+    def where(self) -> str:
+        if self.staging:
+            return f"TensorBoard event files uploaded to {redact(self.folder)}"
+        return f"TensorBoard event files in {self.folder} (tensorboard --logdir {self.folder})"
+
     def params(self, params: dict[str, str]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
         self.writer.add_text("spec", f"| key | value |\n| --- | --- |\n{rows}")
@@ -105,21 +110,28 @@ class MLflow:
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]):
         self.uri, self.experiment, self.run_name, self.own_tags = uri, experiment, run_name, tags
-        self.client = self.run_id = None
+        self.client = self.run_id = self.experiment_id = None
 
     def open(self, run_id: str | None) -> str:
-        mlflow_timeouts()
+        mlflow_env()
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(self.uri)
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
+            self.run_id, self.experiment_id = run_id, self.client.get_run(run_id).info.experiment_id
             return run_id
         found = self.client.get_experiment_by_name(self.experiment)
-        experiment = found.experiment_id if found else self.client.create_experiment(self.experiment)
-        self.run_id = self.client.create_run(experiment, run_name=self.run_name, tags=self.own_tags).info.run_id
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name,
+                                             tags=self.own_tags).info.run_id
         return self.run_id
+
+    def where(self) -> str:
+        if self.uri.startswith(("http://", "https://")):  # the server's own page of the run
+            return (f"MLflow run {self.run_name}: {redact(self.uri.rstrip('/'))}/#/experiments/{self.experiment_id}"
+                    f"/runs/{self.run_id}")
+        return f"MLflow run {self.run_name} ({self.run_id}, experiment {self.experiment}) at {redact(self.uri)}"
 
     def params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
@@ -154,7 +166,7 @@ class MLflow:
     def attach(self, run_id: str, path: str, name: str) -> str:
         """A file or folder made after the run (a report, an export) into its run's artifacts under name; where it
         is, for the line that says so."""
-        mlflow_timeouts()
+        mlflow_env()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
@@ -170,8 +182,10 @@ class MLflow:
                                    "KILLED" if state == "stopped" else "FAILED")
 
 
-def mlflow_timeouts() -> None:
-    """MLflow's HTTP calls from this process fail within seconds (unless the environment says otherwise)."""
+def mlflow_env() -> None:
+    """MLflow's HTTP calls from this process fail within seconds (unless the environment says otherwise), and
+    its client prints no links of its own (shardrun's `tracking:` line gives the run's)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", MLFLOW_TIMEOUT_S)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
@@ -206,6 +220,13 @@ class WandB:
                               name=self.run_name, id=run_id, resume="allow", dir=self.folder,
                               settings=wandb.Settings(silent=True, console="off"))
         return self.run.id
+
+    def where(self) -> str:
+        if self.spec.mode == "online":
+            return f"W&B run {self.run_name}: {self.run.url}"
+        folder = os.path.dirname(self.run.dir.rstrip("/"))  # the offline run's folder (its files/ is run.dir)
+        return f"W&B {self.spec.mode} run {self.run.id} in {folder}" + (
+            f" (`wandb sync {folder}` uploads it)" if self.spec.mode == "offline" else "")
 
     def params(self, params: dict[str, str]) -> None:
         self.run.config.update(params, allow_val_change=True)
@@ -327,7 +348,7 @@ def check(spec: JobSpec) -> None:
 
 def check_mlflow(uri: str) -> None:
     """An MLflow server that answers at uri (one request, seconds); UserError naming the URI otherwise."""
-    mlflow_timeouts()
+    mlflow_env()
     from mlflow.tracking import MlflowClient
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}

@@ -55,6 +55,9 @@ class Tracker(Protocol):
     def open(self, run_id: str | None) -> str | None:
         """Start its run, or continue the one of run_id; returns its run id (None where it has none)."""
 
+    def where(self) -> str:
+        """Once open: where its run is (a link, a folder), for the line that says so."""
+
     def params(self, params: dict[str, str]) -> None: ...
 
     def tags(self, tags: dict[str, str]) -> None: ...
@@ -222,9 +225,10 @@ class Tracking:
             return  # sent before a resume from an earlier checkpoint: a tracker's steps never go backwards
         try:
             if item.kind == "open":
-                state.run_id = tracker.open(state.run_id)
+                kept, state.run_id = state.run_id, tracker.open(state.run_id)
                 state.opened = True
                 self._write_record()
+                self.emit(f"tracking: {'continuing ' if kept and kept == state.run_id else ''}{tracker.where()}")
             elif item.kind in ("metrics", "event"):
                 getattr(tracker, item.kind)(item.step, *item.args)
                 if item.kind == "metrics":

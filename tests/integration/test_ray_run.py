@@ -28,12 +28,13 @@ def stale_ray_address():
 
 
 def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracked_run(
-        tmp_path, corpus, stale_ray_address, mlflow_server):
+        tmp_path, corpus, stale_ray_address, mlflow_server, capsys):
     """The first run loses a worker (SIGKILL) and restarts; the second, by the same name, resumes where it ended.
     MLflow and TensorBoard hold one run of both, each log step once; the report and an export join it after."""
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing import event_accumulator
 
+    from shardrun.cli import main
     from shardrun.driver.tracking import flatten
 
     path = write_spec(tmp_path / "job.yaml", tiny_spec(
@@ -50,7 +51,10 @@ def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracke
     # Ray Train's placement group cleaner asked this instance, not the address file's (it waited 12 s then)
     assert "PlacementGroupCleaner" not in out and "Monitor thread did not exit" not in out, out[-4000:]
     assert "metrics: 2 ranks and the run's own series (state, workers, restarts) at 127.0.0.1:" in out
-    assert "tracking:" not in out, out[-4000:]  # nothing to say: every record reached both trackers
+    tracked = [line for line in out.splitlines() if "tracking:" in line]  # where; nothing lost, nothing failed
+    assert len(tracked) == 2 and f"tracking: MLflow run tiny: {mlflow_server.uri}/#/experiments/1/runs/" in out \
+        and f"tracking: TensorBoard event files in {run_dir / 'tensorboard'} (tensorboard --logdir" in out, tracked
+    assert "View run" not in out  # MLflow's own links, printed to stdout, are kept off
     first = json.loads((run_dir / "summary.json").read_text())
     assert (first["start_step"], first["final_step"], first["restarts"]) == (0, 20, 1)
     assert first["last_loss"] < first["first_loss"]
@@ -65,6 +69,7 @@ def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracke
     assert "Ray's record of this run's checkpoints names no checkpoint; resuming from the newest complete " \
            f"checkpoint in storage, {run_dir / 'checkpoint_00000020'}" in out, out[-4000:]
     assert "resuming from step 20 with 2 workers" in out
+    assert "tracking: continuing MLflow run tiny: " in out, out[-4000:]
     second = json.loads((run_dir / "summary.json").read_text())
     assert (second["start_step"], second["final_step"], second["steps"]) == (20, 40, 20)
     assert second["tokens"] == 20 * 2 * 4 * 32
@@ -76,19 +81,20 @@ def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracke
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == [1, 10, 11, 20, 21, 30, 40]
+    tracked_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
     assert not list((tmp_path / "runs" / "targets").glob("*.json"))
 
-    # the report and an export made afterwards join the tracked run
-    report = run([sys.executable, "-m", "shardrun", "report", str(run_dir)], timeout=120, env=stale_ray_address)
-    assert "tracking: report is in MLflow run " in report.stdout, report.stdout
-    exported = run([sys.executable, "-m", "shardrun", "export", str(run_dir), "--out", str(tmp_path / "exported")],
-                   timeout=120, env=stale_ray_address)
-    assert "tracking: exports/exported is in MLflow run " in exported.stdout, exported.stdout
+    # the report and an export made afterwards join the tracked run (the commands in this process: no Ray here)
+    assert main(["report", str(run_dir)]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
+    out = capsys.readouterr().out
+    assert f"tracking: report is in MLflow run {tracked_id} at {mlflow_server.uri}, artifacts report/" in out, out
+    assert f"tracking: exports/exported is in MLflow run {tracked_id} at " in out, out
 
     client = MlflowClient(mlflow_server.uri)
     [tracked] = client.search_runs([client.get_experiment_by_name("ray-tests").experiment_id])
     assert tracked.info.run_name == "tiny" and tracked.info.status == "FINISHED"
-    assert json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"] == tracked.info.run_id
+    assert tracked.info.run_id == tracked_id
     history = client.get_metric_history(tracked.info.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in records]
     resolved = flatten(yaml.safe_load((run_dir / "job.yaml").read_text()))  # the second run's spec

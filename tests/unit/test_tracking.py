@@ -37,6 +37,9 @@ class Recorder:
         self.opened_with = run_id
         return run_id or "run-1"
 
+    def where(self):
+        return f"{self.name}'s run"
+
     def params(self, params):
         self._call("params", params)
 
@@ -70,7 +73,7 @@ def test_records_go_to_the_trackers_with_their_step_and_a_resumed_run_continues_
     assert [s[1] for s in first.sent if s[0] == "metrics"] == [1, 2, 3, 4]
     assert ("metrics", 4, {"loss": 4.6}) in first.sent  # metrics.jsonl's names; no bookkeeping, no None
     assert json.loads((tmp_path / RECORD_FILE).read_text())["recorder"]["run_id"] == "run-1"
-    assert not lines
+    assert lines == ["tracking: recorder's run"]  # where it is, and nothing else to say
 
     second = Recorder()  # resumed from the checkpoint of step 2: steps 3 and 4 are trained again
     tracking = Tracking([second], str(tmp_path), lines.append)
@@ -83,6 +86,7 @@ def test_records_go_to_the_trackers_with_their_step_and_a_resumed_run_continues_
     assert [s[1] for s in second.sent if s[0] == "metrics"] == [5, 6]
     assert ("event", 2, "resuming from step 2 with 2 workers") in second.sent
     assert json.loads((tmp_path / RECORD_FILE).read_text())["recorder"]["last_step"] == 6
+    assert lines[1:] == ["tracking: continuing recorder's run"]
 
 
 def test_a_tracker_that_stops_answering_never_holds_the_run_up_and_what_it_missed_is_said(tmp_path):
