@@ -170,12 +170,14 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
-        client.get_run(run_id)  # a run id the server does not know fails here, not half way through the files
+        run = client.get_run(run_id)  # a run id the server does not know fails here, not half way through the files
+        self.client, self.run_id, self.experiment_id = client, run_id, run.info.experiment_id
+        self.run_name = run.info.run_name
         if os.path.isdir(path):
             client.log_artifacts(run_id, path, artifact_path=name)
         else:
             client.log_artifact(run_id, path, artifact_path=name)
-        return f"MLflow run {run_id} at {redact(self.uri)}, artifacts {name}/"
+        return f"{self.where()} (artifacts {name}/)"
 
     def close(self, state: str) -> None:
         self.client.set_terminated(self.run_id, "FINISHED" if state == "succeeded" else

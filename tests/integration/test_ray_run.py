@@ -88,8 +88,9 @@ def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracke
     assert main(["report", str(run_dir)]) == 0
     assert main(["export", str(run_dir), "--out", str(tmp_path / "exported")]) == 0
     out = capsys.readouterr().out
-    assert f"tracking: report is in MLflow run {tracked_id} at {mlflow_server.uri}, artifacts report/" in out, out
-    assert f"tracking: exports/exported is in MLflow run {tracked_id} at " in out, out
+    page = f"{mlflow_server.uri}/#/experiments/1/runs/{tracked_id}"
+    assert f"tracking: report is in MLflow run tiny: {page} (artifacts report/)" in out, out
+    assert f"tracking: exports/exported is in MLflow run tiny: {page} (artifacts exports/exported/)" in out, out
 
     client = MlflowClient(mlflow_server.uri)
     [tracked] = client.search_runs([client.get_experiment_by_name("ray-tests").experiment_id])
