@@ -78,8 +78,8 @@ def metric_values(record: dict) -> dict[str, float]:
 
 
 def run_tags(spec) -> dict[str, str]:
-    """The run's name, shardrun's and its libraries' versions, and the git revision of the working directory (where
-    the job was launched from), as tracker tags."""
+    """The run's name, shardrun's and its libraries' versions (CUDA's: the one torch was built for), and the git
+    revision of the working directory (where the job was launched from), as tracker tags."""
     import importlib.metadata
     import subprocess
 
@@ -89,6 +89,12 @@ def run_tags(spec) -> dict[str, str]:
             tags[f"version.{package}"] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    try:
+        import torch
+
+        tags["version.cuda"] = torch.version.cuda or "none (a CPU build of torch)"  # the CUDA torch was built for
+    except ImportError:
+        pass
     try:
         revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if revision.returncode == 0:

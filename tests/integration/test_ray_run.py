@@ -101,6 +101,7 @@ def test_same_name_twice_resumes_where_the_first_stopped_and_lands_as_one_tracke
     resolved = flatten(yaml.safe_load((run_dir / "job.yaml").read_text()))  # the second run's spec
     assert tracked.data.params == {**resolved, "run.max_steps": "20"}
     assert tracked.data.tags["param_changed.run.max_steps"] == "40"
+    assert {"version.torch", "version.deepspeed", "version.ray", "version.cuda"} <= tracked.data.tags.keys()
     assert any("restart 1" in v for k, v in tracked.data.tags.items() if k.startswith("event."))
     artifacts = {a.path for a in client.list_artifacts(tracked.info.run_id)}
     assert artifacts == {"summary.json", "report", "exports"}, artifacts
