@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shardrun import config, fs
+from shardrun.driver.tracking import GIT_REVISION_ENV, git_revision
 from shardrun.errors import UserError, redact
 from shardrun.lease import RunDirBusy
 from shardrun.working_dir import (
@@ -144,8 +145,9 @@ def submit(spec_path: str, overrides: list[str], *, at: str | None, working_dir:
             (package / OVERRIDES_FILE).write_text(json.dumps(hidden))
             modules.append(str(package))
             entrypoint += f" --overrides-from {package.name}"
+        revision = git_revision(str(work))  # for the trackers' tags: the upload leaves .git behind
         runtime_env = {"working_dir": str(work), "excludes": list(ALWAYS_EXCLUDED), "py_modules": modules,
-                       "env_vars": variables}
+                       "env_vars": {GIT_REVISION_ENV: revision, **variables} if revision else variables}
         emit(upload_line(work, files))
         jobs.submit_job(entrypoint=entrypoint, submission_id=submission, runtime_env=runtime_env,
                         metadata={"shardrun_run": spec.name})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from typing import Any, Protocol
 from shardrun import fs
 from shardrun.errors import redact
 
+GIT_REVISION_ENV = "SHARDRUN_GIT_REVISION"
+"""The git revision of the folder `shardrun submit` uploaded (its .git stays behind), for the driver's tags."""
 RECORD_FILE = "tracking.json"
 """In the run dir: each tracker's run id and the last step sent to it."""
 QUEUE_SIZE = 10_000
@@ -79,9 +82,9 @@ def metric_values(record: dict) -> dict[str, float]:
 
 def run_tags(spec) -> dict[str, str]:
     """The run's name, shardrun's and its libraries' versions (CUDA's: the one torch was built for), and the git
-    revision of the working directory (where the job was launched from), as tracker tags."""
+    revision of the working directory (where the job was launched from; `shardrun submit` passes its own, as the
+    upload leaves .git out), as tracker tags."""
     import importlib.metadata
-    import subprocess
 
     tags = {"shardrun.run": spec.name}
     for package in ("shardrun", "torch", "deepspeed", "ray", "transformers", "peft"):
@@ -95,13 +98,21 @@ def run_tags(spec) -> dict[str, str]:
         tags["version.cuda"] = torch.version.cuda or "none (a CPU build of torch)"  # the CUDA torch was built for
     except ImportError:
         pass
-    try:
-        revision = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if revision.returncode == 0:
-            tags["git.revision"] = revision.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    revision = os.environ.get(GIT_REVISION_ENV) or git_revision()
+    if revision:
+        tags["git.revision"] = revision
     return tags
+
+
+def git_revision(folder: str | None = None) -> str | None:
+    """The commit checked out in folder (default: here), None outside a git checkout."""
+    import subprocess
+
+    try:
+        found = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=folder)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def flatten(spec: dict, prefix: str = "") -> dict[str, str]:
