@@ -378,8 +378,8 @@ class MlflowServer:
                 str(MLFLOW), "server", "--host", HOST, "--port", str(port), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                 "--default-artifact-root", str(workdir / "artifacts"),
-            ], port, workdir / "mlflow.log", env=_server_env(MLFLOW_ENABLE_TELEMETRY="false",
-                                                              DO_NOT_TRACK="1"), cwd=workdir)
+            ], port, workdir / "mlflow.log", env=_server_env(MLFLOW_DISABLE_TELEMETRY="true",
+                                                              DO_NOT_TRACK="true"), cwd=workdir)
 
         self.process = _start_on_free_port(make)
         self.uri = f"http://{HOST}:{self.process.port}"

@@ -185,9 +185,11 @@ class MLflow:
 
 
 def mlflow_env() -> None:
-    """MLflow's HTTP calls from this process fail within seconds (unless the environment says otherwise), and
-    its client prints no links of its own (shardrun's `tracking:` line gives the run's)."""
+    """MLflow's HTTP calls from this process fail within seconds (unless the environment says otherwise), its
+    client prints no links of its own (shardrun's `tracking:` line gives the run's) and sends MLflow's makers no
+    usage telemetry (MLFLOW_DISABLE_TELEMETRY=false in the environment lets it)."""
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", MLFLOW_TIMEOUT_S)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -20,9 +20,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from textwrap import shorten
 from typing import Any, Protocol
 
 from shardrun import fs
+from shardrun.driver.run_log import plural
 from shardrun.errors import redact
 
 GIT_REVISION_ENV = "SHARDRUN_GIT_REVISION"
@@ -35,6 +37,9 @@ RECORD_EVERY_S = 30.0
 """How often tracking.json is written while the run goes (the last step sent to each tracker)."""
 CLOSE_TIMEOUT_S = 30.0
 """At the end of the run, how long the driver waits for the trackers to take what is queued."""
+RECORD_KINDS = frozenset({"metrics", "event", "artifact"})
+"""What the trackers are sent that counts as a record (said when lost); the run's open, parameters, tags and close
+are not."""
 NOT_METRICS = frozenset({"time", "step", "samples", "tokens", "eval_tokens", "eval_batches", "eval_seconds"})
 """Record keys that are no metric of their own (the step is the trackers' step; counters are in summary.json)."""
 
@@ -143,6 +148,10 @@ class _State:
     """Records it raised on, or that came before it opened."""
     dropped: int = 0
     """Records that found its queue full."""
+    queued: int = 0
+    """Records put in its queue (counted by the driver's thread alone)."""
+    done: int = 0
+    """Records its thread is through with, sent or not (counted by that thread alone): queued - done are waiting."""
     opened: bool = False
     thread: threading.Thread | None = None
 
@@ -195,21 +204,22 @@ class Tracking:
     def close(self, state: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close each tracker's run after what is queued, waiting timeout_s at most in all; say what was not sent."""
         deadline = time.monotonic() + timeout_s
-        markers = {}
+        for s in self._states:
+            waiting = s.queued - s.done
+            if waiting and (s.failed or s.dropped):  # a tracker known to be in trouble: say why the end waits
+                self.emit(f"tracking: waiting up to {timeout_s:g} s for {s.tracker.name} to take "
+                          f"{plural(waiting, 'record')} more")
         for s in self._states:  # the close and the end are never dropped: they wait for room, to the deadline
-            markers[s.tracker.name] = 0
             try:
                 for item in (_Item("close", (state,)), None):
                     s.queue.put(item, timeout=max(0.001, deadline - time.monotonic()))
-                    markers[s.tracker.name] += 1
             except queue.Full:
                 pass
         for s in self._states:
             if s.thread is not None:
                 s.thread.join(max(0.0, deadline - time.monotonic()))
         for s in self._states:
-            left = s.queue.qsize() if s.thread is not None and s.thread.is_alive() else 0
-            lost = s.unsent + s.dropped + max(0, left - markers[s.tracker.name])  # the markers are no records
+            lost = s.unsent + s.dropped + (s.queued - s.done)  # failed, dropped, and queued or in flight still
             if lost or s.failed:
                 why = s.failed or "it did not answer"
                 self.emit(f"tracking: {lost} of the run's records did not reach {s.tracker.name} ({why}); "
@@ -220,6 +230,7 @@ class Tracking:
         for s in self._states:
             try:
                 s.queue.put_nowait(item)
+                s.queued += item.kind in RECORD_KINDS
             except queue.Full:
                 s.dropped += 1
                 if s.dropped == 1:
@@ -232,11 +243,12 @@ class Tracking:
             if item is None:
                 return
             self._send(state, item)
+            state.done += item.kind in RECORD_KINDS
 
     def _send(self, state: _State, item: _Item) -> None:
         tracker = state.tracker
         if item.kind != "open" and not state.opened:
-            state.unsent += item.kind not in ("close", "params", "tags")
+            state.unsent += item.kind in RECORD_KINDS
             return
         if item.kind == "metrics" and item.step is not None and item.step <= state.last_step:
             return  # sent before a resume from an earlier checkpoint: a tracker's steps never go backwards
@@ -255,9 +267,9 @@ class Tracking:
             else:
                 getattr(tracker, item.kind)(*item.args)
         except Exception as e:  # noqa: BLE001 - a tracker's client raises anything; training never hears of it
-            state.unsent += item.kind in ("metrics", "event", "artifact")
+            state.unsent += item.kind in RECORD_KINDS
             if state.failed is None:
-                state.failed = f"{type(e).__name__}: {redact(' '.join(str(e).split()))[:300]}"
+                state.failed = f"{type(e).__name__}: {shorten(redact(' '.join(str(e).split())), 300)}"
                 self.emit(f"tracking: {tracker.name} failed ({state.failed}); training goes on, and what it does "
                           "not take is counted")
 

@@ -3,6 +3,7 @@ are queued, dropped past the queue, and what did not reach it is said at the end
 invocations, whose steps are never sent twice; TensorBoard's event files, read back with TensorBoard's own reader."""
 
 import json
+import re
 import threading
 
 import pyarrow.fs as pafs
@@ -100,7 +101,11 @@ def test_a_tracker_that_stops_answering_never_holds_the_run_up_and_what_it_misse
     tracking.close("succeeded", timeout_s=0.5)
     said = [line for line in lines if "stuck is 5 records behind; its records are dropped until it catches up" in line]
     assert len(said) == 1 and "(training goes on)" in said[0], lines
-    assert any(line.startswith("tracking: ") and "did not reach stuck (it did not answer)" in line for line in lines)
+    assert any(re.fullmatch(r"tracking: waiting up to 0.5 s for stuck to take \d+ records? more", line)
+               for line in lines), lines
+    # all of them: those dropped, those queued, and the one in flight, if any (its open's parameters hold it up)
+    assert "tracking: 100 of the run's records did not reach stuck (it did not answer); metrics.jsonl in the run " \
+           "dir has them all" in lines, lines
     assert ("close", "succeeded") in healthy.sent  # the other tracker was held up by none of it
     stuck.answer.set()
 
