@@ -19,11 +19,26 @@ bench's temporary folder before any run; shardrun loads it as `model: {hf: {path
 shardrun's models.hf.build from the same folder: the same transformers model in the same CausalLM wrapper, whose
 loss is mean_token_loss over its logits.
 
+--tracking logs shardrun's run to an MLflow server the bench starts on loopback (tests/servers.py's MlflowServer:
+`mlflow server` from .tools/mlflow, SQLite backend, 1 worker), its job spec with `tracking: {mlflow: {tracking_uri,
+experiment, run_name}}`, and run.log_every 1 unless --log-every says otherwise (every step's record goes to the
+tracker); the bare loop is unchanged. Each shardrun run says its console lines about tracking ("tracking: ..."),
+which the bench shows and checks, and how long the trackers held up the end of the run (Tracking.close):
+  mlflow          the server answers throughout: what tracking costs per step (the server shares the machine's
+                  cores; its CPU in the timed window is shown)
+  mlflow-stalled  the server stops answering (SIGSTOP to its process group, connections left open) before the
+                  first timed step, once the run's tracker has opened its MLflow run and sent its parameters, tags
+                  and a first step's metrics, and is continued after the run: every timed step's record goes to a
+                  server that does not answer. Expected: the same speed, the tracker's warning once, and at the end
+                  a line on the records that did not reach it
+
     python bench/overhead.py                   # demo model, 5 pairs of 100 timed steps, 1 then 2 ranks
     python bench/overhead.py --record          # the same, appended to docs/benchmarks.md
     python bench/overhead.py --profile         # where shardrun's loop spends its time (cProfile; or py-spy)
     python bench/overhead.py --quick           # tiny model, a few steps: checks that it all runs
     python bench/overhead.py --size llama      # the Llama instead of the GPT (--quick: a tiny Llama)
+    python bench/overhead.py --tracking mlflow          # shardrun's loop logs every step to a local MLflow server
+    python bench/overhead.py --tracking mlflow-stalled  # ... to one that stops answering before the timed steps
 """
 
 from __future__ import annotations
@@ -32,6 +47,7 @@ import argparse
 import contextlib
 import cProfile
 import gc
+import glob
 import importlib.util
 import json
 import os
@@ -45,6 +61,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common import (
@@ -61,7 +78,6 @@ from common import (
     positive,
     rank_counts,
     report,
-    run_to_end,
     running,
     spread,
     table,
@@ -95,6 +111,23 @@ SIZES = {
 """The built-in GPT's sizes (common.SIZES) and the Llama's (model.hf)."""
 QUICK_SIZES = {"demo": "tiny", "llama": "llama-tiny"}
 """The size --quick runs in place of each."""
+TRACKING = ("mlflow", "mlflow-stalled")
+"""--tracking's variants: an MLflow server that answers, or one that stops answering before the timed steps."""
+STALLED = "mlflow-stalled"
+SETTLE_S = (0.05, 2, 90.0)
+"""The MLflow server is settled once it uses under 0.05 CPU seconds a second, 2 seconds in a row (90 s at most):
+after it first answers it spends several seconds of both cores of a 2-core machine on its start (its job runner,
+its database), which would slow whichever loop runs first."""
+OPEN_WAIT_S = 60.0
+"""--tracking mlflow-stalled: how long the child waits, before the timed steps, for the tracker's first metrics to
+reach the server (its run opened, its parameters and tags sent)."""
+TRACKING_LINE = re.compile(r"\[shardrun\] (tracking: .*)$")
+"""shardrun's console lines about tracking (shardrun.driver.tracking's emit: "[shardrun] tracking: ...")."""
+WARNINGS = {"failed": re.compile(r"^tracking: \S+ failed \("),
+            "behind": re.compile(r"^tracking: \S+ is .* records behind")}
+"""The tracker's warnings during the run, each said at most once (shardrun.driver.tracking)."""
+UNREACHED = re.compile(r"^tracking: \d+ of the run's records did not reach ")
+"""The end-of-run line on what could not be sent."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,23 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         return run_child(args)
     # torchrun keeps an OMP_NUM_THREADS it finds
     env = deepspeed_cpu_env(**({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    env.pop("MLFLOW_TRACKING_URI", None)  # shardrun's loop tracks with --tracking only, and to the bench's server
     with tempfile.TemporaryDirectory(prefix="shardrun-overhead-") as work:
         work = Path(work)
         data = write_rank_tokens(work / "data", SIZES[args.size], max(args.ranks), 2 * total_steps(args))
         params = write_model(args, work)
-        if args.profile:
-            for world in args.ranks:
-                profile(args, world, data, work, env)
-            return 0
-        rows = summarize(measure(args, data, work, env))
-    report(SECTION, args, [format_table(rows)], findings(rows), details=[setup(args, params)],
-           versions_of=VERSIONS + (("transformers",) if args.hf_model else ()))
+        with tracking_server(args, work, env) as server:
+            if args.profile:
+                for world in args.ranks:
+                    profile(args, world, data, work, env, server)
+                return 0
+            rows = summarize(measure(args, data, work, env, server))
+    tables = [format_table(rows), *([format_tracking(rows, args)] if args.tracking else [])]
+    report(SECTION, args, tables, findings(rows, args), details=[setup(args, params), *tracking_setup(args, rows)],
+           versions_of=VERSIONS + (("transformers",) if args.hf_model else ()) + (("mlflow-skinny",) if args.tracking
+                                                                                  else ()))
     return 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = Parser(__doc__, reps=5, reps_help="pairs of runs (bare and shardrun) per rank count", measures="overhead",
-               quick={"reps": 1, "steps": 6, "warmup_steps": 2, "log_every": 3},
+               quick={"reps": 1, "steps": 6, "warmup_steps": 2},
                quick_help="tiny model (the GPT's or the Llama's), 1 pair of 6 timed steps")
     p.add_argument("--steps", type=positive, default=100, help="timed steps per run (default 100)")
     p.add_argument("--warmup-steps", type=positive, default=10, help="steps before the timed window (default 10)")
@@ -130,7 +167,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model and micro-batch: demo (examples/gpt-stdlib.yaml's GPT), llama (a transformers Llama "
                         "of the demo's shape and micro-batch), or their --quick sizes tiny and llama-tiny "
                         "(default demo)")
-    p.add_argument("--log-every", type=positive, default=25, help="shardrun's run.log_every (default 25, the demo's)")
+    p.add_argument("--log-every", type=positive,
+                   help="shardrun's run.log_every (default 25, the demo's; 1 with --tracking, so that every step's "
+                        "record goes to the tracker; 3 with --quick)")
+    p.add_argument("--tracking", choices=TRACKING,
+                   help="shardrun's loop logs to an MLflow server the bench starts on loopback: mlflow (it answers) "
+                        "or mlflow-stalled (it stops answering, SIGSTOP, before the first timed step); the bare "
+                        "loop is unchanged (default: no tracking)")
     p.add_argument("--threads", type=positive, help="torch threads per rank in both loops (OMP_NUM_THREADS; default: "
                    "torch's own choice, all cores for one rank, 1 per rank under torchrun)")
     p.add_argument("--profile", nargs="?", const="cprofile", choices=("cprofile", "py-spy"),
@@ -144,13 +187,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", help=argparse.SUPPRESS)
     p.add_argument("--hf-model", help=argparse.SUPPRESS)
     p.add_argument("--profiler", choices=("py-spy", "cprofile"), help=argparse.SUPPRESS)
+    p.add_argument("--tracking-uri", help=argparse.SUPPRESS)
+    p.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = p.parse(argv)
+    if args.log_every is None:
+        args.log_every = 1 if args.tracking else 3 if args.quick else 25
     if args.profile and args.record:
         p.error("--profile runs no comparison; nothing to --record")
     if args.quick:
         args.size = QUICK_SIZES.get(args.size, args.size)
     if "hf" in SIZES[args.size] and importlib.util.find_spec("transformers") is None:
         p.error(f"--size {args.size} is a transformers model: install shardrun's hf extra (pip install -e '.[hf]')")
+    if args.tracking and not args.child and importlib.util.find_spec("mlflow") is None:
+        p.error("--tracking needs MLflow's client: install shardrun's mlflow extra (pip install -e '.[mlflow]')")
     return args
 
 
@@ -172,20 +221,113 @@ def total_steps(args: argparse.Namespace) -> int:
 # -- the parent: pairs of fresh processes ----------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, data: str, work: Path, env: dict[str, str]) -> dict[int, list[dict]]:
+@contextlib.contextmanager
+def tracking_server(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Iterator:
+    """With --tracking, an MLflow server on loopback (tests/servers.py's MlflowServer) for the shardrun loop's
+    tracker, stopped on the way out whatever happens (an error, Ctrl-C, SIGTERM); None without. Sets
+    args.tracking_uri and args.server_pid for the children, keeps loopback out of any proxy in env, and MLflow's
+    usage telemetry off in the server and the children (MLflow 3 turns it on by default; the variables
+    MlflowServer sets do not turn it off outside pytest, and its thread can crash the server's start)."""
+    if not args.tracking:
+        yield None
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    from servers import MlflowServer, ServerError, loopback_no_proxy
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # the server's environment is made from ours
+    # SIGTERM unwinds like Ctrl-C, through the finally below
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        for attempt in range(2):
+            try:
+                server = MlflowServer(work / f"mlflow-{attempt}")
+                break
+            except ServerError as e:
+                if attempt:
+                    sys.exit(f"bench: --tracking: {e}")
+                print(f"bench: the MLflow server did not start ({str(e).splitlines()[0]}); trying once more",
+                      flush=True)
+        try:
+            args.tracking_uri, args.server_pid = server.uri, server.process.proc.pid
+            settled = settle(args.server_pid)
+            env.update(NO_PROXY=loopback_no_proxy(env.get("NO_PROXY")), no_proxy=loopback_no_proxy(env.get("no_proxy")),
+                       MLFLOW_DISABLE_TELEMETRY=os.environ["MLFLOW_DISABLE_TELEMETRY"])
+            paused = ", and it is paused (SIGSTOP) before the first timed step of each shardrun run" \
+                if args.tracking == STALLED else ""
+            print(f"tracking: {args.tracking}: {server_version()} server at {server.uri} (answering in "
+                  f"{server.process.startup_s:.1f} s, idle {settled}); shardrun's loop logs every "
+                  f"{plural(args.log_every, 'step')} to it{paused}", flush=True)
+            yield server
+        finally:
+            server.stop()  # continued first if paused
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def settle(pid: int) -> str:
+    """Wait until the server's processes are idle (SETTLE_S); how long that took, for the output."""
+    limit, quiet, most = SETTLE_S
+    start = time.monotonic()
+    last, calm = tree_cpu_seconds(pid), 0
+    while calm < quiet and time.monotonic() - start < most:
+        time.sleep(1.0)
+        now = tree_cpu_seconds(pid)
+        calm = calm + 1 if now - last < limit else 0
+        last = now
+    waited = time.monotonic() - start
+    return f"{waited:.0f} s later" if calm >= quiet else f"NOT after {waited:.0f} s (it still uses CPU)"
+
+
+def server_version() -> str:
+    """The MLflow server and its version ("MLflow 3.17.2"): the mlflow distribution in its venv (.tools/mlflow)."""
+    import importlib.metadata
+
+    site = sorted(glob.glob(str(REPO / ".tools" / "mlflow" / "lib" / "python*" / "site-packages")))
+    found = [d.version for d in importlib.metadata.distributions(path=site) if d.metadata["Name"] == "mlflow"]
+    return f"MLflow {found[0]}" if found else "MLflow"
+
+
+def measure(args: argparse.Namespace, data: str, work: Path, env: dict[str, str], server=None) -> dict[int, list[dict]]:
     """Per rank count, the pairs: {"bare": run, "shardrun": run}, taking turns at going first."""
     results: dict[int, list[dict]] = {}
+    print(f"shardrun's loop logs every {plural(args.log_every, 'step')}; tracking: "
+          f"{args.tracking or 'off (MLFLOW_TRACKING_URI unset for the children)'}", flush=True)
     for world in args.ranks:
         results[world] = []
         for rep, order in in_turns(["bare", "shardrun"], args.reps):
-            pair = {loop: launch(args, loop, world, data, work, env) for loop in order}
+            pair = {loop: launch(args, loop, world, data, work, env, server) for loop in order}
             results[world].append(pair)
             b, s = pair["bare"]["step_s"], pair["shardrun"]["step_s"]
             print(f"  {plural(world, 'rank')}, pair {rep + 1}/{args.reps} ({order[0]} first): bare "
                   f"{b * 1e3:.2f} ms/step ({pair['bare']['outside_s'] * 1e3:.3f} outside DeepSpeed), shardrun "
                   f"{s * 1e3:.2f} ms/step ({pair['shardrun']['outside_s'] * 1e3:.3f}), ratio {s / b:.4f}; CPU "
                   f"(all threads / main thread) {cpu(pair['bare'])} and {cpu(pair['shardrun'])} ms/step", flush=True)
+            if args.tracking:
+                print_tracking(args, pair["shardrun"]["tracking"])
     return results
+
+
+def print_tracking(args: argparse.Namespace, seen: dict) -> None:
+    """What one shardrun run said about tracking, and the checks on it."""
+    for line in seen["lines"] or ["(no line about tracking)"]:
+        print(f"    {line}")
+    once = all(seen[k] <= 1 for k in WARNINGS)
+    expected = args.tracking == STALLED
+    reached = ("said" if seen["unreached"] else "MISSING (expected in the stalled variant)") if expected else \
+        ("said: NOT EXPECTED with a server that answers" if seen["unreached"] else "not said (all sent)")
+    close = f"{seen['close_s']:.1f} s" if seen["close_s"] is not None else "not measured"
+    server = f"{seen['server_cpu_s'] / args.steps * 1e3:.2f} ms/step" if seen["server_cpu_s"] is not None else "-"
+    pause = ""
+    if expected and not seen["paused"]:
+        pause = "; server NOT PAUSED"
+    elif expected:
+        pause = "; server paused before the timed steps" + ("" if seen["ready"] else
+                                                            f" BEFORE the tracker's first metrics reached it (waited "
+                                                            f"{OPEN_WAIT_S:.0f} s)")
+    print(f"    checks: warnings failed/behind {seen['failed']}/{seen['behind']} "
+          f"({'at most once each' if once else 'MORE THAN ONCE'}); end-of-run 'did not reach' line {reached}; "
+          f"end-of-run wait for the trackers (Tracking.close) {close}; MLflow server CPU in the window {server}{pause}",
+          flush=True)
 
 
 def cpu(run: dict) -> str:
@@ -194,36 +336,73 @@ def cpu(run: dict) -> str:
 
 def child_command(args: argparse.Namespace, loop: str, world: int, data: str, out: Path, runs: Path,
                   profiler: str | None = None) -> list[str]:
-    """The command of one loop's run on world ranks: this script as --child."""
+    """The command of one loop's run on world ranks: this script as --child (shardrun's with the tracking server)."""
     script = [str(Path(__file__).resolve()), "--child", loop, "--data", data, "--out", str(out), "--runs", str(runs),
               "--size", args.size, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
               "--zero-stage", str(args.zero_stage), "--log-every", str(args.log_every),
-              *(["--hf-model", args.hf_model] if args.hf_model else [])]
+              *(["--hf-model", args.hf_model] if args.hf_model else []),
+              *(["--tracking", args.tracking, "--tracking-uri", args.tracking_uri, "--server-pid",
+                 str(args.server_pid)] if args.tracking and loop == "shardrun" else [])]
     return on_ranks([*script, "--profiler", profiler] if profiler else script, world)
 
 
-def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Path, env: dict[str, str]) -> dict:
-    """One run in fresh processes; its timed window from rank 0's marks."""
+def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Path, env: dict[str, str],
+           server=None) -> dict:
+    """One run in fresh processes; its timed window from rank 0's marks (and, tracking, what it said about it)."""
     out = Path(tempfile.mkstemp(prefix=f"{loop}-", suffix=".json", dir=work)[1])
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
-    run_to_end(child_command(args, loop, world, data, out, runs), env, f"the {loop} loop on {world} rank(s)")
+    try:
+        lines = run_captured(child_command(args, loop, world, data, out, runs), env,
+                             f"the {loop} loop on {world} rank(s)")
+    finally:
+        if server is not None and loop == "shardrun" and args.tracking == STALLED:
+            server.resume()  # paused by the child before its timed steps
+    if server is not None and loop == "shardrun" and args.tracking == STALLED:
+        settle(args.server_pid)  # the requests the client gave up on, answered now: not during the next run
     shutil.rmtree(runs, ignore_errors=True)
     result = json.loads(out.read_text())
     marks = result["marks"]
     w, n = args.warmup_steps, args.steps
     step = (marks[w + n] - marks[w]) / n
+    if args.tracking and loop == "shardrun":
+        result["tracking"] = tracking_seen(lines, result)
     return {**result, "step_s": step, "outside_s": step - (result["inside"][w + n] - result["inside"][w]) / n,
             "gc_s": (result["gc"][w + n] - result["gc"][w]) / n, "cpu_s": result["cpu"][0] / n,
             "main_cpu_s": result["cpu"][1] / n}
+
+
+def run_captured(cmd: list[str], env: dict[str, str], what: str) -> list[str]:
+    """Run cmd to its end, its output (stdout and stderr) set aside: its lines; exit with their tail if it fails or
+    times out (common.run_to_end, keeping the lines)."""
+    with tempfile.TemporaryFile("w+") as log:
+        with running(cmd, env, stdout=log, stderr=subprocess.STDOUT) as (proc, cut):
+            proc.wait()
+        log.seek(0)
+        lines = log.read().splitlines()
+    if proc.returncode != 0:
+        sys.exit(f"bench: {what} failed ({'timed out' if cut.is_set() else proc.returncode}):\n"
+                 + "\n".join(lines[-40:]))
+    return lines
+
+
+def tracking_seen(lines: list[str], result: dict) -> dict:
+    """A shardrun run's lines about tracking, its warnings counted, its end-of-run line, and the child's notes."""
+    said = [m[1] for line in lines if (m := TRACKING_LINE.search(line))]
+    notes = result.get("tracking") or {}
+    return {"lines": said, **{k: sum(bool(w.search(line)) for line in said) for k, w in WARNINGS.items()},
+            "unreached": next((line for line in said if UNREACHED.search(line)), None),
+            "close_s": notes.get("close_s"), "server_cpu_s": notes.get("server_cpu_s"),
+            "paused": notes.get("paused", False), "ready": notes.get("ready", False)}
 
 
 # -- the child: one loop, one rank -------------------------------------------------------------------
 
 
 def job_spec(args: argparse.Namespace, data: str, runs: str, world: int) -> dict:
-    """The demo's DeepSpeed settings on this size; no checkpoint before the end; metrics on loopback."""
+    """The demo's DeepSpeed settings on this size; no checkpoint before the end; metrics on loopback; with
+    --tracking (shardrun's loop only), MLflow at the bench's server."""
     s = SIZES[args.size]
-    return {
+    spec = {
         "name": "overhead",
         "model": {"hf": {"path": args.hf_model, "dtype": "fp32", "attn_implementation": "sdpa"}} if "hf" in s
         else {"type": "gpt", **gpt(s)},
@@ -238,6 +417,10 @@ def job_spec(args: argparse.Namespace, data: str, runs: str, world: int) -> dict
         "failure": {"scheduled_events": "off"},  # no metadata-service watcher, even on an Azure VM
         "run": {"max_steps": total_steps(args), "seed": SEED, "log_every": args.log_every},
     }
+    if args.tracking_uri:
+        spec["tracking"] = {"mlflow": {"tracking_uri": args.tracking_uri, "experiment": "bench-overhead",
+                                       "run_name": f"overhead {args.tracking} {plural(world, 'rank')}"}}
+    return spec
 
 
 class Window:
@@ -249,6 +432,11 @@ class Window:
         self.inside: list[float] = []
         """Seconds inside the engine's forward, backward and step before each mark."""
         self.first, self.last = args.warmup_steps + 1, args.warmup_steps + args.steps + 1
+        self.before_start: Callable[[], None] | None = None
+        """Called before the window's first mark (--tracking mlflow-stalled: the server stops answering)."""
+        self.server_pid = args.server_pid if rank == 0 else None
+        self.server_cpu: dict[str, float] = {}
+        """--tracking: the MLflow server's CPU seconds (all its processes) at the window's start and end."""
         self.profiler = args.profiler if rank == 0 else None
         self.cprofile = None
         if self.profiler == "cprofile":
@@ -290,6 +478,8 @@ class Window:
     def __call__(self, module, inputs) -> None:
         n = len(self.marks) + 1
         if n == self.first:
+            if self.before_start is not None:
+                self.before_start()
             self.edge("start")
         now = time.perf_counter()
         self.marks.append(now)
@@ -300,6 +490,8 @@ class Window:
 
     def edge(self, which: str) -> None:
         self.cpu[which] = cpu_seconds()
+        if self.server_pid is not None:
+            self.server_cpu[which] = tree_cpu_seconds(self.server_pid)
         if self.cprofile is not None:
             self.cprofile.enable() if which == "start" else self.cprofile.disable()
         elif self.profiler == "py-spy":  # the parent attaches py-spy at start and detaches it at end
@@ -318,6 +510,21 @@ def cpu_seconds() -> tuple[float, float]:
     return ticks("/proc/self/stat") / hz, ticks(f"/proc/self/task/{os.getpid()}/stat") / hz
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of pid and the processes below it, as they are now (the MLflow server's)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for children in glob.glob(f"/proc/{p}/task/*/children"):
+                todo.extend(int(c) for c in Path(children).read_text().split())
+        except (OSError, ValueError, IndexError):
+            continue  # ended between listing and reading
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(args: argparse.Namespace) -> int:
     from shardrun.config import parse
 
@@ -331,6 +538,8 @@ def run_child(args: argparse.Namespace) -> int:
         if window.cprofile is not None:
             window.cprofile.dump_stats(args.out + ".prof")
         cpu = [end - start for start, end in zip(window.cpu["start"], window.cpu["end"], strict=True)]
+        if window.server_cpu:
+            extra.setdefault("tracking", {})["server_cpu_s"] = window.server_cpu["end"] - window.server_cpu["start"]
         Path(args.out).write_text(json.dumps({"marks": window.marks, "inside": window.inside, "gc": window.gc,
                                               "cpu": cpu, **extra}))
     return 0
@@ -385,19 +594,70 @@ def run_shardrun(args: argparse.Namespace, spec, window: Window, rank: int, worl
     from shardrun.driver.local import run_local
 
     on_startup("engine ready", lambda record: window.attach(record.engine))
+    notes: dict = {}
+    if args.tracking and rank == 0:
+        time_close(notes)
+        if args.tracking == STALLED:
+            window.before_start = lambda: pause_server(args, Path(spec.run_dir), notes)
     run_local(spec)
     if rank != 0:
         return {}
     records = [json.loads(line) for line in Path(spec.run_dir, "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if args.warmup_steps < r["step"] <= args.warmup_steps + args.steps]
     wait = statistics.mean(r["data_wait_fraction"] for r in timed) if timed else None
-    return {"data_wait_fraction": wait}
+    return {"data_wait_fraction": wait, **({"tracking": notes} if args.tracking else {})}
+
+
+def time_close(notes: dict) -> None:
+    """notes["close_s"]: how long the trackers hold up the end of the run (Tracking.close, after the last step and
+    the save; outside the timed window), timed by a wrapper on the class in this process."""
+    from shardrun.driver import tracking
+
+    close = tracking.Tracking.close
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return close(self, *args, **kwargs)
+        finally:
+            notes["close_s"] = time.perf_counter() - start
+
+    tracking.Tracking.close = timed
+
+
+def pause_server(args: argparse.Namespace, run_dir: Path, notes: dict) -> None:
+    """--tracking mlflow-stalled, before the first timed step: once the tracker has sent its run's parameters, tags
+    and a first step's metrics (OPEN_WAIT_S at most), the server's process group stops (SIGSTOP): it takes
+    connections and answers nothing. The parent continues it after the run."""
+    deadline = time.monotonic() + OPEN_WAIT_S
+    while not (ready := tracker_caught_up(run_dir / "tracking.json", args.tracking_uri)) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(args.server_pid, signal.SIGSTOP)
+    notes.update(paused=True, ready=ready)
+
+
+def tracker_caught_up(record: Path, uri: str) -> bool:
+    """Whether the tracker's MLflow run (its id in the run dir's tracking.json) has metrics at the server: the
+    tracker sends them after the run's parameters and tags."""
+    try:
+        run_id = json.loads(record.read_text()).get("mlflow", {}).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not run_id:
+        return False
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return bool(MlflowClient(uri).get_run(run_id).data.metrics)
+    except Exception:  # noqa: BLE001 - not there yet, or the server is busy: asked again
+        return False
 
 
 # -- profile --------------------------------------------------------------------------------------------
 
 
-def profile(args: argparse.Namespace, world: int, data: str, work: Path, env: dict[str, str]) -> None:
+def profile(args: argparse.Namespace, world: int, data: str, work: Path, env: dict[str, str], server=None) -> None:
     """shardrun's loop once, its timed window under py-spy (sampling, every thread) or cProfile (main thread)."""
     tool = args.profile
     spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
@@ -409,10 +669,12 @@ def profile(args: argparse.Namespace, world: int, data: str, work: Path, env: di
     print(f"profiling shardrun's loop on {world} rank(s) with {tool}: {args.steps} steps after {args.warmup_steps} "
           "warm-up steps", flush=True)
     raw = work / f"py-spy-{world}.txt"
-    spying, tail = None, []
+    spying, tail, said = None, [], []
     with running(cmd, env, stderr=subprocess.STDOUT) as (proc, _):
         try:
             for line in proc.stdout:
+                if m := TRACKING_LINE.search(line.rstrip("\n")):
+                    said.append(m[1])
                 if line.startswith(SAY):
                     which, pid = line[len(SAY):].split()
                     if which == "start":
@@ -428,8 +690,12 @@ def profile(args: argparse.Namespace, world: int, data: str, work: Path, env: di
         finally:
             if spying is not None and spying.poll() is None:
                 spying.kill()
+            if server is not None and args.tracking == STALLED:
+                server.resume()
     if proc.returncode != 0:
         sys.exit(f"bench: the profiled run failed ({proc.returncode}):\n" + "".join(tail))
+    for line in said:
+        print(f"  {line}")
     marks = json.loads(out.read_text())["marks"]
     seconds = marks[-1] - marks[args.warmup_steps]
     print(f"window: {seconds:.2f} s, {seconds / args.steps * 1e3:.2f} ms per step under the profiler")
@@ -518,6 +784,7 @@ def summarize(results: dict[int, list[dict]]) -> list[dict]:
         waits = [p["shardrun"]["data_wait_fraction"] for p in pairs
                  if p["shardrun"].get("data_wait_fraction") is not None]
         row["data_wait"] = statistics.median(waits) if waits else None
+        row["tracking"] = [p["shardrun"]["tracking"] for p in pairs if "tracking" in p["shardrun"]]
         rows.append(row)
     return rows
 
@@ -538,13 +805,45 @@ def format_table(rows: list[dict]) -> str:
     return table(header, body, align="r")
 
 
-def findings(rows: list[dict]) -> list[str]:
-    """The issue's goal, checked per rank count: shardrun's step at most 2% longer than the bare loop's."""
+def format_tracking(rows: list[dict], args: argparse.Namespace) -> str:
+    """--tracking: per rank count, what the shardrun runs said about tracking and how long it held up their end."""
+    header = ["ranks", "shardrun runs", "warnings per run, most (failed, behind)",
+              "end-of-run 'did not reach' line (runs)", "end-of-run wait for the trackers (s): median, max",
+              "MLflow server CPU in the window (ms/step), median"]
+    body = []
+    for r in rows:
+        seen = r["tracking"]
+        closes = [t["close_s"] for t in seen if t["close_s"] is not None]
+        server = [t["server_cpu_s"] for t in seen if t["server_cpu_s"] is not None]
+        body.append([str(r["world"]), str(len(seen)),
+                     f"{max(t['failed'] for t in seen)}, {max(t['behind'] for t in seen)}",
+                     f"{sum(bool(t['unreached']) for t in seen)} of {len(seen)}",
+                     f"{statistics.median(closes):.1f}, {max(closes):.1f}" if closes else "-",
+                     f"{statistics.median(server) / args.steps * 1e3:.2f}" if server else "-"])
+    return table(header, body, align="r")
+
+
+def findings(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """The issue's goal, checked per rank count: shardrun's step at most 2% longer than the bare loop's; with
+    --tracking, the tracker's warnings said at most once, and (stalled) the end-of-run line on what was not sent."""
     out = []
     for r in rows:
         verdict = "meets" if r["ratio"] - 1 <= GOAL else "misses"
         out.append(f"{plural(r['world'], 'rank')}: shardrun / bare = {r['ratio']:.4f} "
-                   f"({r['ratio'] - 1:+.2%} per step): {verdict} the goal of {GOAL:.0%}")
+                   f"({r['ratio'] - 1:+.2%} per step): {verdict} the goal of {GOAL:.0%}"
+                   + (f" with tracking {args.tracking}, logging every {plural(args.log_every, 'step')}"
+                      if args.tracking else ""))
+        if args.tracking:
+            seen = r["tracking"]
+            once = all(t[k] <= 1 for t in seen for k in WARNINGS)
+            said = sum(bool(t["unreached"]) for t in seen)
+            expected = len(seen) if args.tracking == STALLED else 0
+            verdict = "as expected" if said == expected else f"NOT AS EXPECTED: {expected}"
+            paused = "" if args.tracking != STALLED or all(t["paused"] for t in seen) else \
+                "; the server was NOT paused in every run"
+            out.append(f"{plural(r['world'], 'rank')}, tracking: the tracker's warnings said at most once per run in "
+                       f"{'every run' if once else 'NOT every run'}; the end-of-run line on records that did not "
+                       f"reach MLflow in {said} of {len(seen)} runs ({verdict}){paused}")
     return out
 
 
@@ -564,6 +863,24 @@ def setup(args: argparse.Namespace, params: int | None) -> str:
             f"{args.steps} timed; log every {args.log_every}; torch threads per rank: "
             f"{args.threads or 'default (all cores for 1 rank, 1 each under torchrun)'}; {args.reps} pairs per rank "
             "count, medians")
+
+
+def tracking_setup(args: argparse.Namespace, rows: list[dict]) -> list[str]:
+    """The record's lines on tracking, with --tracking: how it ran, and what the last shardrun run said about it."""
+    if not args.tracking:
+        return []
+    last = rows[-1]["tracking"][-1]["lines"] if rows and rows[-1]["tracking"] else []
+    said = "; ".join(f"`{line}`" for line in last) or "none"
+    how = ("it answers throughout" if args.tracking != STALLED else
+           "paused (SIGSTOP, its connections left open) before the first timed step of each shardrun run, once the "
+           "run's tracker had sent its MLflow run's parameters, tags and a first step's metrics, and continued after "
+           "the run: every timed step's record went to a server that did not answer")
+    return [f"Tracking: {args.tracking}: shardrun's loop logs every {plural(args.log_every, 'step')} to MLflow "
+            f"(`tracking.mlflow`) at an {server_version()} server on loopback on the same machine "
+            f"(tests/servers.py's MlflowServer: 1 worker, SQLite backend; MLflow's usage telemetry off); {how}. "
+            "The bare loop tracks nothing. The end-of-run wait for the trackers (Tracking.close, at most 30 s) comes "
+            "after the timed window",
+            f"The last shardrun run's lines about tracking ({plural(rows[-1]['world'], 'rank')}): {said}"]
 
 
 if __name__ == "__main__":
