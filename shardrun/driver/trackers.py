@@ -301,7 +301,7 @@ def attach(run_dir: str, path: str, name: str, emit: Callable[[str], None]) -> N
     tracking.json, under name (`report`, `exports/<folder>`), each said in a line. Best effort: a tracker that fails
     is said and the command still succeeds (the files are where they were written); TensorBoard keeps no files."""
     from shardrun.config import parse
-    from shardrun.driver.tracking import kept_runs
+    from shardrun.driver.tracking import describe, kept_runs
     from shardrun.export import job_yaml
 
     kept = kept_runs(run_dir)
@@ -322,8 +322,7 @@ def attach(run_dir: str, path: str, name: str, emit: Callable[[str], None]) -> N
         try:
             emit(f"tracking: {name} is in {tracker.attach(run_id, path, name)}")
         except Exception as e:  # noqa: BLE001 - a tracker's client raises anything; the files are written
-            emit(f"tracking: {name} did not reach {tracker.name} ({type(e).__name__}: "
-                 f"{redact(' '.join(str(e).split()))[:300]}); it is at {redact(path)}")
+            emit(f"tracking: {name} did not reach {tracker.name} ({describe(e)}); it is at {redact(path)}")
 
 
 def check(spec: JobSpec) -> None:
@@ -355,13 +354,15 @@ def check_mlflow(uri: str) -> None:
     mlflow_env()
     from mlflow.tracking import MlflowClient
 
+    from shardrun.driver.tracking import describe
+
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
     try:
         MlflowClient(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - requests', MLflow's and the server's errors alike
         raise UserError(f"tracking.mlflow.tracking_uri {redact(uri)}: no MLflow server answers there "
-                        f"({type(e).__name__}: {redact(' '.join(str(e).split()))[:200]})") from None
+                        f"({describe(e)})") from None
     finally:
         for key, value in saved.items():
             if value is None:

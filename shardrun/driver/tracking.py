@@ -37,11 +37,25 @@ RECORD_EVERY_S = 30.0
 """How often tracking.json is written while the run goes (the last step sent to each tracker)."""
 CLOSE_TIMEOUT_S = 30.0
 """At the end of the run, how long the driver waits for the trackers to take what is queued."""
+CLOSE_GRACE_S = 2.0
+"""At the end of the run, how long a tracker may take what is queued before the wait is said."""
 RECORD_KINDS = frozenset({"metrics", "event", "artifact"})
 """What the trackers are sent that counts as a record (said when lost); the run's open, parameters, tags and close
 are not."""
 NOT_METRICS = frozenset({"time", "step", "samples", "tokens", "eval_tokens", "eval_batches", "eval_seconds"})
 """Record keys that are no metric of their own (the step is the trackers' step; counters are in summary.json)."""
+
+
+KNOWN_ERRORS = (("timed out", "no answer in time"), ("connection refused", "connection refused"),
+                ("name or service not known", "no such host"), ("failure in name resolution", "no such host"))
+"""Network errors said in a few words (a client's own message for them runs to hundreds of characters)."""
+
+
+def describe(error: Exception) -> str:
+    """A tracker's error in a line: its type, and what happened."""
+    text = " ".join(str(error).split())
+    said = next((words for needle, words in KNOWN_ERRORS if needle in text.lower()), None)
+    return f"{type(error).__name__}: {said or shorten(redact(text), 300, placeholder=' [...]')}"
 
 
 def kept_runs(run_dir: str) -> dict[str, Any]:
@@ -204,19 +218,31 @@ class Tracking:
     def close(self, state: str, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Close each tracker's run after what is queued, waiting timeout_s at most in all; say what was not sent."""
         deadline = time.monotonic() + timeout_s
-        for s in self._states:
+        said: set[str] = set()
+
+        def say_wait(s: _State) -> None:  # why the end of the run waits, once per tracker
             waiting = s.queued - s.done
-            if waiting and (s.failed or s.dropped):  # a tracker known to be in trouble: say why the end waits
-                self.emit(f"tracking: waiting up to {timeout_s:g} s for {s.tracker.name} to take "
-                          f"{plural(waiting, 'record')} more")
+            if waiting and s.tracker.name not in said:
+                said.add(s.tracker.name)
+                self.emit(f"tracking: waiting up to {max(0.0, deadline - time.monotonic()):.0f} s for "
+                          f"{s.tracker.name} to take {plural(waiting, 'record')} more")
+
+        for s in self._states:
+            if s.failed or s.dropped:  # known to be in trouble, and its queue may be full
+                say_wait(s)
         for s in self._states:  # the close and the end are never dropped: they wait for room, to the deadline
             try:
                 for item in (_Item("close", (state,)), None):
                     s.queue.put(item, timeout=max(0.001, deadline - time.monotonic()))
             except queue.Full:
                 pass
-        for s in self._states:
+        grace = min(deadline, time.monotonic() + CLOSE_GRACE_S)
+        for s in self._states:  # a tracker that answers is through in a moment
             if s.thread is not None:
+                s.thread.join(max(0.0, grace - time.monotonic()))
+        for s in self._states:
+            if s.thread is not None and s.thread.is_alive():
+                say_wait(s)
                 s.thread.join(max(0.0, deadline - time.monotonic()))
         for s in self._states:
             lost = s.unsent + s.dropped + (s.queued - s.done)  # failed, dropped, and queued or in flight still
@@ -269,7 +295,7 @@ class Tracking:
         except Exception as e:  # noqa: BLE001 - a tracker's client raises anything; training never hears of it
             state.unsent += item.kind in RECORD_KINDS
             if state.failed is None:
-                state.failed = f"{type(e).__name__}: {shorten(redact(' '.join(str(e).split())), 300)}"
+                state.failed = describe(e)
                 self.emit(f"tracking: {tracker.name} failed ({state.failed}); training goes on, and what it does "
                           "not take is counted")
 
