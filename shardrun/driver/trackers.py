@@ -60,11 +60,12 @@ class TensorBoard:
     def tags(self, tags: dict[str, str]) -> None:
         self.writer.add_text("tags", json.dumps(tags, indent=2))
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         import time
 
-        for name, value in values.items():
-            self.writer.add_scalar(name, value, step)
+        for step, values in rows:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
         if self.staging and time.monotonic() - self._uploaded > self.UPLOAD_EVERY_S:
             self.writer.flush()
             self._upload()
@@ -149,13 +150,15 @@ class MLflow:
 
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
+    def metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        metrics = [Metric(k, v, now, step) for step, values in rows for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):  # MLflow takes 1,000 metrics a batch
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def event(self, step: int, text: str) -> None:
         self.client.set_tag(self.run_id, f"event.{step:08d}", text[:5000])
@@ -238,8 +241,9 @@ class WandB:
     def tags(self, tags: dict[str, str]) -> None:
         self.run.config.update({"shardrun": tags}, allow_val_change=True)
 
-    def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.run.log(values, step=step)
+    def metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        for step, values in rows:
+            self.run.log(values, step=step)
 
     def event(self, step: int, text: str) -> None:
         self.run.log({"event": text}, commit=False)  # W&B's steps only go forward: with the next step's row

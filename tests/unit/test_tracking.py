@@ -27,6 +27,7 @@ class Recorder:
         self.answer.set()
         self.sent: list[tuple] = []
         self.opened_with = "never"
+        self.calls = 0
 
     def _call(self, *what):
         self.answer.wait()
@@ -47,8 +48,10 @@ class Recorder:
     def tags(self, tags):
         self._call("tags", tags)
 
-    def metrics(self, step, values):
-        self._call("metrics", step, values)
+    def metrics(self, rows):
+        self.calls += 1
+        for step, values in rows:
+            self._call("metrics", step, values)
 
     def event(self, step, text):
         self._call("event", step, text)
@@ -88,6 +91,18 @@ def test_records_go_to_the_trackers_with_their_step_and_a_resumed_run_continues_
     assert ("event", 2, "resuming from step 2 with 2 workers") in second.sent
     assert json.loads((tmp_path / RECORD_FILE).read_text())["recorder"]["last_step"] == 6
     assert lines[1:] == ["tracking: continuing recorder's run"]
+
+
+def test_records_that_come_while_a_tracker_is_busy_go_in_one_call_each_step_once(tmp_path):
+    busy = Recorder()
+    busy.answer.clear()  # held up in sending the run's parameters
+    tracking = Tracking([busy], str(tmp_path), lambda line: None)
+    tracking.start({"a": "1"}, {})
+    for step in (1, 2, 3, 2, 3, 4):  # a restart from step 1's checkpoint trains 2 and 3 again
+        tracking.record({"step": step, "loss": float(step)})
+    busy.answer.set()
+    tracking.close("succeeded")
+    assert busy.calls == 1 and [s[1] for s in busy.sent if s[0] == "metrics"] == [1, 2, 3, 4]
 
 
 def test_a_tracker_that_stops_answering_never_holds_the_run_up_and_what_it_missed_is_said(tmp_path):
