@@ -256,7 +256,7 @@ class WandB:
 
     def attach(self, run_id: str, path: str, name: str) -> str:
         """A file or folder made after the run (a report, an export) as a W&B artifact of its run (continued for it),
-        of type `model` or `report` (name's first part)."""
+        of type `model` (an export) or `report`."""
         import wandb
 
         self.open(run_id)
@@ -314,7 +314,12 @@ def attach(run_dir: str, path: str, name: str, emit: Callable[[str], None]) -> N
     if fs.is_uri(path):
         emit(f"tracking: {name} is at a URI ({redact(path)}); it is not uploaded to the run's trackers")
         return
-    chosen = {t.name: t for t in trackers(parse(*job_yaml(run_dir))) if hasattr(t, "attach")}
+    try:
+        spec = parse(*job_yaml(run_dir))
+    except UserError as e:  # the report or export is written: it stays, said
+        emit(f"tracking: {name} is not uploaded to the run's trackers ({e})")
+        return
+    chosen = {t.name: t for t in trackers(spec) if hasattr(t, "attach")}
     for key, entry in kept.items():
         run_id, tracker = entry.get("run_id"), chosen.get(key)
         if run_id is None or key not in EXTRAS or key == "tensorboard":
