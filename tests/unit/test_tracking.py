@@ -292,3 +292,21 @@ def test_a_bad_mlflow_uri_exits_2_before_ray_and_the_environment_alone_turns_mlf
         trackers.check(plain)
     off = parse(tiny_spec(corpus, tmp_path, tracking={"mlflow": {"tracking_uri": "none"}}))
     assert trackers.trackers(off) == []
+
+
+def test_a_report_for_a_tracked_run_that_cannot_be_uploaded_is_said_and_kept(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "runs/tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / RECORD_FILE).write_text(json.dumps({"mlflow": {"run_id": "abc", "last_step": 10}}))
+    lines = []
+    trackers.attach(str(run_dir), str(tmp_path), "report", lines.append)  # no job.yaml
+    assert len(lines) == 1 and lines[0].startswith("tracking: report is not uploaded to the run's trackers (") \
+        and "job.yaml is missing" in lines[0], lines
+    # the run had MLflow's URI from its environment; this shell has none
+    (run_dir / "job.yaml").write_text(parse(tiny_spec(corpus, tmp_path / "runs")).to_yaml())
+    lines.clear()
+    trackers.attach(str(run_dir), str(tmp_path), "report", lines.append)
+    assert lines == ["tracking: report is not uploaded to the run's mlflow run abc: this shell has no tracking URI "
+                     "for it (set MLFLOW_TRACKING_URI as the run had it)"], lines
+
