@@ -335,25 +335,25 @@ def attach(run_dir: str, path: str, name: str, emit: Callable[[str], None]) -> N
 
 
 def check(spec: JobSpec) -> None:
-    """Before Ray: each tracker the spec asks for has its client installed, a local folder, and (W&B online) a key
-    (UserError)."""
+    """Before Ray: each tracker the spec asks for has its client installed, an MLflow server that answers, a
+    TensorBoard URI that opens, and (W&B online) a key (UserError)."""
+    uri = mlflow_uri(spec)
     for key, (module, extra) in EXTRAS.items():
-        wanted = mlflow_uri(spec) is not None if key == "mlflow" else getattr(spec.tracking, key) is not None
+        wanted = uri is not None if key == "mlflow" else getattr(spec.tracking, key) is not None
         if wanted and importlib.util.find_spec(module) is None:
             where = "" if spec.tracking.mlflow is not None or key != "mlflow" else " (MLFLOW_TRACKING_URI is set)"
             raise UserError(f"tracking.{key}{where} needs the {module} package: pip install 'shardrun[{extra}]'")
-    uri = mlflow_uri(spec)
     if uri is not None and uri.startswith(("http://", "https://")):
         check_mlflow(uri)
     tb = spec.tracking.tensorboard
-    if tb is not None and fs.is_uri(tensorboard_folder(spec)):
+    folder = tensorboard_folder(spec)
+    if tb is not None and fs.is_uri(folder):
         try:
-            fs.filesystem(tensorboard_folder(spec))
+            fs.filesystem(folder)
         except UserError as e:
             raise UserError(f"tracking.tensorboard{'.dir' if tb.dir else ' (in the run dir)'}: {e}") from None
     wb = spec.tracking.wandb
-    keyed = os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")
-    if wb is not None and wb.mode == "online" and not keyed:
+    if wb is not None and wb.mode == "online" and not (os.environ.get("WANDB_API_KEY") or _netrc_has("api.wandb.ai")):
         raise UserError("tracking.wandb mode online needs W&B's key on this machine: set WANDB_API_KEY or run `wandb "
                         "login`; or set tracking.wandb.mode: offline (files in the run dir, `wandb sync` later)")
 
