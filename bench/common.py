@@ -240,15 +240,18 @@ def running(cmd: list[str], env: dict[str, str], timeout: float | None = CHILD_T
         proc.wait()
 
 
-def run_to_end(cmd: list[str], env: dict[str, str], what: str) -> None:
-    """Run cmd to its end with its output set aside; exit with that output's tail if it fails or times out."""
+def run_to_end(cmd: list[str], env: dict[str, str], what: str) -> list[str]:
+    """Run cmd to its end with its output (stdout and stderr) set aside: its lines; exit with their tail if it fails
+    or times out."""
     with tempfile.TemporaryFile("w+") as log:
         with running(cmd, env, stdout=log, stderr=subprocess.STDOUT) as (proc, cut):
             proc.wait()
-        if proc.returncode != 0:
-            log.seek(0)
-            sys.exit(f"bench: {what} failed ({'timed out' if cut.is_set() else proc.returncode}):\n"
-                     + "".join(log.readlines()[-40:]))
+        log.seek(0)
+        lines = log.read().splitlines()
+    if proc.returncode != 0:
+        sys.exit(f"bench: {what} failed ({'timed out' if cut.is_set() else proc.returncode}):\n"
+                 + "\n".join(lines[-40:]))
+    return lines
 
 
 def kill_group(proc: subprocess.Popen) -> None:

@@ -78,6 +78,7 @@ from common import (
     positive,
     rank_counts,
     report,
+    run_to_end,
     running,
     spread,
     table,
@@ -352,8 +353,8 @@ def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Pat
     out = Path(tempfile.mkstemp(prefix=f"{loop}-", suffix=".json", dir=work)[1])
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=work))
     try:
-        lines = run_captured(child_command(args, loop, world, data, out, runs), env,
-                             f"the {loop} loop on {world} rank(s)")
+        lines = run_to_end(child_command(args, loop, world, data, out, runs), env,
+                           f"the {loop} loop on {world} rank(s)")
     finally:
         if server is not None and loop == "shardrun" and args.tracking == STALLED:
             server.resume()  # paused by the child before its timed steps
@@ -369,20 +370,6 @@ def launch(args: argparse.Namespace, loop: str, world: int, data: str, work: Pat
     return {**result, "step_s": step, "outside_s": step - (result["inside"][w + n] - result["inside"][w]) / n,
             "gc_s": (result["gc"][w + n] - result["gc"][w]) / n, "cpu_s": result["cpu"][0] / n,
             "main_cpu_s": result["cpu"][1] / n}
-
-
-def run_captured(cmd: list[str], env: dict[str, str], what: str) -> list[str]:
-    """Run cmd to its end, its output (stdout and stderr) set aside: its lines; exit with their tail if it fails or
-    times out (common.run_to_end, keeping the lines)."""
-    with tempfile.TemporaryFile("w+") as log:
-        with running(cmd, env, stdout=log, stderr=subprocess.STDOUT) as (proc, cut):
-            proc.wait()
-        log.seek(0)
-        lines = log.read().splitlines()
-    if proc.returncode != 0:
-        sys.exit(f"bench: {what} failed ({'timed out' if cut.is_set() else proc.returncode}):\n"
-                 + "\n".join(lines[-40:]))
-    return lines
 
 
 def tracking_seen(lines: list[str], result: dict) -> dict:
