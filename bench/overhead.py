@@ -487,12 +487,14 @@ class Window:
                 time.sleep(1.0)  # py-spy takes a moment to attach; before the window's first mark
 
 
+def ticks(path: str) -> int:
+    """CPU time (user + system) in a /proc stat file, in clock ticks (10 ms)."""
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime: the stat file's 14th and 15th fields
+
+
 def cpu_seconds() -> tuple[float, float]:
     """CPU time (user + system) of this process, all threads, and of its main thread: from /proc, 10 ms ticks."""
-    def ticks(path: str) -> int:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])  # utime, stime: the stat file's 14th and 15th fields
-
     hz = os.sysconf("SC_CLK_TCK")
     return ticks("/proc/self/stat") / hz, ticks(f"/proc/self/task/{os.getpid()}/stat") / hz
 
@@ -503,8 +505,7 @@ def tree_cpu_seconds(pid: int) -> float:
     while todo:
         p = todo.pop()
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += ticks(f"/proc/{p}/stat")
             for children in glob.glob(f"/proc/{p}/task/*/children"):
                 todo.extend(int(c) for c in Path(children).read_text().split())
         except (OSError, ValueError, IndexError):
