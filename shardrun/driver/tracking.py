@@ -199,7 +199,7 @@ class Tracking:
 
     def start(self, params: dict[str, str], tags: dict[str, str]) -> None:
         """Open (or continue) each tracker's run with the spec's parameters and the run's tags, on its thread."""
-        kept = self._read_record()
+        kept = kept_runs(self.run_dir)
         for state in self._states:
             state.run_id = kept.get(state.tracker.name, {}).get("run_id")
             state.last_step = kept.get(state.tracker.name, {}).get("last_step", -1)
@@ -336,9 +336,6 @@ class Tracking:
                 state.failed = describe(e)
                 self.emit(f"tracking: {tracker.name} failed ({state.failed}); training goes on, and what it does "
                           "not take is counted")
-
-    def _read_record(self) -> dict[str, Any]:
-        return kept_runs(self.run_dir)
 
     def _write_record(self) -> None:
         """tracking.json: each opened tracker's run id and last step (from any tracker's thread, or close)."""
